@@ -1,0 +1,121 @@
+//! The command line: `clap` types and the dispatch to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, ClientError};
+use crate::config;
+use crate::daemon::{self, ServeError, ServeOptions};
+use crate::spec::SocketSpec;
+
+/// Holds LISTEN sockets and hands them to the daemons that serve them, so
+/// old and new generations of a daemon share one kernel listen queue.
+#[derive(Debug, Parser)]
+#[command(name = "sockbroker", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve {
+        /// Control socket path [default: $SOCKBROKER_SOCKET, else
+        /// /run/sockbroker/control.sock as root, $XDG_RUNTIME_DIR/sockbroker/control.sock otherwise]
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Close client connections idle for this long (e.g. 30s, 500ms).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        idle_timeout: Duration,
+    },
+    /// Ask the broker for a socket and print what was received.
+    Bind {
+        /// The socket: tcp://ADDR:PORT, udp://ADDR:PORT, unix:/PATH, unix:@NAME.
+        #[arg(value_name = "SPEC", required_unless_present = "name", conflicts_with = "name")]
+        spec: Option<SocketSpec>,
+        /// Ask for a socket the broker holds under this name instead.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Everything that can make the command fail.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// `serve` failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// Talking to the broker failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Any other I/O failure.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Serve { control, idle_timeout } => {
+            daemon::serve(ServeOptions {
+                control: config::serve_control_path(control.as_deref()),
+                control_mode: config::CONTROL_MODE,
+                idle_timeout,
+            })?;
+        }
+        Command::Bind { spec, name } => {
+            let mut client = Client::connect_default()?;
+            let (what, fd) = match (spec, name) {
+                (_, Some(name)) => (format!("name '{name}'"), client.bind_name(&name)?),
+                (Some(spec), None) => (spec.to_string(), client.bind(&spec)?),
+                (None, None) => unreachable!("clap requires a spec or a name"),
+            };
+            let inode = crate::fd::inode(std::os::fd::AsFd::as_fd(&fd))?;
+            println!("{what}: received socket inode {inode}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("'{text}': not a duration (e.g. 500ms, 30s, 2m)"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("'{text}': unknown unit '{other}' (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("'{text}': {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

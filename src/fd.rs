@@ -1,0 +1,135 @@
+//! Descriptor primitives: passing descriptors over UNIX sockets (SCM_RIGHTS),
+//! the close-on-exec flag, and the credentials of a peer.
+//!
+//! Everything here keeps one rule: a descriptor that enters the process is an
+//! [`OwnedFd`] with `FD_CLOEXEC` set before anything else can fail, so nothing
+//! leaks into a child by accident. Received descriptors come through
+//! `recvmsg(MSG_CMSG_CLOEXEC)` and a truncated control message is an error,
+//! never a silent loss.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// The most descriptors the kernel accepts in one SCM_RIGHTS message
+/// (`SCM_MAX_FD`).
+pub const SCM_MAX_FD: usize = 253;
+
+/// The credentials of the process at the other end of a UNIX socket, as the
+/// kernel recorded them when it connected (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerCred {
+    /// Process id of the peer.
+    pub pid: i32,
+    /// Effective user id of the peer.
+    pub uid: u32,
+    /// Effective group id of the peer.
+    pub gid: u32,
+}
+
+impl std::fmt::Display for PeerCred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid={} uid={} gid={}", self.pid, self.uid, self.gid)
+    }
+}
+
+/// Reads the credentials of the peer of a connected UNIX socket.
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    let cred = getsockopt(&sock, sockopt::PeerCredentials)?;
+    Ok(PeerCred { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
+}
+
+/// Sends `data` with the given descriptors attached in one `sendmsg`.
+///
+/// Uses `MSG_NOSIGNAL`: a peer that has gone away is an `EPIPE` error, not a
+/// signal. Returns how many bytes the kernel took; the descriptors travel with
+/// the first byte, so on a partial write they are already sent.
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &[ControlMessage::ScmRights(&raw)] };
+    let sent = sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(data)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(sent)
+}
+
+/// What one `recvmsg` brought.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes written into the buffer; 0 means the peer closed.
+    pub len: usize,
+    /// Descriptors that came with them, close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives bytes and any SCM_RIGHTS descriptors in one `recvmsg`.
+///
+/// Descriptors arrive close-on-exec. If the kernel had to drop descriptors
+/// because the control buffer was too small (`MSG_CTRUNC`), the ones that did
+/// arrive are closed and an error is returned.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel has just installed this descriptor in our
+                // table for us alone; nothing else refers to it yet.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "descriptors were truncated by the kernel (MSG_CTRUNC)",
+        ));
+    }
+    Ok(Received { len: msg.bytes, fds })
+}
+
+/// Sets or clears `FD_CLOEXEC` on one descriptor.
+pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let mut flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);
+    flags.set(FdFlag::FD_CLOEXEC, on);
+    fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// Whether `FD_CLOEXEC` is set on a descriptor.
+pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);
+    Ok(flags.contains(FdFlag::FD_CLOEXEC))
+}
+
+/// The inode of the open file behind a descriptor: two descriptors with the
+/// same inode (on sockfs) are the same kernel socket.
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(nix::sys::stat::fstat(fd)?.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn passes_descriptors_cloexec() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (x, _y) = UnixStream::pair().unwrap();
+        set_cloexec(x.as_fd(), false).unwrap();
+        assert!(!is_cloexec(x.as_fd()).unwrap());
+        assert_eq!(send_with_fds(a.as_fd(), b"hi", &[x.as_fd()]).unwrap(), 2);
+        let mut buf = [0u8; 16];
+        let got = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..got.len], b"hi");
+        assert_eq!(got.fds.len(), 1);
+        assert!(is_cloexec(got.fds[0].as_fd()).unwrap());
+        assert_eq!(inode(got.fds[0].as_fd()).unwrap(), inode(x.as_fd()).unwrap());
+        let cred = peer_credentials(a.as_fd()).unwrap();
+        assert_eq!(cred.pid, std::process::id() as i32);
+    }
+}

@@ -1,0 +1,532 @@
+//! The control socket and the loop that serves it.
+//!
+//! One thread, one `poll()`: every client connection is non-blocking, has a
+//! capped input buffer and an idle deadline, so a silent or slow client costs
+//! a slot and nothing else. A request travels:
+//!
+//! 1. [`Server`] reads bytes from a connection into its [`Framer`];
+//! 2. each complete JSON value becomes a [`Request`]; `bind` params become a
+//!    [`BindTarget`] ([`protocol::bind`]);
+//! 3. [`Registry::get_or_open`] (or a lookup by name) yields the held socket;
+//! 4. the reply and a duplicate of the descriptor go out in one `sendmsg`
+//!    ([`fd::send_with_fds`]); the duplicate is closed once sent.
+//!
+//! Errors become JSON-RPC errors and never carry a descriptor. The peer's
+//! credentials are read once, at accept, and travel with every request of the
+//! connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::stat::{umask, Mode};
+use serde_json::{json, Value};
+
+use crate::fd::{self, PeerCred};
+use crate::protocol::bind::{BindParams, BindTarget};
+use crate::protocol::framing::{FrameError, Framer};
+use crate::protocol::{code, Request, Response, RpcError};
+use crate::registry::Registry;
+use crate::socket::{self, OpenError, PathError};
+use crate::spec::{SocketKey, SocketSpec, SpecError};
+
+/// Backlog of the control socket: generous, so a burst of clients during a
+/// mass restart is queued by the kernel rather than refused.
+const CONTROL_BACKLOG: u32 = 4096;
+/// Replies queued for one connection before the broker stops reading its
+/// requests (back-pressure on a client that does not read).
+const MAX_QUEUED_REPLIES: usize = 16;
+/// Bytes read from one connection per wake-up, so one busy client cannot
+/// starve the others.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Settings of the control loop.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once; beyond, new ones wait in the kernel's
+    /// accept queue.
+    pub max_clients: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions { idle_timeout: Duration::from_secs(30), max_clients: 4096 }
+    }
+}
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The control socket's folder could not be created or examined.
+    #[error("control socket folder {path}: {source}")]
+    Dir {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A private folder under /tmp belongs to someone else.
+    #[error("control socket folder {path} is owned by uid {owner}, not by us (uid {uid}); refusing to use it")]
+    DirOwner {
+        /// The folder.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our uid.
+        uid: u32,
+    },
+    /// The control path is not a valid socket address.
+    #[error("control socket {path}: {source}")]
+    Address {
+        /// The path given.
+        path: PathBuf,
+        /// Why it is refused.
+        #[source]
+        source: SpecError,
+    },
+    /// Another broker listens on the path, or a non-socket file is there.
+    #[error("{0} (is another broker running? stop it, or pass another --control path)")]
+    InUse(#[source] PathError),
+    /// The socket could not be created.
+    #[error("control socket: {0}")]
+    Open(#[source] OpenError),
+}
+
+/// The control socket: a listening UNIX socket at a path, removed again when
+/// dropped if it is still ours.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Inode of the socket file we made; `None` when the file is not ours to
+    /// remove (a socket passed by systemd).
+    owned_inode: Option<u64>,
+}
+
+impl ControlSocket {
+    /// Creates the control socket at `path` with mode `mode`, creating its
+    /// folder. A stale socket file is replaced; a live one, or any other file,
+    /// is an error.
+    pub fn bind(path: &Path, mode: u32) -> Result<ControlSocket, ControlError> {
+        let path = std::path::absolute(path).map_err(|source| ControlError::Dir { path: path.into(), source })?;
+        let key = SocketKey::unix(crate::spec::UnixKind::Stream, &path.to_string_lossy())
+            .map_err(|source| ControlError::Address { path: path.clone(), source })?;
+        if let Some(dir) = path.parent() {
+            prepare_dir(dir)?;
+        }
+        socket::clear_stale_unix_path(&path).map_err(ControlError::InUse)?;
+        let mut spec = SocketSpec::new(key);
+        spec.options.backlog = CONTROL_BACKLOG;
+        // The socket file is created with its final mode (no chmod after bind,
+        // which would leave a window with the default mode). umask is
+        // process-wide: this runs at start-up, before any other thread.
+        let old = umask(Mode::from_bits_truncate(!mode & 0o777));
+        let opened = socket::open(&spec);
+        umask(old);
+        let fd = opened.map_err(ControlError::Open)?;
+        let inode = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
+        Self::from_listener(UnixListener::from(fd), path, inode)
+    }
+
+    /// Wraps a listening socket made elsewhere (by systemd). `owned_inode`
+    /// is the inode of the file to remove on exit, if the broker made it.
+    pub fn from_listener(
+        listener: UnixListener,
+        path: PathBuf,
+        owned_inode: Option<u64>,
+    ) -> Result<ControlSocket, ControlError> {
+        listener.set_nonblocking(true).map_err(|e| {
+            ControlError::Open(OpenError {
+                key: SocketKey::unix(crate::spec::UnixKind::Stream, "@control").expect("a valid key"),
+                step: socket::Step::SetOption("O_NONBLOCK"),
+                source: e,
+            })
+        })?;
+        Ok(ControlSocket { listener, path, owned_inode })
+    }
+
+    /// The path clients connect to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        // Remove the file only if it is still the one we made: a new broker
+        // may already have put its own socket there.
+        if let Some(inode) = self.owned_inode {
+            if std::fs::symlink_metadata(&self.path).map(|m| m.ino()).ok() == Some(inode) {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    log::warn!("{}: could not remove control socket: {e}", self.path.display());
+                }
+            }
+        }
+    }
+}
+
+/// Creates the control socket's folder. The per-user default folder under
+/// /tmp (`/tmp/sockbroker-UID`) must be ours and private, or another user
+/// could have made it first and swap the socket.
+fn prepare_dir(dir: &Path) -> Result<(), ControlError> {
+    let dir_err = |source| ControlError::Dir { path: dir.into(), source };
+    let private = dir.parent() == Some(Path::new("/tmp"))
+        && dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("sockbroker-"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(if private { 0o700 } else { 0o755 })
+        .create(dir)
+        .map_err(dir_err)?;
+    if private {
+        let meta = std::fs::symlink_metadata(dir).map_err(dir_err)?;
+        let uid = nix::unistd::geteuid().as_raw();
+        if !meta.is_dir() || meta.uid() != uid {
+            return Err(ControlError::DirOwner { path: dir.into(), owner: meta.uid(), uid });
+        }
+    }
+    Ok(())
+}
+
+/// A reply waiting to be written.
+struct Outgoing {
+    bytes: Vec<u8>,
+    sent: usize,
+    /// Duplicates of the descriptors to attach, closed once sent.
+    fds: Vec<OwnedFd>,
+}
+
+/// One client connection.
+struct Conn {
+    stream: UnixStream,
+    peer: PeerCred,
+    framer: Framer,
+    outbox: VecDeque<Outgoing>,
+    last_active: Instant,
+    /// The peer has shut down its side: answer what is complete, then close.
+    read_closed: bool,
+    /// An unrecoverable protocol error: flush the error reply, then close.
+    closing: bool,
+}
+
+/// What woke the loop, when it is not client traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The extra descriptor given to [`Server::serve_until`] is readable.
+    Extra,
+}
+
+/// The control loop: the control socket, the client connections and the
+/// registry of held sockets.
+pub struct Server {
+    control: ControlSocket,
+    /// The sockets the broker holds.
+    pub registry: Registry,
+    options: ServerOptions,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+}
+
+impl Server {
+    /// A server on `control`, holding what `registry` holds.
+    pub fn new(control: ControlSocket, registry: Registry, options: ServerOptions) -> Server {
+        Server { control, registry, options, conns: HashMap::new(), next_conn: 0 }
+    }
+
+    /// The control socket.
+    pub fn control(&self) -> &ControlSocket {
+        &self.control
+    }
+
+    /// How many clients are connected.
+    pub fn clients(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Serves clients until `extra` (a signalfd, for instance) is readable.
+    pub fn serve_until(&mut self, extra: BorrowedFd<'_>) -> io::Result<Wake> {
+        loop {
+            let now = Instant::now();
+            self.expire_idle(now);
+            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(now));
+
+            let accepting = self.conns.len() < self.options.max_clients;
+            let ids: Vec<u64> = self.conns.keys().copied().collect();
+            let mut fds = Vec::with_capacity(ids.len() + 2);
+            fds.push(PollFd::new(extra, PollFlags::POLLIN));
+            fds.push(PollFd::new(
+                self.control.listener.as_fd(),
+                if accepting { PollFlags::POLLIN } else { PollFlags::empty() },
+            ));
+            for id in &ids {
+                let conn = &self.conns[id];
+                let mut events = PollFlags::empty();
+                if !conn.outbox.is_empty() {
+                    events |= PollFlags::POLLOUT;
+                } else if !conn.read_closed && !conn.closing {
+                    events |= PollFlags::POLLIN;
+                }
+                fds.push(PollFd::new(conn.stream.as_fd(), events));
+            }
+            let timeout = match timeout {
+                None => PollTimeout::NONE,
+                // Round up so a deadline is not polled for repeatedly with 0.
+                Some(t) => PollTimeout::try_from(t.as_millis().saturating_add(1).min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX),
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect();
+            drop(fds);
+
+            for (id, ev) in ids.iter().zip(&revents[2..]) {
+                if !ev.is_empty() {
+                    self.service(*id, *ev);
+                }
+            }
+            if revents[1].contains(PollFlags::POLLIN) {
+                self.accept_all();
+            }
+            if revents[0].intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP) {
+                return Ok(Wake::Extra);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.conns.values().map(|c| c.last_active + self.options.idle_timeout).min()
+    }
+
+    fn expire_idle(&mut self, now: Instant) {
+        let timeout = self.options.idle_timeout;
+        self.conns.retain(|_, c| {
+            let alive = now.duration_since(c.last_active) < timeout;
+            if !alive {
+                log::info!("{}: closing idle connection after {:?}", c.peer, timeout);
+            }
+            alive
+        });
+    }
+
+    fn accept_all(&mut self) {
+        // Bounded, so a flood of connections cannot keep the loop from
+        // serving the ones it already has.
+        for _ in 0..64 {
+            if self.conns.len() >= self.options.max_clients {
+                return;
+            }
+            let stream = match self.control.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest queued in the kernel.
+                    log::warn!("{}: accept failed: {e}", self.control.path.display());
+                    return;
+                }
+            };
+            let peer = match fd::peer_credentials(stream.as_fd()) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    log::warn!("control connection without credentials, closing: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("{peer}: could not make the connection non-blocking, closing: {e}");
+                continue;
+            }
+            let id = self.next_conn;
+            self.next_conn += 1;
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    peer,
+                    framer: Framer::default(),
+                    outbox: VecDeque::new(),
+                    last_active: Instant::now(),
+                    read_closed: false,
+                    closing: false,
+                },
+            );
+        }
+    }
+
+    /// Reads, answers and writes for one connection; drops it when done.
+    fn service(&mut self, id: u64, events: PollFlags) {
+        let Some(mut conn) = self.conns.remove(&id) else { return };
+        let keep = self.service_conn(&mut conn, events);
+        if keep {
+            self.conns.insert(id, conn);
+        }
+    }
+
+    fn service_conn(&mut self, conn: &mut Conn, events: PollFlags) -> bool {
+        if events.contains(PollFlags::POLLIN) || events.contains(PollFlags::POLLHUP) {
+            let mut buf = [0u8; READ_CHUNK];
+            match (&conn.stream).read(&mut buf) {
+                Ok(0) => conn.read_closed = true,
+                Ok(n) => {
+                    conn.framer.push(&buf[..n]);
+                    conn.last_active = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("{}: read failed, closing: {e}", conn.peer);
+                    return false;
+                }
+            }
+        }
+        if events.contains(PollFlags::POLLERR) && conn.outbox.is_empty() && !events.contains(PollFlags::POLLIN) {
+            return false;
+        }
+        loop {
+            let held_back = self.answer_ready(conn);
+            match flush(conn) {
+                Ok(true) => {}
+                Ok(false) => return true, // the peer's buffer is full: wait for POLLOUT
+                Err(e) => {
+                    log::debug!("{}: client went away before reading its reply: {e}", conn.peer);
+                    return false;
+                }
+            }
+            if conn.closing {
+                return false;
+            }
+            // Everything queued is written; go on with requests that
+            // back-pressure held back, if any.
+            if !held_back {
+                break;
+            }
+        }
+        if conn.read_closed {
+            if conn.framer.has_partial() {
+                log::info!("{}: connection closed in the middle of a request", conn.peer);
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Answers every complete request in the buffer, up to the back-pressure
+    /// limit. Returns true when it stopped at that limit, so requests may be
+    /// left.
+    fn answer_ready(&mut self, conn: &mut Conn) -> bool {
+        loop {
+            if conn.closing {
+                return false;
+            }
+            if conn.outbox.len() >= MAX_QUEUED_REPLIES {
+                return true;
+            }
+            let (response, fds) = match conn.framer.next_value() {
+                None => return false,
+                Some(Ok(value)) => match Request::from_value(value) {
+                    Ok(req) => self.dispatch(conn.peer, req),
+                    Err((id, error)) => {
+                        log::info!("{}: {}", conn.peer, error.message);
+                        (Response::err(id, error), Vec::new())
+                    }
+                },
+                Some(Err(e)) => {
+                    let code = match e {
+                        FrameError::TooLarge(_) => code::INVALID_REQUEST,
+                        FrameError::Syntax(_) => code::PARSE_ERROR,
+                    };
+                    let message = match &e {
+                        FrameError::TooLarge(max) => format!("Invalid request: larger than {max} bytes"),
+                        FrameError::Syntax(_) => e.to_string(),
+                    };
+                    log::info!("{}: {message}; closing the connection", conn.peer);
+                    conn.closing = true;
+                    (Response::err(Value::Null, RpcError::new(code, message)), Vec::new())
+                }
+            };
+            conn.outbox.push_back(Outgoing { bytes: response.to_bytes(), sent: 0, fds });
+        }
+    }
+
+    /// Runs one request. Only a success carries descriptors.
+    fn dispatch(&mut self, peer: PeerCred, req: Request) -> (Response, Vec<OwnedFd>) {
+        let result = match req.method.as_str() {
+            "bind" => self.bind(peer, &req.params),
+            other => {
+                log::info!("{peer} {other}: method not found");
+                Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
+            }
+        };
+        match result {
+            Ok((value, fds)) => (Response::ok(req.id, value), fds),
+            Err(e) => (Response::err(req.id, e), Vec::new()),
+        }
+    }
+
+    fn bind(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        let invalid = |what: String, e: &dyn std::fmt::Display| {
+            let message = format!("Invalid params: {what}: {e}");
+            log::info!("{peer} bind: {message}");
+            RpcError::new(code::INVALID_PARAMS, message)
+        };
+        let params = BindParams::from_json(params).map_err(|e| invalid("bind".into(), &e))?;
+        let target = params.target().map_err(|e| invalid(params.describe(), &e))?;
+        let (held, new) = match &target {
+            BindTarget::Name(name) => {
+                let held = self.registry.by_name(name).map_err(|e| {
+                    log::info!("{peer} bind name '{name}': unknown name");
+                    RpcError::new(code::UNKNOWN_NAME, e.to_string())
+                })?;
+                (held, false)
+            }
+            BindTarget::Spec(spec) => self.registry.get_or_open(spec).map_err(|e| {
+                log::warn!("{peer} bind {}: could not bind: {e}", spec.key);
+                RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
+            })?,
+        };
+        let dup = held.fd().try_clone_to_owned().map_err(|e| {
+            log::error!("{peer} bind {}: could not duplicate the held descriptor: {e}", held.key());
+            RpcError::new(code::BIND_FAILED, format!("Could not bind: {}: {e}", held.key()))
+        })?;
+        held.handed_out += 1;
+        held.last_peer = Some(peer);
+        log::info!(
+            "{peer} bind {}: ok ({}, fd {})",
+            held.key(),
+            if new { "new socket" } else { "held socket" },
+            held.fd().as_raw_fd()
+        );
+        Ok((json!(true), vec![dup]))
+    }
+}
+
+/// Writes queued replies. Ok(true) when everything is written, Ok(false)
+/// when the socket is full.
+fn flush(conn: &mut Conn) -> io::Result<bool> {
+    while let Some(out) = conn.outbox.front_mut() {
+        let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
+        match fd::send_with_fds(conn.stream.as_fd(), &out.bytes[out.sent..], &fds) {
+            Ok(n) => {
+                // The descriptors travelled with the first byte.
+                out.fds.clear();
+                out.sent += n;
+                conn.last_active = Instant::now();
+                if out.sent == out.bytes.len() {
+                    conn.outbox.pop_front();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
