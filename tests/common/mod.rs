@@ -237,6 +237,7 @@ pub fn recv_raw(sock: BorrowedFd<'_>) -> (String, Vec<OwnedFd>) {
     let mut cmsg = nix::cmsg_space!([RawFd; 8]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC).unwrap();
+    let n = msg.bytes;
     let mut fds = Vec::new();
     for c in msg.cmsgs().unwrap() {
         if let ControlMessageOwned::ScmRights(raw) = c {
@@ -244,8 +245,6 @@ pub fn recv_raw(sock: BorrowedFd<'_>) -> (String, Vec<OwnedFd>) {
             fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
         }
     }
-    let n = msg.bytes;
-    drop(iov);
     (String::from_utf8(buf[..n].to_vec()).unwrap(), fds)
 }
 
