@@ -159,9 +159,9 @@ impl Broker {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                for i in 0..raw.len() {
+                for (i, fd) in moved.iter().take(raw.len()).enumerate() {
                     // dup2 leaves the new descriptor inheritable.
-                    if nix::libc::dup2(moved[i], 3 + i as RawFd) < 0 {
+                    if nix::libc::dup2(*fd, 3 + i as RawFd) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
