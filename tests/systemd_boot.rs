@@ -112,7 +112,8 @@ fn suite(m: &Machine) {
     let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", "sockbroker"]);
     assert!(status.contains("holding 4 sockets (1 from systemd, 0 from the fd store, 3 on demand)"), "{status}");
     // multibinder clients, unchanged: MULTIBINDER_SOCK and the symlink.
-    let via_link = m.ok(&["env", "MULTIBINDER_SOCK=/run/multibinder.sock", "sockbroker", "bind", "tcp://127.0.0.1:8080"]);
+    let via_link =
+        m.ok(&["env", "MULTIBINDER_SOCK=/run/multibinder.sock", "sockbroker", "bind", "tcp://127.0.0.1:8080"]);
     assert!(via_link.contains(&format!("inode {}", before["tcp://127.0.0.1:8080"])), "{via_link}");
 
     m.ok(&["systemctl", "start", "sbtest-consumer"]);
