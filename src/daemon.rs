@@ -102,12 +102,14 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         adopted.from_fdstore,
         adopted.skipped
     );
-    let mut status = status_line(&server);
-    notify::ready(&status);
     let watchdog = notify::watchdog_interval();
-    let mut next_ping = watchdog.map(|every| Instant::now() + every);
     if let Some(every) = watchdog {
         log::info!("systemd watchdog: pinging every {every:?}");
+    }
+    let mut status = status_line(&server);
+    notify::ready(&status);
+    let mut next_ping = watchdog.map(|every| Instant::now() + every);
+    if watchdog.is_some() {
         notify::watchdog();
     }
 

@@ -223,3 +223,22 @@ fn own_sockets_go_to_the_fd_store_and_come_back() {
     // Not stored a second time: systemd still has it.
     assert!(!log.contains("kept in systemd's fd store"), "{log}");
 }
+
+/// WATCHDOG=1 keeps coming while the broker serves, when systemd asks for it
+/// (WATCHDOG_USEC); STOPPING=1 comes on SIGTERM.
+#[test]
+fn watchdog_pings_and_stopping() {
+    let mut broker = Broker::start_with("act-watchdog", &[], &[("WATCHDOG_USEC", "200000")]);
+    assert!(broker.log_text().contains("systemd watchdog: pinging every 100ms"), "{}", broker.log_text());
+    let start = Instant::now();
+    for _ in 0..3 {
+        wait_notify(&broker.notify, "WATCHDOG=1");
+    }
+    // Three pings at 100 ms intervals (the first may be READY's): well under
+    // the 10 s a missing ping would take to fail wait_notify.
+    assert!(start.elapsed() < Duration::from_secs(5), "pings too slow: {:?}", start.elapsed());
+    broker.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_notify(&broker.notify, "STOPPING=1");
+    let status = wait_timeout(&mut broker.child, Duration::from_secs(10)).expect("no exit within 10s of SIGTERM");
+    assert!(status.success());
+}
