@@ -168,32 +168,30 @@ impl Broker {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().unwrap();
+        let child = cmd.spawn().unwrap();
         drop(inherit);
+        // Built at once, so any failure below kills the process and prints
+        // its log.
+        let mut broker = Broker { child, dir, control, log, notify, args: all };
         // The activator listens, then waits for a connection before it
         // starts the broker: connect as soon as it accepts connections.
         let deadline = Instant::now() + START_TIMEOUT;
         let early = loop {
-            match UnixStream::connect(&control) {
+            match UnixStream::connect(&broker.control) {
                 Ok(stream) => break stream,
                 Err(e) => {
-                    if let Some(status) = child.try_wait().unwrap() {
-                        panic!(
-                            "systemd-socket-activate exited before listening: {status}: {}",
-                            std::fs::read_to_string(&log).unwrap_or_default()
-                        );
+                    if let Some(status) = broker.child.try_wait().unwrap() {
+                        panic!("systemd-socket-activate exited before listening: {status}");
                     }
                     assert!(
                         Instant::now() < deadline,
                         "{}: not listening after {START_TIMEOUT:?}: {e}",
-                        control.display()
+                        broker.control.display()
                     );
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }
         };
-        // Built before waiting, so a failure prints the broker's log.
-        let mut broker = Broker { child, dir, control, log, notify, args: all };
         wait_ready(&broker.notify, &mut broker.child, "broker under systemd-socket-activate");
         (broker, early)
     }
