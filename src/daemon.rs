@@ -1,27 +1,36 @@
 //! `sockbroker serve`: the broker's life, as one linear story.
 //!
-//! 1. **Starting**: block the signals the broker handles (they are read from a
-//!    signalfd, so no handler runs at an arbitrary point) and raise the
-//!    descriptor limit, since every held socket is a descriptor.
-//! 2. **Control socket**: create it (refusing to start when another broker
-//!    is live on the path).
-//! 3. **Serving**: tell systemd READY=1, then serve until a signal.
-//! 4. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket,
-//!    exit 0. Held sockets close with the process; clients keep theirs.
+//! 1. **Starting**: take the descriptors systemd passed (`LISTEN_FDS`, read
+//!    and unset before any thread exists), block the signals the broker
+//!    handles (they are read from a signalfd, so no handler runs at an
+//!    arbitrary point) and raise the descriptor limit, since every held
+//!    socket is a descriptor.
+//! 2. **Adopting**: identify each passed descriptor from the kernel and hold
+//!    it: sockets from `.socket` units, sockets given back by the fd store,
+//!    and the control socket when systemd owns it ([`activation`]).
+//! 3. **Control socket**: the one systemd passed, or one created at the path
+//!    (refusing to start when another broker is live on it).
+//! 4. **Serving**: tell systemd READY=1 (only now: every passed socket is
+//!    held and the control socket listens), then serve until a signal,
+//!    updating STATUS= when the held sockets change and sending WATCHDOG=1
+//!    when systemd asks for it.
+//! 5. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket
+//!    (unless systemd owns it), exit 0. Held sockets close with the process;
+//!    clients keep theirs, and systemd keeps its copies (fd store).
 //!
 //! SIGHUP and SIGUSR1/SIGUSR2 are blocked too, so a stray signal never kills
 //! the broker and with it every held socket.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::registry::Registry;
+use crate::registry::{Origin, Registry};
 use crate::server::{ControlError, ControlSocket, Server, ServerOptions};
-use crate::systemd::notify;
+use crate::systemd::{activation, listen, notify};
 
 /// How `serve` was asked to run.
 #[derive(Debug, Clone)]
@@ -37,8 +46,10 @@ pub struct ServeOptions {
 /// The phases of the broker's life, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Setting up signals and limits.
+    /// Taking passed descriptors, setting up signals and limits.
     Starting,
+    /// Holding the sockets systemd passed.
+    Adopting,
     /// Answering clients.
     Serving,
     /// Shutting down after SIGTERM or SIGINT.
@@ -63,20 +74,58 @@ pub enum ServeError {
 pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
     let mut phase = Phase::Starting;
     log::debug!("phase {phase:?}");
+    // First, while the broker is still single-threaded: take_from_env
+    // changes the environment.
+    let passed = listen::take_from_env();
     let signals = block_signals().map_err(ServeError::Signals)?;
     raise_nofile_limit();
 
-    let control = ControlSocket::bind(&options.control, options.control_mode)?;
-    let registry = Registry::new();
+    phase = Phase::Adopting;
+    log::debug!("phase {phase:?}");
+    let mut registry = Registry::new();
+    let control_path = std::path::absolute(&options.control).unwrap_or_else(|_| options.control.clone());
+    let adopted = activation::adopt(passed, &mut registry, &control_path);
+    let control = match adopted.control {
+        // systemd made the socket file and removes it: owned_inode None.
+        Some((listener, path)) => ControlSocket::from_listener(listener, path, None)?,
+        None => ControlSocket::bind(&options.control, options.control_mode)?,
+    };
     let server_options = ServerOptions { idle_timeout: options.idle_timeout, ..ServerOptions::default() };
     let mut server = Server::new(control, registry, server_options);
 
     phase = Phase::Serving;
-    log::info!("serving on {} (pid {})", server.control().path().display(), std::process::id());
-    notify::ready(&status_line(&server));
+    log::info!(
+        "serving on {} (pid {}); {} sockets from systemd, {} from the fd store, {} passed descriptors skipped",
+        server.control().path().display(),
+        std::process::id(),
+        adopted.from_systemd,
+        adopted.from_fdstore,
+        adopted.skipped
+    );
+    let watchdog = notify::watchdog_interval();
+    if let Some(every) = watchdog {
+        log::info!("systemd watchdog: pinging every {every:?}");
+    }
+    let mut status = status_line(&server);
+    notify::ready(&status);
+    let mut next_ping = watchdog.map(|every| Instant::now() + every);
+    if watchdog.is_some() {
+        notify::watchdog();
+    }
 
     while phase == Phase::Serving {
-        server.serve_until(signals.as_fd()).map_err(ServeError::Loop)?;
+        server.serve_until_deadline(signals.as_fd(), next_ping).map_err(ServeError::Loop)?;
+        if let (Some(every), Some(due)) = (watchdog, next_ping) {
+            if Instant::now() >= due {
+                notify::watchdog();
+                next_ping = Some(Instant::now() + every);
+            }
+        }
+        let now_status = status_line(&server);
+        if now_status != status {
+            status = now_status;
+            notify::status(&status);
+        }
         while let Ok(Some(info)) = signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
@@ -87,19 +136,37 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 Err(_) => {}
             }
         }
-        notify::status(&status_line(&server));
     }
     notify::stopping();
     log::info!("stopped; {} held sockets closed by exit", server.registry.len());
     Ok(())
 }
 
+/// STATUS=: where the broker serves and what it holds, by origin, with the
+/// first few sockets by name or key (`systemctl status` shows one line).
 fn status_line(server: &Server) -> String {
+    let count = |origin| server.registry.iter().filter(|h| h.origin == origin).count();
+    let mut sockets: Vec<String> = server
+        .registry
+        .iter()
+        .map(|h| match &h.name {
+            Some(name) => format!("{name}={}", h.key()),
+            None => h.key().to_string(),
+        })
+        .collect();
+    sockets.sort();
+    let shown = sockets.len().min(4);
+    let more = if sockets.len() > shown { format!(", +{} more", sockets.len() - shown) } else { String::new() };
     format!(
-        "serving on {}; holding {} sockets; {} clients",
+        "serving on {}; holding {} sockets ({} from systemd, {} from the fd store, {} on demand){}{}{}",
         server.control().path().display(),
         server.registry.len(),
-        server.clients()
+        count(Origin::Systemd),
+        count(Origin::FdStore),
+        count(Origin::OnDemand),
+        if shown > 0 { ": " } else { "" },
+        sockets[..shown].join(", "),
+        more
     )
 }
 

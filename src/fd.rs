@@ -98,6 +98,24 @@ pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes ownership of a descriptor inherited by number (systemd's 3, 4, …)
+/// and marks it close-on-exec. Fails, owning nothing, when the number is not
+/// an open descriptor.
+///
+/// # Safety
+/// Nothing else in the process may own or use `number`; after this call the
+/// returned [`OwnedFd`] is its only owner and closes it.
+pub unsafe fn take_inherited(number: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: only borrowed for F_GETFD, which fails with EBADF and touches
+    // nothing when the number is not open.
+    fcntl(unsafe { BorrowedFd::borrow_raw(number) }, FcntlArg::F_GETFD)?;
+    // SAFETY: the descriptor is open (checked above) and the caller
+    // guarantees nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(number) };
+    set_cloexec(std::os::fd::AsFd::as_fd(&fd), true)?;
+    Ok(fd)
+}
+
 /// Whether `FD_CLOEXEC` is set on a descriptor.
 pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);

@@ -148,6 +148,11 @@ impl Registry {
         if let Some(name) = &held.name {
             self.names.remove(name);
         }
+        // systemd's copy of a socket the broker made must go too, or the
+        // next broker would get it back.
+        if held.origin != Origin::Systemd {
+            crate::systemd::fdstore::remove(&held);
+        }
         Some(held)
     }
 

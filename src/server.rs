@@ -221,6 +221,10 @@ struct Conn {
 pub enum Wake {
     /// The extra descriptor given to [`Server::serve_until`] is readable.
     Extra,
+    /// The deadline given to [`Server::serve_until_deadline`] passed.
+    Deadline,
+    /// The number of held sockets changed (for the status line).
+    Changed,
 }
 
 /// The control loop: the control socket, the client connections and the
@@ -253,9 +257,24 @@ impl Server {
     /// Serves clients until `extra` (a signalfd, for instance) is readable.
     pub fn serve_until(&mut self, extra: BorrowedFd<'_>) -> io::Result<Wake> {
         loop {
+            if let Wake::Extra = self.serve_until_deadline(extra, None)? {
+                return Ok(Wake::Extra);
+            }
+        }
+    }
+
+    /// Serves clients until `extra` is readable, `deadline` passes (the
+    /// daemon's watchdog pings) or the number of held sockets changes.
+    pub fn serve_until_deadline(&mut self, extra: BorrowedFd<'_>, deadline: Option<Instant>) -> io::Result<Wake> {
+        let held = self.registry.len();
+        loop {
             let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return Ok(Wake::Deadline);
+            }
             self.expire_idle(now);
-            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(now));
+            let timeout =
+                self.next_deadline().into_iter().chain(deadline).min().map(|d| d.saturating_duration_since(now));
 
             let accepting = self.conns.len() < self.options.max_clients;
             let ids: Vec<u64> = self.conns.keys().copied().collect();
@@ -299,6 +318,9 @@ impl Server {
             }
             if revents[0].intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP) {
                 return Ok(Wake::Extra);
+            }
+            if self.registry.len() != held {
+                return Ok(Wake::Changed);
             }
         }
     }
@@ -492,6 +514,11 @@ impl Server {
                 RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
             })?,
         };
+        if new {
+            // A socket the broker made itself: systemd keeps a copy, so a
+            // broker restart or crash does not lose it.
+            crate::systemd::fdstore::store(held);
+        }
         let dup = held.fd().try_clone_to_owned().map_err(|e| {
             log::error!("{peer} bind {}: could not duplicate the held descriptor: {e}", held.key());
             RpcError::new(code::BIND_FAILED, format!("Could not bind: {}: {e}", held.key()))

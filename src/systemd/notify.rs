@@ -28,3 +28,15 @@ pub fn status(status: &str) {
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping".into())]);
 }
+
+/// WATCHDOG=1
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// How often to send WATCHDOG=1: half of `WATCHDOG_USEC` (as systemd
+/// advises), or `None` when the service manager wants no pings.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    // At least 10 ms, so a tiny WATCHDOG_USEC cannot make the loop spin.
+    daemon::watchdog_enabled(false).map(|timeout| (timeout / 2).max(std::time::Duration::from_millis(10)))
+}

@@ -103,6 +103,99 @@ impl Broker {
         Broker { child, dir, control, log, notify, args: all }
     }
 
+    /// Starts the broker under the real `systemd-socket-activate`, which
+    /// listens on what `activate_args` says (`-l ADDR`, `--fdname=…`, which
+    /// must include `-lCONTROL`) and, on the first connection, execs the
+    /// broker in place with LISTEN_FDS. That first connection is made to the
+    /// control socket before the broker runs, and returned. `inherit` descriptors are
+    /// handed to the activator as its own LISTEN_FDS (3, 4, …), which it
+    /// passes through ahead of its sockets, so tests can pass any descriptor
+    /// the way systemd would. The activator keeps only a few variables, so
+    /// NOTIFY_SOCKET and RUST_LOG travel with `-E`.
+    #[track_caller]
+    pub fn start_activated(
+        dir: PathBuf,
+        control: PathBuf,
+        activate_args: &[String],
+        inherit: Vec<OwnedFd>,
+    ) -> (Broker, UnixStream) {
+        use std::os::unix::process::CommandExt;
+        let notify_path = dir.join(format!("notify-{}.sock", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let log = dir.join("broker.log");
+        let mut all: Vec<String> = vec![
+            "-c".into(),
+            // $$ is the activator's pid once exec'd: LISTEN_PID must name it.
+            format!(r#"if [ {n} -gt 0 ]; then export LISTEN_PID=$$ LISTEN_FDS={n}; fi; exec "$@""#, n = inherit.len()),
+            "sh".into(),
+            "systemd-socket-activate".into(),
+            format!("-ENOTIFY_SOCKET={}", notify_path.display()),
+            "-ERUST_LOG=debug".into(),
+        ];
+        all.extend(activate_args.iter().cloned());
+        all.extend([BIN.to_string(), "serve".into(), "--control".into(), control.display().to_string()]);
+        let mut cmd = Command::new("sh");
+        cmd.args(&all)
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let raw: Vec<RawFd> = inherit.iter().map(|fd| fd.as_raw_fd()).collect();
+        assert!(raw.len() <= 16, "at most 16 inherited descriptors");
+        // SAFETY: the closure only calls fcntl and dup2 (async-signal-safe) on
+        // descriptors that `inherit` keeps open until spawn returns, and
+        // allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                let n = raw.len() as RawFd;
+                let mut moved = [0 as RawFd; 16];
+                // First above the target range, so no dup2 below overwrites a
+                // source; the copies are close-on-exec and vanish at exec.
+                for (i, fd) in raw.iter().enumerate() {
+                    moved[i] = nix::libc::fcntl(*fd, nix::libc::F_DUPFD_CLOEXEC, 3 + n);
+                    if moved[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, fd) in moved.iter().take(raw.len()).enumerate() {
+                    // dup2 leaves the new descriptor inheritable.
+                    if nix::libc::dup2(*fd, 3 + i as RawFd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(inherit);
+        // Built at once, so any failure below kills the process and prints
+        // its log.
+        let mut broker = Broker { child, dir, control, log, notify, args: all };
+        // The activator listens, then waits for a connection before it
+        // starts the broker: connect as soon as it accepts connections.
+        let deadline = Instant::now() + START_TIMEOUT;
+        let early = loop {
+            match UnixStream::connect(&broker.control) {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    if let Some(status) = broker.child.try_wait().unwrap() {
+                        panic!("systemd-socket-activate exited before listening: {status}");
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{}: not listening after {START_TIMEOUT:?}: {e}",
+                        broker.control.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        wait_ready(&broker.notify, &mut broker.child, "broker under systemd-socket-activate");
+        (broker, early)
+    }
+
     /// The broker's pid.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32

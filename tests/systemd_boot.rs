@@ -1,0 +1,458 @@
+//! Under a real systemd (252, Debian 12), booted in a container: the units
+//! from `units/`, socket activation of the broker, sockets declared in a
+//! `.socket` unit, the fd store across `systemctl restart` and `kill -9`, and
+//! a daemon that keeps serving the brokered sockets the whole time.
+//!
+//! The container: `systemd-nspawn --boot --volatile=overlay` over a minimal
+//! Debian tree made once with `debootstrap` and cached (see
+//! ../shared/systemd-testing.md), with the broker binary under test and the
+//! unit files bound read-only into it. Commands run inside with `nsenter`;
+//! the test's client enters the container's private network from a thread.
+//!
+//! What is checked:
+//! 1. clients get the declared socket by name and by address, and on-demand
+//!    sockets, and every one is a socket systemd itself holds (PID 1's fds);
+//! 2. after `systemctl restart sockbroker` and after `kill -9` of the broker
+//!    (Restart=always), clients get the same kernel sockets (same inodes);
+//! 3. a client connecting to the consumer all along, through both restarts
+//!    and a restart of the consumer itself, sees zero failed connections.
+//!
+//! Runs as root (CI); skipped otherwise, or with SOCKBROKER_TEST_SYSTEMD=0.
+//! The container is stopped on every path: on drop, on panic, and by the
+//! kernel (PR_SET_PDEATHSIG) if this process dies; the suite has a deadline.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sockbroker");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// Where the Debian tree is cached between runs (override: SOCKBROKER_TEST_TREE).
+const TREE: &str = "/var/cache/sockbroker-test/bookworm";
+/// What the tree holds; a tree made with another list is made again.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,python3,curl,iproute2,procps";
+const STAMP: &str = ".sockbroker-test-tree";
+/// The whole suite, tree building included (about a minute the first time).
+const SUITE_DEADLINE: Duration = Duration::from_secs(600);
+/// One command inside the container.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+const PATH: &str = "PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The sockets the suite asks for: how `sockbroker bind` names them.
+const SOCKETS: [&str; 5] = [
+    "--name=http",
+    "tcp://127.0.0.1:8081",
+    "tcp://127.0.0.1:8080",
+    "udp://127.0.0.1:5353",
+    "unix:/run/sbtest-app.sock",
+];
+
+fn main() {
+    if std::env::var("SOCKBROKER_TEST_SYSTEMD").as_deref() == Ok("0") {
+        println!("systemd_boot: skipped (SOCKBROKER_TEST_SYSTEMD=0)");
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("systemd_boot: skipped: needs root (systemd-nspawn, debootstrap)");
+        return;
+    }
+    for tool in ["systemd-nspawn", "debootstrap", "nsenter"] {
+        assert!(
+            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success(),
+            "{tool} is missing: apt-get install systemd-container debootstrap util-linux (scripts/test does)"
+        );
+    }
+    let started = Instant::now();
+    // A deadline for everything: past it, the process exits, and the
+    // container goes with it (PR_SET_PDEATHSIG).
+    std::thread::spawn(|| {
+        std::thread::sleep(SUITE_DEADLINE);
+        eprintln!("systemd_boot: FAILED: not done after {SUITE_DEADLINE:?}");
+        std::process::exit(1);
+    });
+    let tree = std::env::var_os("SOCKBROKER_TEST_TREE").map(PathBuf::from).unwrap_or_else(|| TREE.into());
+    ensure_tree(&tree);
+    println!("systemd_boot: tree ready after {:.1?}", started.elapsed());
+    let machine = Machine::boot(&tree);
+    println!("systemd_boot: container up after {:.1?}", started.elapsed());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| suite(&machine)));
+    if result.is_err() {
+        eprintln!("--- journal of sockbroker in the container:");
+        eprintln!("{}", machine.run(&["journalctl", "--no-pager", "-u", "sockbroker", "-u", "sbtest-consumer"]).1);
+    }
+    drop(machine);
+    match result {
+        Ok(()) => println!("systemd_boot: ok in {:.1?}", started.elapsed()),
+        Err(_) => {
+            eprintln!("systemd_boot: FAILED");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn suite(m: &Machine) {
+    m.ok(&["systemctl", "start", "sockbroker.socket", "sockbroker-http.socket"]);
+    let link = m.ok(&["readlink", "/run/multibinder.sock"]);
+    assert_eq!(link.trim(), "/run/sockbroker/control.sock");
+
+    // The first request starts the broker (socket activation).
+    let before = m.inodes();
+    assert_eq!(before["--name=http"], before["tcp://127.0.0.1:8081"], "name and address must give one socket");
+    let systemd_held = m.pid1_sockets();
+    for (what, inode) in &before {
+        assert!(systemd_held.contains(inode), "{what} (inode {inode}) is not held by systemd: {systemd_held:?}");
+    }
+    let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", "sockbroker"]);
+    assert!(status.contains("holding 4 sockets (1 from systemd, 0 from the fd store, 3 on demand)"), "{status}");
+    // multibinder clients, unchanged: MULTIBINDER_SOCK and the symlink.
+    let via_link =
+        m.ok(&["env", "MULTIBINDER_SOCK=/run/multibinder.sock", "sockbroker", "bind", "tcp://127.0.0.1:8080"]);
+    assert!(via_link.contains(&format!("inode {}", before["tcp://127.0.0.1:8080"])), "{via_link}");
+
+    m.ok(&["systemctl", "start", "sbtest-consumer"]);
+    let client = Client::start(m.leader);
+    client.wait_for(20);
+
+    let t = Instant::now();
+    m.ok(&["systemctl", "restart", "sockbroker"]);
+    let restart = t.elapsed();
+    assert_eq!(m.inodes(), before, "other sockets after systemctl restart");
+    client.wait_for(client.ok() + 20);
+
+    let pid = m.ok(&["systemctl", "show", "-p", "MainPID", "--value", "sockbroker"]).trim().to_string();
+    let t = Instant::now();
+    m.ok(&["kill", "-9", &pid]);
+    // The control socket is systemd's: this request waits in its queue until
+    // the restarted broker answers it.
+    let after_kill = m.inodes();
+    let recovery = t.elapsed();
+    assert_eq!(after_kill, before, "other sockets after kill -9");
+    let new_pid = m.ok(&["systemctl", "show", "-p", "MainPID", "--value", "sockbroker"]).trim().to_string();
+    assert_ne!(new_pid, pid, "the broker was not restarted");
+    let restarts = m.ok(&["systemctl", "show", "-p", "NRestarts", "--value", "sockbroker"]);
+    assert_eq!(restarts.trim(), "1", "Restart=always should have restarted it once");
+    client.wait_for(client.ok() + 20);
+
+    // A new generation of the consumer gets the sockets from the restarted
+    // broker: the same listen queues, so no connection fails in between.
+    let consumers_before = client.servers();
+    m.ok(&["systemctl", "restart", "sbtest-consumer"]);
+    client.wait_for(client.ok() + 20);
+    let servers = client.servers();
+    assert!(servers.len() > consumers_before.len(), "the new consumer answered nothing: {servers:?}");
+
+    let journal = m.ok(&["journalctl", "--no-pager", "-o", "cat", "-u", "sockbroker"]);
+    assert_eq!(journal.matches("holding tcp://127.0.0.1:8080 (from the fd store)").count(), 2, "{journal}");
+    assert!(!journal.contains("; skipped"), "{journal}");
+
+    let (ok, failed, errors) = client.stop();
+    println!(
+        "systemd_boot: {ok} connections answered, {failed} failed; systemctl restart sockbroker took {restart:.1?}, \
+         kill -9 to answered request {recovery:.1?}"
+    );
+    assert_eq!(failed, 0, "failed connections: {errors:?}");
+}
+
+/// Makes the Debian tree once (`debootstrap`, about a minute), under a lock
+/// so parallel runs share it.
+fn ensure_tree(tree: &Path) {
+    let stamp = tree.join(STAMP);
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == PACKAGES) {
+        return;
+    }
+    let parent = tree.parent().unwrap();
+    std::fs::create_dir_all(parent).unwrap();
+    let lock = std::fs::File::create(parent.join(".lock")).unwrap();
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == PACKAGES) {
+        return;
+    }
+    let tmp = parent.join(format!("tree.tmp-{}", std::process::id()));
+    println!("systemd_boot: making the Debian tree with debootstrap (once per machine) ...");
+    let out = Command::new("debootstrap")
+        .args(["--variant=minbase", &format!("--include={PACKAGES}"), "bookworm"])
+        .arg(&tmp)
+        .arg("http://deb.debian.org/debian")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debootstrap failed: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(tmp.join(STAMP), PACKAGES).unwrap();
+    if tree.exists() {
+        std::fs::rename(tree, parent.join(format!("tree.old-{}", std::process::id()))).unwrap();
+    }
+    std::fs::rename(&tmp, tree).unwrap();
+}
+
+/// A booted container, stopped on drop.
+struct Machine {
+    nspawn: Child,
+    leader: i32,
+    log: PathBuf,
+}
+
+impl Machine {
+    fn boot(tree: &Path) -> Machine {
+        let name = format!("sbt7-{}", std::process::id());
+        let log = std::env::temp_dir().join(format!("{name}-nspawn.log"));
+        let bind = |host: &str, inside: &str| format!("--bind-ro={host}:{inside}");
+        let mut cmd = Command::new("systemd-nspawn");
+        cmd.arg("-D")
+            .arg(tree)
+            .args(["-M", &name, "--boot", "--register=no", "--keep-unit", "--volatile=overlay"])
+            .args(["--private-network", "--console=read-only"])
+            .arg(bind(BIN, "/usr/local/bin/sockbroker"))
+            .arg(bind(&format!("{ROOT}/units/sockbroker.socket"), "/etc/systemd/system/sockbroker.socket"))
+            .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
+            .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
+            .arg(bind(
+                &format!("{ROOT}/tests/systemd/sockbroker-http.socket"),
+                "/etc/systemd/system/sockbroker-http.socket",
+            ))
+            .arg(bind(
+                &format!("{ROOT}/tests/systemd/sbtest-consumer.service"),
+                "/etc/systemd/system/sbtest-consumer.service",
+            ))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()));
+        // SAFETY: setsid and prctl are async-signal-safe and touch no memory
+        // of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Its own session (nspawn wants no controlling terminal), and
+                // SIGTERM (a clean container stop) if this test dies.
+                nix::libc::setsid();
+                if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let nspawn = cmd.spawn().unwrap();
+        let mut machine = Machine { leader: 0, log, nspawn };
+        machine.leader = machine.find_leader();
+        // Booted when PID 1 says so; its bus may not answer the first tries.
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let (_, out) = machine.run(&["systemctl", "is-system-running", "--wait"]);
+            if matches!(out.trim(), "running" | "degraded") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "container not up: {out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        machine
+    }
+
+    /// The container's PID 1 as seen from the host: nspawn's child.
+    fn find_leader(&mut self) -> i32 {
+        let pid = self.nspawn.id();
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            for child in children.split_whitespace() {
+                let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
+                let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap_or("");
+                if nspid.split_whitespace().last() == Some("1") {
+                    return child.parse().unwrap();
+                }
+            }
+            if let Some(status) = self.nspawn.try_wait().unwrap() {
+                panic!("systemd-nspawn exited: {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "no container PID 1 after {COMMAND_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs a command inside the container; its status and output. Killed
+    /// (and the suite failed) past COMMAND_TIMEOUT, so nothing entered with
+    /// nsenter outlives the call and blocks the container's stop.
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = tempfile_path("out");
+        let file = std::fs::File::create(&out).unwrap();
+        let mut child = Command::new("nsenter")
+            .args(["-t", &self.leader.to_string(), "-a", "env", "-i", PATH])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?}: no answer within {COMMAND_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let _ = std::fs::remove_file(&out);
+        (status.success(), text)
+    }
+
+    /// Runs a command that must succeed; its output.
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.run(args);
+        assert!(ok, "{args:?} failed: {out}");
+        out
+    }
+
+    /// The inode of each of SOCKETS, as a client receives it.
+    #[track_caller]
+    fn inodes(&self) -> BTreeMap<&'static str, u64> {
+        SOCKETS
+            .iter()
+            .map(|what| {
+                let out = self.ok(&["sockbroker", "bind", what]);
+                let inode = out.rsplit("inode ").next().and_then(|n| n.trim().parse().ok());
+                (*what, inode.unwrap_or_else(|| panic!("bind {what}: {out}")))
+            })
+            .collect()
+    }
+
+    /// Socket inodes held by the container's systemd (its fd store and
+    /// socket units).
+    fn pid1_sockets(&self) -> Vec<u64> {
+        let out = self.ok(&["ls", "-l", "/proc/1/fd"]);
+        out.split("socket:[").skip(1).filter_map(|s| s.split(']').next()?.parse().ok()).collect()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.nspawn.try_wait().ok().flatten().is_none() {
+            if Instant::now() >= deadline {
+                eprintln!("systemd-nspawn did not stop within 20s of SIGTERM; killing it");
+                let _ = self.nspawn.kill();
+                let _ = self.nspawn.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn tempfile_path(what: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!("sbt7-{}-{what}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)))
+}
+
+/// Connects to the consumer, alternately on the on-demand socket (8080, kept
+/// in the fd store) and the declared one (8081), from inside the container's
+/// network, until stopped.
+struct Client {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    state: Arc<Mutex<ClientState>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ClientState {
+    failed: u64,
+    errors: Vec<String>,
+    /// Which consumer processes answered ("ok PID").
+    servers: std::collections::BTreeSet<String>,
+}
+
+impl Client {
+    fn start(leader: i32) -> Client {
+        let netns = std::fs::File::open(format!("/proc/{leader}/ns/net")).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let state = Arc::new(Mutex::new(ClientState::default()));
+        let (s, o, st) = (stop.clone(), ok.clone(), state.clone());
+        let thread = std::thread::spawn(move || {
+            // SAFETY: setns on this thread only (network namespaces are per
+            // thread); `netns` is an open namespace file.
+            let rc = unsafe { nix::libc::setns(netns.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let mut n = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                let port = if n % 2 == 0 { 8080 } else { 8081 };
+                n += 1;
+                match request(port) {
+                    Ok(reply) => {
+                        o.fetch_add(1, Ordering::SeqCst);
+                        st.lock().unwrap().servers.insert(reply);
+                    }
+                    Err(e) => {
+                        let mut st = st.lock().unwrap();
+                        st.failed += 1;
+                        if st.errors.len() < 10 {
+                            st.errors.push(format!("port {port}: {e}"));
+                        }
+                    }
+                }
+            }
+        });
+        Client { stop, ok, state, thread: Some(thread) }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    fn servers(&self) -> std::collections::BTreeSet<String> {
+        self.state.lock().unwrap().servers.clone()
+    }
+
+    /// Waits until `n` connections were answered (bounded).
+    #[track_caller]
+    fn wait_for(&self, n: u64) {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        while self.ok() < n {
+            let st = self.state.lock().unwrap();
+            assert!(Instant::now() < deadline, "only {} answered, {} failed: {:?}", self.ok(), st.failed, st.errors);
+            drop(st);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stop(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        let st = self.state.lock().unwrap();
+        (self.ok(), st.failed, st.errors.clone())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection: the consumer answers "ok PID" and closes.
+fn request(port: u16) -> std::io::Result<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    if !reply.starts_with("ok ") {
+        return Err(std::io::Error::other(format!("unexpected reply {reply:?}")));
+    }
+    Ok(reply.trim().to_string())
+}
