@@ -29,7 +29,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::registry::{Origin, Registry};
-use crate::server::{ControlError, ControlSocket, Server, ServerOptions};
+use crate::server::{ControlError, ControlSocket, Server, ServerOptions, Wake};
 use crate::systemd::{activation, listen, notify};
 
 /// How `serve` was asked to run.
@@ -42,6 +42,9 @@ pub struct ServeOptions {
     /// Idle connections are closed after this long.
     pub idle_timeout: Duration,
 }
+
+/// The shortest time between two STATUS= updates.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The phases of the broker's life, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,23 +111,37 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
     }
     let mut status = status_line(&server);
     notify::ready(&status);
+    let mut status_sent = Instant::now();
+    // A STATUS= line lists what the broker holds, which costs O(n log n) to
+    // build: when sockets change quickly (a template with 1,000 binds), it is
+    // sent at most once per STATUS_INTERVAL rather than once per socket.
+    let mut status_due: Option<Instant> = None;
     let mut next_ping = watchdog.map(|every| Instant::now() + every);
     if watchdog.is_some() {
         notify::watchdog();
     }
 
     while phase == Phase::Serving {
-        server.serve_until_deadline(signals.as_fd(), next_ping).map_err(ServeError::Loop)?;
+        let deadline = next_ping.into_iter().chain(status_due).min();
+        let wake = server.serve_until_deadline(signals.as_fd(), deadline).map_err(ServeError::Loop)?;
+        let now = Instant::now();
         if let (Some(every), Some(due)) = (watchdog, next_ping) {
-            if Instant::now() >= due {
+            if now >= due {
                 notify::watchdog();
-                next_ping = Some(Instant::now() + every);
+                next_ping = Some(now + every);
             }
         }
-        let now_status = status_line(&server);
-        if now_status != status {
-            status = now_status;
-            notify::status(&status);
+        if wake == Wake::Changed && status_due.is_none() {
+            status_due = Some(status_sent + STATUS_INTERVAL);
+        }
+        if status_due.is_some_and(|due| now >= due) {
+            status_due = None;
+            let now_status = status_line(&server);
+            if now_status != status {
+                status = now_status;
+                notify::status(&status);
+                status_sent = now;
+            }
         }
         while let Ok(Some(info)) = signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {

@@ -109,8 +109,17 @@ fn suite(m: &Machine) {
     for (what, inode) in &before {
         assert!(systemd_held.contains(inode), "{what} (inode {inode}) is not held by systemd: {systemd_held:?}");
     }
-    let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", "sockbroker"]);
-    assert!(status.contains("holding 4 sockets (1 from systemd, 0 from the fd store, 3 on demand)"), "{status}");
+    // STATUS= is rate-limited (at most one update a second): poll for it.
+    let want = "holding 4 sockets (1 from systemd, 0 from the fd store, 3 on demand)";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", "sockbroker"]);
+        if status.contains(want) || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.contains(want), "{status}");
     // multibinder clients, unchanged: MULTIBINDER_SOCK and the symlink.
     let via_link =
         m.ok(&["env", "MULTIBINDER_SOCK=/run/multibinder.sock", "sockbroker", "bind", "tcp://127.0.0.1:8080"]);
