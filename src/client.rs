@@ -10,12 +10,19 @@
 //! The path comes from `SOCKBROKER_SOCKET`, then `MULTIBINDER_SOCK`, then the
 //! default (see [`crate::config`]). Received descriptors are close-on-exec;
 //! whoever passes one to a child clears the flag on that descriptor alone.
+//!
+//! While the broker upgrades itself its control socket stays open, but other
+//! restarts (a crash, a restart by a supervisor, multibinder's re-exec) leave a
+//! moment with no socket file or no listener. The client therefore retries a
+//! refused, reset or missing connection with a short backoff, for at most
+//! [`RETRY_FOR`] in all; `bind` requests cut off before their reply are asked
+//! again (asking twice for one socket yields the same socket).
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -27,6 +34,56 @@ use crate::spec::SocketSpec;
 
 /// How long the client waits for a reply before giving up.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest the client keeps retrying a refused, reset or missing control
+/// connection.
+pub const RETRY_FOR: Duration = Duration::from_secs(2);
+/// The first pause between retries; it doubles up to [`RETRY_MAX_DELAY`].
+const RETRY_FIRST_DELAY: Duration = Duration::from_millis(5);
+const RETRY_MAX_DELAY: Duration = Duration::from_millis(200);
+/// Methods that may be sent again when the connection broke before the
+/// reply: doing them twice has the effect of doing them once.
+const RETRY_SAFE: &[&str] = &["bind"];
+
+/// Whether a control connection failure is one an upgrade or restart of the
+/// broker can cause, and so worth retrying.
+fn retryable(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | NotFound | BrokenPipe | UnexpectedEof)
+}
+
+/// Bounded, growing pauses between retries.
+struct Backoff {
+    deadline: Instant,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { deadline: Instant::now() + RETRY_FOR, delay: RETRY_FIRST_DELAY }
+    }
+
+    /// Waits before the next try; false when the time is up.
+    fn wait(&mut self) -> bool {
+        if Instant::now() + self.delay > self.deadline {
+            return false;
+        }
+        std::thread::sleep(self.delay);
+        self.delay = (self.delay * 2).min(RETRY_MAX_DELAY);
+        true
+    }
+}
+
+/// Connects, retrying what [`retryable`] allows within [`RETRY_FOR`].
+fn connect_retrying(path: &Path) -> io::Result<UnixStream> {
+    let mut backoff = Backoff::new();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if retryable(&e) && backoff.wait() => log::debug!("{}: {e}; retrying", path.display()),
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +153,14 @@ impl Client {
     /// Connects to the control socket at `path`.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref().to_path_buf();
-        let stream =
-            UnixStream::connect(&path).map_err(|source| ClientError::Connect { path: path.clone(), source })?;
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|source| ClientError::Io { path: path.clone(), source })?;
+        let stream = Client::open(&path)?;
         Ok(Client { stream, path, framer: Framer::default(), next_id: 1 })
+    }
+
+    fn open(path: &Path) -> Result<UnixStream, ClientError> {
+        let stream = connect_retrying(path).map_err(|source| ClientError::Connect { path: path.into(), source })?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|source| ClientError::Io { path: path.into(), source })?;
+        Ok(stream)
     }
 
     /// Connects to the control socket named by the environment or the default.
@@ -115,8 +174,25 @@ impl Client {
     }
 
     /// Sends one request and waits for its reply; returns the result and the
-    /// descriptors that came with it.
+    /// descriptors that came with it. A `bind` whose connection breaks before
+    /// the reply is sent again on a new connection (see the module docs).
     pub fn call(&mut self, method: &str, params: Value) -> Result<(Value, Vec<OwnedFd>), ClientError> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.call_once(method, params.clone()) {
+                Err(ClientError::Io { source, .. })
+                    if RETRY_SAFE.contains(&method) && retryable(&source) && backoff.wait() =>
+                {
+                    log::debug!("{}: {method}: {source}; asking again on a new connection", self.path.display());
+                    self.stream = Client::open(&self.path)?;
+                    self.framer = Framer::default();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn call_once(&mut self, method: &str, params: Value) -> Result<(Value, Vec<OwnedFd>), ClientError> {
         let id = Value::from(self.next_id);
         self.next_id += 1;
         let request = Request { id: id.clone(), method: method.to_string(), params };
@@ -133,7 +209,8 @@ impl Client {
                 .map_err(|source| ClientError::Io { path: self.path.clone(), source })?;
             fds.extend(got.fds);
             if got.len == 0 {
-                return Err(self.protocol("connection closed before the reply".into()));
+                let source = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the reply");
+                return Err(ClientError::Io { path: self.path.clone(), source });
             }
             self.framer.push(&buf[..got.len]);
         };

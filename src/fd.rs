@@ -8,7 +8,7 @@
 //! never a silent loss.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags};
@@ -104,6 +104,61 @@ pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(flags.contains(FdFlag::FD_CLOEXEC))
 }
 
+/// Takes ownership of descriptors this process image inherited across
+/// `execve` (numbers written down by the previous image of the broker, or by
+/// multibinder in `MULTIBINDER_BIND__…`), setting `FD_CLOEXEC` on each at once.
+///
+/// A number is refused when it is stdin/stdout/stderr, listed twice, not open,
+/// or close-on-exec: every descriptor this process opens itself is born
+/// close-on-exec, so one that is not can only have come through the exec. That
+/// check is what makes taking ownership of a bare number sound.
+pub fn take_inherited(raws: &[RawFd]) -> Result<Vec<OwnedFd>, InheritError> {
+    let mut seen = std::collections::HashSet::new();
+    for &raw in raws {
+        if raw < 3 {
+            return Err(InheritError { fd: raw, reason: "a standard stream (0, 1, 2) is never a handed-over socket" });
+        }
+        if !seen.insert(raw) {
+            return Err(InheritError { fd: raw, reason: "listed twice" });
+        }
+        // SAFETY: F_GETFD only reads the descriptor flags; on a number that is
+        // not open it fails with EBADF and has no effect.
+        let flags = unsafe { nix::libc::fcntl(raw, nix::libc::F_GETFD) };
+        if flags < 0 {
+            return Err(InheritError { fd: raw, reason: "not an open descriptor" });
+        }
+        if flags & nix::libc::FD_CLOEXEC != 0 {
+            return Err(InheritError { fd: raw, reason: "close-on-exec is set, so it was not handed over by exec" });
+        }
+    }
+    let mut owned = Vec::with_capacity(raws.len());
+    for &raw in raws {
+        // SAFETY: the number is open, was not opened by this image (it is not
+        // close-on-exec, see above) and is taken exactly once (no duplicates),
+        // so no other owner exists in this process.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        set_cloexec(fd.as_fd(), true).map_err(|_| InheritError { fd: raw, reason: "could not set close-on-exec" })?;
+        owned.push(fd);
+    }
+    Ok(owned)
+}
+
+/// An inherited descriptor number that cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inherited descriptor {fd}: {reason}")]
+pub struct InheritError {
+    /// The number.
+    pub fd: RawFd,
+    /// Why it is refused.
+    pub reason: &'static str,
+}
+
+/// Whether a descriptor is a socket.
+pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mode = nix::sys::stat::fstat(fd)?.st_mode;
+    Ok(mode & nix::libc::S_IFMT == nix::libc::S_IFSOCK)
+}
+
 /// The inode of the open file behind a descriptor: two descriptors with the
 /// same inode (on sockfs) are the same kernel socket.
 pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -113,7 +168,6 @@ pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
     #[test]

@@ -26,6 +26,7 @@ pub mod server;
 pub mod socket;
 pub mod spec;
 pub mod systemd;
+pub mod upgrade;
 
 /// Formats an error with its chain of causes: `a: b: c`, skipping causes
 /// whose text the error already includes.

@@ -28,3 +28,15 @@ pub fn status(status: &str) {
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping".into())]);
 }
+
+/// RELOADING=1: the broker is re-executing itself; READY=1 follows from the
+/// new image (or from this one, if the re-exec fails).
+pub fn reloading(status: &str) {
+    send(&[NotifyState::Reloading, NotifyState::Status(status.to_string())]);
+}
+
+/// MAINPID=…: after a takeover, the new broker is the service's main process.
+/// systemd ignores it when that process is outside the service's cgroup.
+pub fn main_pid(pid: i32) {
+    send(&[NotifyState::Other(format!("MAINPID={pid}"))]);
+}
