@@ -113,8 +113,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 Ok(Signal::SIGUSR1) => match &exec_target {
                     // Returns only when the re-exec did not happen.
                     Ok(target) => {
-                        let e = upgrade::reexec(&server, target);
-                        log::error!("SIGUSR1: re-exec failed, still serving: {}", crate::error_chain(&e));
+                        upgrade::reexec(&server, target);
                     }
                     Err(e) => log::error!("SIGUSR1: cannot re-exec: the binary's path was unknown at start: {e}"),
                 },

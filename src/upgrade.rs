@@ -417,8 +417,21 @@ impl ExecTarget {
 
 /// Re-executes the broker, keeping every held socket, the control socket and
 /// the idle client connections. Returns only on failure, after restoring
-/// every flag it changed: the broker then carries on as before.
+/// every flag it changed, and logging why: the broker then carries on as
+/// before.
+///
+/// The service manager is told RELOADING=1 first, and READY=1 afterwards by
+/// the new image or, on failure, by this one.
 pub fn reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
+    notify::reloading("re-executing");
+    let err = try_reexec(server, target);
+    // Logged before READY=1, so whoever waits for READY finds the reason.
+    log::error!("re-exec failed, still serving: {}", crate::error_chain(&err));
+    notify::ready("serving (re-exec failed)");
+    err
+}
+
+fn try_reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
     if let Err(e) = validate_binary(&target.path) {
         return e;
     }
@@ -454,19 +467,19 @@ pub fn reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
         cleared.push(*fd);
     }
     log::info!(
-        "re-executing {} (generation {}): {} sockets, {} client connections carried over",
+        "re-executing {} (generation {}): {} sockets, {} client connections carried over, {} with a reply in \
+         flight left to close",
         target.path.display(),
         state.generation,
         state.sockets.len(),
-        state.connections.len()
+        state.connections.len(),
+        server.clients() - state.connections.len()
     );
-    notify::reloading("re-executing");
     let err = match nix::unistd::execve(&path, &args, &env) {
         Ok(never) => match never {},
         Err(e) => e,
     };
     restore_cloexec(&cleared);
-    notify::ready("serving (re-exec failed)");
     UpgradeError::Exec { path: target.path.clone(), source: err }
 }
 
