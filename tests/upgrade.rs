@@ -44,7 +44,8 @@ impl Counters {
     }
 
     fn snapshot(&self) -> [u64; 5] {
-        [&self.served, &self.connected, &self.binds, &self.raw_binds, &self.kept_binds].map(|c| c.load(Ordering::SeqCst))
+        [&self.served, &self.connected, &self.binds, &self.raw_binds, &self.kept_binds]
+            .map(|c| c.load(Ordering::SeqCst))
     }
 
     /// Waits (bounded) until every counter has moved past `before`, so each
@@ -92,9 +93,14 @@ impl Load {
                     let Ok((conn, _)) = listener.accept() else { continue };
                     conn.set_nonblocking(false).unwrap();
                     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut reader = BufReader::new(&conn);
                     let mut line = String::new();
-                    if BufReader::new(&conn).read_line(&mut line).is_ok() && (&conn).write_all(line.as_bytes()).is_ok() {
+                    if reader.read_line(&mut line).is_ok() && (&conn).write_all(line.as_bytes()).is_ok() {
                         counters.served.fetch_add(1, Ordering::SeqCst);
+                        // Let the client close first, so TIME_WAIT stays on
+                        // its side and reused ports never meet an old
+                        // connection of ours.
+                        let _ = reader.read_line(&mut line);
                     }
                 }
             })
@@ -106,6 +112,10 @@ impl Load {
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
+                    // Paced (about 1000 connections a second): each one leaves
+                    // a TIME_WAIT socket behind, and an unbounded rate would
+                    // exhaust loopback ports on a shared machine.
+                    std::thread::sleep(Duration::from_micros(1000));
                     n += 1;
                     let result = (|| -> std::io::Result<String> {
                         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -119,7 +129,7 @@ impl Load {
                         Ok(line) if line == format!("ping {n}\n") => {
                             counters.connected.fetch_add(1, Ordering::SeqCst);
                         }
-                        other => counters.fail(format!("connection {n}: {other:?}")),
+                        other => counters.fail(format!("connection {n} at {:?}: {other:?}", now())),
                     }
                 }
             })
@@ -471,6 +481,11 @@ fn wait_for_log(broker: &Broker, needle: &str, count: usize) {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(count_in_log(broker, needle), count, "{}", broker.log_text());
+}
+
+/// Wall-clock time, to match a failure with the broker's log.
+fn now() -> Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap()
 }
 
 fn port_of(spec: &str) -> u16 {
