@@ -410,9 +410,29 @@ pub struct ExecTarget {
 
 impl ExecTarget {
     /// Reads the path and arguments; call it first thing in `serve`.
+    ///
+    /// The path is `argv[0]` made absolute (or found in `PATH` when it has no
+    /// '/'), without resolving symbolic links, so that switching a symlink to
+    /// a new release is picked up by the next re-exec. `/proc/self/exe`
+    /// (already resolved) is the fallback.
     pub fn at_start() -> io::Result<ExecTarget> {
-        Ok(ExecTarget { path: std::env::current_exe()?, args: std::env::args_os().collect() })
+        let args: Vec<OsString> = std::env::args_os().collect();
+        let path = match args.first().map(Path::new) {
+            Some(arg0) if arg0.as_os_str().as_bytes().contains(&b'/') => std::path::absolute(arg0)?,
+            Some(arg0) => find_in_path(arg0).map_or_else(std::env::current_exe, Ok)?,
+            None => std::env::current_exe()?,
+        };
+        Ok(ExecTarget { path, args })
     }
+}
+
+/// The first executable file called `name` in `PATH`, as a shell finds it.
+fn find_in_path(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(name))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// Re-executes the broker, keeping every held socket, the control socket and

@@ -4,9 +4,9 @@
 //! The load is a stand-in for a daemon that serves a brokered socket and keeps
 //! reloading: one thread accepts and answers on the socket, swapping in the
 //! descriptor a binder thread keeps asking the broker for; a client thread
-//! connects in a loop. Two more binders ask through the control socket the
-//! way clients do: one reconnecting per request (the reference multibinder
-//! client, no retry), one keeping a single library connection open.
+//! connects in a loop. Two more binders ask through the control socket with
+//! multibinder's wire format and no retry: one connection per request (the
+//! reference client), and one connection kept open throughout.
 
 mod common;
 
@@ -175,18 +175,24 @@ impl Load {
                 }
             })
         });
-        // A client that keeps one connection open across every upgrade.
+        // A client that keeps one connection open across every upgrade and
+        // never reconnects: multibinder's wire format, several requests on
+        // one connection. It only works if the connection itself is carried
+        // over by every re-exec and takeover.
         threads.push({
-            let (stop, counters, control, spec) = (stop.clone(), counters.clone(), control.to_owned(), spec.to_owned());
+            let (stop, counters, control) = (stop.clone(), counters.clone(), control.to_owned());
             std::thread::spawn(move || {
-                let mut client = Client::connect(&control).unwrap();
+                let request = multibinder_bind_request("127.0.0.1", port);
+                let stream = std::os::unix::net::UnixStream::connect(&control).unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 while !stop.load(Ordering::SeqCst) {
-                    match client.bind(&spec.parse().unwrap()) {
-                        Ok(fd) if inode(fd.as_fd()) == inode_want => {
-                            counters.kept_binds.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(_) => counters.fail("kept connection: another socket".into()),
-                        Err(e) => counters.fail(format!("kept connection: {e}")),
+                    send_raw(stream.as_fd(), &request);
+                    let (text, fds) = recv_raw(stream.as_fd());
+                    if fds.len() == 1 && inode(fds[0].as_fd()) == inode_want && json(&text)["result"] == true {
+                        counters.kept_binds.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        counters.fail(format!("kept connection: {text:?} with {} fds", fds.len()));
+                        return;
                     }
                 }
             })
@@ -286,6 +292,13 @@ fn reexecs_and_takeovers_under_load_lose_nothing() {
     assert_eq!(inode(client.bind(&spec.parse().unwrap()).unwrap().as_fd()), tcp_inode);
     assert_eq!(inode(client.bind(&unix_spec.parse().unwrap()).unwrap().as_fd()), unix_inode);
     assert_eq!(control_inode(&control), control_ino);
+    // Every upgrade carried the kept connection (at least) over.
+    for b in retired.iter().chain([&broker]) {
+        for line in b.log_text().lines().filter(|l| l.contains("resumed after")) {
+            let carried: usize = line.split(", ").nth(1).and_then(|p| p.split(' ').next()?.parse().ok()).unwrap();
+            assert!(carried >= 1, "{line}");
+        }
+    }
     assert_eq!(broker.stop().code(), Some(0));
     assert!(!control.exists(), "the last broker removes the control socket it inherited");
 }
