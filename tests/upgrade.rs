@@ -419,6 +419,28 @@ fn takeover_that_dies_midway_leaves_the_old_broker_serving() {
     drop(client);
 }
 
+/// More sockets than one SCM_RIGHTS message can carry (253) cross a
+/// takeover and a re-exec intact.
+#[test]
+fn takeover_carries_more_sockets_than_one_message_holds() {
+    let mut broker = Broker::start("upgrade_many");
+    let (dir, control) = (broker.dir.clone(), broker.control.clone());
+    let mut client = broker.client();
+    let specs: Vec<String> = (0..600).map(|i| format!("unix:@sbt-many-{}-{i}", std::process::id())).collect();
+    let inodes: Vec<u64> = specs.iter().map(|s| inode(client.bind(&s.parse().unwrap()).unwrap().as_fd())).collect();
+    drop(client);
+    let new = Broker::start_in(dir, control, &["--takeover"], &[]);
+    let mut old = std::mem::replace(&mut broker, new);
+    assert!(wait_timeout(&mut old.child, Duration::from_secs(10)).expect("old broker exits").success());
+    reexec(&mut broker);
+    assert!(broker.log_text().contains("resumed after re-exec (generation 2): holding 600 sockets"));
+    let mut client = broker.client();
+    for (spec, want) in specs.iter().zip(inodes) {
+        assert_eq!(inode(client.bind(&spec.parse().unwrap()).unwrap().as_fd()), want, "{spec}");
+    }
+    drop(old);
+}
+
 /// Another user may not take over: `serve --takeover` run as nobody is
 /// refused, exits non-zero, and the broker serves on.
 #[test]
