@@ -9,10 +9,10 @@
 //! 3. **Serving**: tell systemd READY=1, then serve until a signal.
 //! 4. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket,
 //!    exit 0. Held sockets close with the process; clients keep theirs.
-//!
 //! 5. **Upgrading**: SIGUSR1 re-executes the binary at the broker's path,
 //!    keeping everything; a `takeover` request from a new broker hands
-//!    everything over, then this one exits (see [`upgrade`]).
+//!    everything over, then this one exits without removing the control
+//!    socket (see [`upgrade`]).
 //!
 //! SIGHUP and SIGUSR2 are blocked too, so a stray signal never kills the
 //! broker and with it every held socket.

@@ -186,4 +186,22 @@ mod tests {
         let cred = peer_credentials(a.as_fd()).unwrap();
         assert_eq!(cred.pid, std::process::id() as i32);
     }
+
+    #[test]
+    fn takes_only_descriptors_that_came_through_exec() {
+        use std::os::fd::IntoRawFd;
+        let (a, _b) = UnixStream::pair().unwrap();
+        // Ours, close-on-exec: refused, and left open.
+        let err = take_inherited(&[a.as_raw_fd()]).unwrap_err();
+        assert!(err.reason.contains("close-on-exec"), "{err}");
+        assert!(is_cloexec(a.as_fd()).unwrap());
+        assert_eq!(take_inherited(&[1]).unwrap_err().fd, 1);
+        assert_eq!(take_inherited(&[100_000]).unwrap_err().reason, "not an open descriptor");
+        // As an exec would leave it: taken once, close-on-exec again.
+        set_cloexec(a.as_fd(), false).unwrap();
+        let raw = a.into_raw_fd();
+        assert_eq!(take_inherited(&[raw, raw]).unwrap_err().reason, "listed twice");
+        let taken = take_inherited(&[raw]).unwrap();
+        assert!(is_cloexec(taken[0].as_fd()).unwrap());
+    }
 }

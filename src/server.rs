@@ -395,10 +395,12 @@ impl Server {
     fn service(&mut self, id: u64, events: PollFlags) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
         let keep = self.service_conn(&mut conn, events);
-        if conn.takeover.is_some() {
+        if conn.takeover.is_some() && self.takeover.is_none() {
             // Even if the peer already hung up: hand_over() finds out and
             // logs it.
             self.takeover = Some(conn);
+        } else if conn.takeover.is_some() {
+            log::warn!("{}: another takeover is already under way; closing", conn.peer);
         } else if keep {
             self.conns.insert(id, conn);
         }

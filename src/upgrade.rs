@@ -460,8 +460,15 @@ fn try_reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
         Ok(fd) => fd,
         Err(source) => return UpgradeError::Prepare { what: "writing the state to a memfd", source },
     };
+    // The new image learns about its descriptors from the state alone:
+    // socket-activation or multibinder variables left in the environment
+    // would name descriptors it already takes from the state.
+    let stale = |k: &std::ffi::OsStr| {
+        [STATE_FD_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"].iter().any(|v| k == *v)
+            || k.as_bytes().starts_with(MULTIBINDER_BIND_PREFIX.as_bytes())
+    };
     let mut env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| k != STATE_FD_ENV)
+        .filter(|(k, _)| !stale(k))
         .filter_map(|(k, v)| {
             let mut kv = k.as_bytes().to_vec();
             kv.push(b'=');
