@@ -125,9 +125,24 @@ pub enum UpgradeError {
         #[source]
         source: nix::Error,
     },
-    /// The state handed over could not be read.
-    #[error("reading the state handed over: {0}")]
+    /// The state handed over is inconsistent.
+    #[error("the state handed over: {0}")]
     State(String),
+    /// The state memfd could not be read.
+    #[error("reading the state handed over: {0}")]
+    StateRead(#[source] io::Error),
+    /// A message between brokers is not the JSON expected.
+    #[error("{what}: {source}")]
+    Json {
+        /// Which message.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The control socket handed over could not be set up.
+    #[error(transparent)]
+    Control(#[from] crate::server::ControlError),
     /// An inherited descriptor was refused.
     #[error(transparent)]
     Inherit(#[from] fd::InheritError),
@@ -284,6 +299,7 @@ fn snapshot<'a>(server: &'a Server, numbering: Numbering) -> (HandoverState, Vec
 #[derive(Debug)]
 pub struct Carried {
     control: ControlSocket,
+    owned_inode: Option<u64>,
     registry: Registry,
     conns: Vec<(UnixStream, PeerCred, Vec<u8>)>,
     generation: u64,
@@ -310,9 +326,9 @@ impl Carried {
             }
         };
         let listener = UnixListener::from(take(state.control.fd, &"control socket")?);
-        // Not ours to remove until the handover is complete: see take_over().
-        let control = ControlSocket::from_listener(listener, state.control.path.clone(), state.control.owned_inode)
-            .map_err(|e| UpgradeError::State(format!("control socket: {e}")))?;
+        // The socket file becomes ours to remove only in into_server(): until
+        // then, a failure must leave the path to the broker still serving.
+        let control = ControlSocket::from_listener(listener, state.control.path.clone(), None)?;
         let mut registry = Registry::new();
         for s in state.sockets {
             let fd = take(s.fd, &s.key)?;
@@ -337,12 +353,21 @@ impl Carried {
         if !fds.is_empty() {
             log::warn!("{} descriptors handed over but not described in the state; closed", fds.len());
         }
-        Ok(Carried { control, registry, conns, generation: state.generation, from })
+        Ok(Carried {
+            control,
+            owned_inode: state.control.owned_inode,
+            registry,
+            conns,
+            generation: state.generation,
+            from,
+        })
     }
 
-    /// The server, serving what was carried over.
-    pub fn into_server(self, options: ServerOptions) -> Server {
+    /// The server, serving what was carried over. Only now does the control
+    /// socket file become this broker's to remove when it stops.
+    pub fn into_server(mut self, options: ServerOptions) -> Server {
         GENERATION.store(self.generation, Ordering::Relaxed);
+        self.control.set_owned_inode(self.owned_inode);
         let (sockets, conns) = (self.registry.len(), self.conns.len());
         let mut server = Server::new(self.control, self.registry, options);
         for (stream, peer, pending) in self.conns {
@@ -387,8 +412,9 @@ fn inherited() -> Result<Option<Carried>, UpgradeError> {
         .ok_or_else(|| UpgradeError::State(format!("{STATE_FD_ENV}={value:?} is not a descriptor number")))?;
     let memfd = fd::take_inherited(&[raw])?.pop().expect("one descriptor asked, one taken");
     let mut text = String::new();
-    std::fs::File::from(memfd).read_to_string(&mut text).map_err(|e| UpgradeError::State(e.to_string()))?;
-    let state: HandoverState = serde_json::from_str(&text).map_err(|e| UpgradeError::State(e.to_string()))?;
+    std::fs::File::from(memfd).read_to_string(&mut text).map_err(UpgradeError::StateRead)?;
+    let state: HandoverState =
+        serde_json::from_str(&text).map_err(|source| UpgradeError::Json { what: "the re-exec state", source })?;
     let numbers: Vec<RawFd> = std::iter::once(state.control.fd)
         .chain(state.sockets.iter().map(|s| s.fd))
         .chain(state.connections.iter().map(|c| c.fd))
@@ -614,7 +640,8 @@ fn hand_over_to(server: &Server, request: TakeoverConn) -> Result<(), UpgradeErr
     let io = |source| UpgradeError::Io { path: path.clone(), source };
     let (state, fds) = snapshot(server, Numbering::Position);
     let counts = (state.sockets.len(), state.connections.len());
-    let value = serde_json::to_value(&state).map_err(|e| UpgradeError::State(e.to_string()))?;
+    let value =
+        serde_json::to_value(&state).map_err(|source| UpgradeError::Json { what: "the takeover state", source })?;
     let bytes = Response::ok(request.id, value).to_bytes();
     let stream = request.stream;
     stream.set_nonblocking(false).map_err(io)?;
@@ -705,29 +732,27 @@ fn take_over(path: &Path) -> Result<Carried, UpgradeError> {
 
     let mut framer = Framer::new(MAX_STATE);
     let (value, received) = read_value(&stream, &mut framer).map_err(io)?;
-    let response: Response = serde_json::from_value(value).map_err(|e| UpgradeError::Protocol(e.to_string()))?;
+    let response: Response =
+        serde_json::from_value(value).map_err(|source| UpgradeError::Json { what: "the takeover reply", source })?;
     let result = match (response.result, response.error) {
         (_, Some(error)) => return Err(UpgradeError::Refused { path: path.into(), error }),
         (Some(result), None) => result,
         (None, None) => return Err(UpgradeError::Protocol("reply with neither result nor error".into())),
     };
-    let state: HandoverState = serde_json::from_value(result).map_err(|e| UpgradeError::State(e.to_string()))?;
-    let owned_inode = state.control.owned_inode;
+    let state: HandoverState =
+        serde_json::from_value(result).map_err(|source| UpgradeError::Json { what: "the takeover state", source })?;
     let fds = received.into_iter().enumerate().map(|(i, fd)| (i as i32, fd)).collect();
-    let mut carried = Carried::from_state(state, fds, format!("takeover from pid {}", old.pid))?;
-    // Until the old broker acknowledges, the path is not ours: if this
-    // process fails now, it must not remove the old broker's socket.
-    carried.control.set_owned_inode(None);
+    let carried = Carried::from_state(state, fds, format!("takeover from pid {}", old.pid))?;
 
     let commit = Request { id: json!(2), method: COMMIT_METHOD.into(), params: Value::Null };
     (&stream).write_all(commit.to_json().as_bytes()).map_err(io)?;
     let mut framer = Framer::default();
     let (value, _) = read_value(&stream, &mut framer).map_err(io)?;
-    let ack: Response = serde_json::from_value(value).map_err(|e| UpgradeError::Protocol(e.to_string()))?;
+    let ack: Response =
+        serde_json::from_value(value).map_err(|source| UpgradeError::Json { what: "the commit reply", source })?;
     if ack.result != Some(json!(true)) {
         return Err(UpgradeError::Protocol(format!("commit not acknowledged: {:?}", ack.error)));
     }
-    carried.control.set_owned_inode(owned_inode);
     Ok(carried)
 }
 
