@@ -307,7 +307,7 @@ fn reexecs_and_takeovers_under_load_lose_nothing() {
 fn reexec_to_a_missing_or_broken_binary_keeps_serving() {
     let dir = test_dir("upgrade_broken");
     let program = dir.join("sockbroker");
-    std::fs::copy(BIN, &program).unwrap();
+    install(Path::new(BIN), &program);
     let control = dir.join("control.sock");
     let mut broker = Broker::start_program(&program, dir.clone(), control.clone(), &[], &[]);
     let mut client = broker.client();
@@ -331,8 +331,7 @@ fn reexec_to_a_missing_or_broken_binary_keeps_serving() {
     check(&broker, 1, "cannot run it");
 
     // Broken: a script that fails.
-    std::fs::write(&program, "#!/bin/sh\necho 'no such thing' >&2\nexit 3\n").unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install_script(&program, "#!/bin/sh\necho 'no such thing' >&2\nexit 3\n");
     reexec(&mut broker);
     check(&broker, 2, "`--version` failed");
 
@@ -340,17 +339,35 @@ fn reexec_to_a_missing_or_broken_binary_keeps_serving() {
     // holding itself open for writing, so exec'ing it gives ETXTBSY. The
     // descriptors' close-on-exec flags, cleared for the exec, must be back.
     if kernel_refuses_exec_of_file_open_for_writing(&dir) {
-        std::fs::write(
+        install_script(
             &program,
             "#!/bin/sh\nexec 3>>\"$0\"\nsleep 2 </dev/null >/dev/null 2>&1 &\necho 'sockbroker 99.0.0'\n",
-        )
-        .unwrap();
+        );
         reexec(&mut broker);
         check(&broker, 3, "Text file busy");
     } else {
         eprintln!("skipped the execve-failure case: this kernel runs files that are open for writing");
     }
     drop(client);
+}
+
+/// Copies an executable with `cp`, in another process: a file this
+/// multi-threaded test process opened for writing could be inherited, until
+/// its exec, by a child another test thread forks at that moment, and
+/// running the file would then fail with ETXTBSY.
+#[track_caller]
+fn install(src: &Path, dst: &Path) {
+    let status = std::process::Command::new("cp").arg(src).arg(dst).status().unwrap();
+    assert!(status.success(), "cp {} {}: {status}", src.display(), dst.display());
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Installs a script at `dst` (see [`install`]).
+#[track_caller]
+fn install_script(dst: &Path, text: &str) {
+    let src = dst.with_extension("src");
+    std::fs::write(&src, text).unwrap();
+    install(&src, dst);
 }
 
 /// Whether execve fails with ETXTBSY on a script someone has open for writing.
