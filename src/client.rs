@@ -247,3 +247,53 @@ impl Client {
         ClientError::Protocol { path: self.path.clone(), detail }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    /// A bind whose connection is closed before the reply is asked again on
+    /// a new connection, and succeeds.
+    #[test]
+    fn bind_cut_off_before_its_reply_is_asked_again() {
+        let dir = std::env::temp_dir().join(format!("sockbroker-client-retry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            // First connection: read the request, hang up without answering.
+            let (mut first, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = first.read(&mut buf).unwrap();
+            drop(first);
+            // Second: answer with a descriptor, as the broker does.
+            let (second, _) = listener.accept().unwrap();
+            let n = (&second).read(&mut buf).unwrap();
+            let request: Value = serde_json::from_slice(&buf[..n]).unwrap();
+            assert_eq!(request["method"], "bind");
+            let (payload, _keep) = UnixStream::pair().unwrap();
+            let reply = Response::ok(request["id"].clone(), Value::Bool(true)).to_bytes();
+            fd::send_with_fds(second.as_fd(), &reply, &[payload.as_fd()]).unwrap();
+            fd::inode(payload.as_fd()).unwrap()
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let got = client.bind(&"tcp://127.0.0.1:9".parse().unwrap()).unwrap();
+        assert_eq!(fd::inode(got.as_fd()).unwrap(), server.join().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With nobody listening, connecting gives up after the retry window with
+    /// the cause, instead of hanging.
+    #[test]
+    fn gives_up_on_a_missing_socket() {
+        let path = std::env::temp_dir().join(format!("sockbroker-client-missing-{}.sock", std::process::id()));
+        let err = Client::connect(&path).unwrap_err();
+        match err {
+            ClientError::Connect { source, .. } => assert_eq!(source.kind(), io::ErrorKind::NotFound),
+            other => panic!("{other}"),
+        }
+    }
+}

@@ -458,6 +458,25 @@ fn takeover_carries_more_sockets_than_one_message_holds() {
     drop(old);
 }
 
+/// A bind asked while no broker listens yet (a stale socket file: connection
+/// refused) is answered once one starts: the client retries within its window.
+#[test]
+fn client_retries_until_a_broker_listens() {
+    let dir = test_dir("upgrade_client_retry");
+    let control = dir.join("control.sock");
+    drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
+    let refused = std::os::unix::net::UnixStream::connect(&control).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let spec = format!("unix:@sbt-retry-{}", std::process::id());
+    let asking = std::thread::spawn({
+        let (control, spec) = (control.clone(), spec.clone());
+        move || Client::connect(&control).and_then(|mut c| c.bind(&spec.parse().unwrap()))
+    });
+    let broker = Broker::start_in(dir, control, &[], &[]);
+    let got = asking.join().unwrap().expect("the bind asked before the broker started");
+    assert_eq!(inode(got.as_fd()), inode(broker.client().bind(&spec.parse().unwrap()).unwrap().as_fd()));
+}
+
 /// Another user may not take over: `serve --takeover` run as nobody is
 /// refused, exits non-zero, and the broker serves on.
 #[test]
