@@ -490,8 +490,13 @@ fn takeover_by_another_user_is_refused() {
     let (spec, fd) = bind_free_tcp(&mut client);
     std::fs::set_permissions(&broker.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&broker.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // A copy nobody can reach (the build folder may be under a private home).
+    let program = broker.dir.join("sockbroker-copy");
+    install(Path::new(BIN), &program);
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "serve", "--takeover", "--control"])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&program)
+        .args(["serve", "--takeover", "--control"])
         .arg(&broker.control)
         .env_remove("NOTIFY_SOCKET")
         .output()
