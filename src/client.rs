@@ -73,9 +73,8 @@ impl Backoff {
     }
 }
 
-/// Connects, retrying what [`retryable`] allows within [`RETRY_FOR`].
-fn connect_retrying(path: &Path) -> io::Result<UnixStream> {
-    let mut backoff = Backoff::new();
+/// Connects, retrying what [`retryable`] allows while `backoff` has time.
+fn connect_retrying(path: &Path, backoff: &mut Backoff) -> io::Result<UnixStream> {
     loop {
         match UnixStream::connect(path) {
             Ok(stream) => return Ok(stream),
@@ -153,12 +152,13 @@ impl Client {
     /// Connects to the control socket at `path`.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref().to_path_buf();
-        let stream = Client::open(&path)?;
+        let stream = Client::open(&path, &mut Backoff::new())?;
         Ok(Client { stream, path, framer: Framer::default(), next_id: 1 })
     }
 
-    fn open(path: &Path) -> Result<UnixStream, ClientError> {
-        let stream = connect_retrying(path).map_err(|source| ClientError::Connect { path: path.into(), source })?;
+    fn open(path: &Path, backoff: &mut Backoff) -> Result<UnixStream, ClientError> {
+        let stream =
+            connect_retrying(path, backoff).map_err(|source| ClientError::Connect { path: path.into(), source })?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|source| ClientError::Io { path: path.into(), source })?;
         Ok(stream)
     }
@@ -184,7 +184,9 @@ impl Client {
                     if RETRY_SAFE.contains(&method) && retryable(&source) && backoff.wait() =>
                 {
                     log::debug!("{}: {method}: {source}; asking again on a new connection", self.path.display());
-                    self.stream = Client::open(&self.path)?;
+                    // One budget for the whole call: reconnecting does not
+                    // start a new window.
+                    self.stream = Client::open(&self.path, &mut backoff)?;
                     self.framer = Framer::default();
                 }
                 other => return other,
