@@ -33,6 +33,10 @@ pub enum Command {
         /// Close client connections idle for this long (e.g. 30s, 500ms).
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         idle_timeout: Duration,
+        /// Take over every socket and the control socket of the broker running
+        /// on the control path, then serve in its place (it exits).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Ask the broker for a socket and print what was received.
     Bind {
@@ -62,11 +66,12 @@ pub enum CliError {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Serve { control, idle_timeout } => {
+        Command::Serve { control, idle_timeout, takeover } => {
             daemon::serve(ServeOptions {
                 control: config::serve_control_path(control.as_deref()),
                 control_mode: config::CONTROL_MODE,
                 idle_timeout,
+                takeover,
             })?;
         }
         Command::Bind { spec, name } => {

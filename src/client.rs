@@ -10,12 +10,19 @@
 //! The path comes from `SOCKBROKER_SOCKET`, then `MULTIBINDER_SOCK`, then the
 //! default (see [`crate::config`]). Received descriptors are close-on-exec;
 //! whoever passes one to a child clears the flag on that descriptor alone.
+//!
+//! While the broker upgrades itself its control socket stays open, but other
+//! restarts (a crash, a restart by a supervisor, multibinder's re-exec) leave a
+//! moment with no socket file or no listener. The client therefore retries a
+//! refused, reset or missing connection with a short backoff, for at most
+//! [`RETRY_FOR`] in all; `bind` requests cut off before their reply are asked
+//! again (asking twice for one socket yields the same socket).
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -27,6 +34,55 @@ use crate::spec::SocketSpec;
 
 /// How long the client waits for a reply before giving up.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest the client keeps retrying a refused, reset or missing control
+/// connection.
+pub const RETRY_FOR: Duration = Duration::from_secs(2);
+/// The first pause between retries; it doubles up to [`RETRY_MAX_DELAY`].
+const RETRY_FIRST_DELAY: Duration = Duration::from_millis(5);
+const RETRY_MAX_DELAY: Duration = Duration::from_millis(200);
+/// Methods that may be sent again when the connection broke before the
+/// reply: doing them twice has the effect of doing them once.
+const RETRY_SAFE: &[&str] = &["bind"];
+
+/// Whether a control connection failure is one an upgrade or restart of the
+/// broker can cause, and so worth retrying.
+fn retryable(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | NotFound | BrokenPipe | UnexpectedEof)
+}
+
+/// Bounded, growing pauses between retries.
+struct Backoff {
+    deadline: Instant,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { deadline: Instant::now() + RETRY_FOR, delay: RETRY_FIRST_DELAY }
+    }
+
+    /// Waits before the next try; false when the time is up.
+    fn wait(&mut self) -> bool {
+        if Instant::now() + self.delay > self.deadline {
+            return false;
+        }
+        std::thread::sleep(self.delay);
+        self.delay = (self.delay * 2).min(RETRY_MAX_DELAY);
+        true
+    }
+}
+
+/// Connects, retrying what [`retryable`] allows while `backoff` has time.
+fn connect_retrying(path: &Path, backoff: &mut Backoff) -> io::Result<UnixStream> {
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if retryable(&e) && backoff.wait() => log::debug!("{}: {e}; retrying", path.display()),
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +152,15 @@ impl Client {
     /// Connects to the control socket at `path`.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref().to_path_buf();
-        let stream =
-            UnixStream::connect(&path).map_err(|source| ClientError::Connect { path: path.clone(), source })?;
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|source| ClientError::Io { path: path.clone(), source })?;
+        let stream = Client::open(&path, &mut Backoff::new())?;
         Ok(Client { stream, path, framer: Framer::default(), next_id: 1 })
+    }
+
+    fn open(path: &Path, backoff: &mut Backoff) -> Result<UnixStream, ClientError> {
+        let stream =
+            connect_retrying(path, backoff).map_err(|source| ClientError::Connect { path: path.into(), source })?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|source| ClientError::Io { path: path.into(), source })?;
+        Ok(stream)
     }
 
     /// Connects to the control socket named by the environment or the default.
@@ -115,8 +174,27 @@ impl Client {
     }
 
     /// Sends one request and waits for its reply; returns the result and the
-    /// descriptors that came with it.
+    /// descriptors that came with it. A `bind` whose connection breaks before
+    /// the reply is sent again on a new connection (see the module docs).
     pub fn call(&mut self, method: &str, params: Value) -> Result<(Value, Vec<OwnedFd>), ClientError> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.call_once(method, params.clone()) {
+                Err(ClientError::Io { source, .. })
+                    if RETRY_SAFE.contains(&method) && retryable(&source) && backoff.wait() =>
+                {
+                    log::debug!("{}: {method}: {source}; asking again on a new connection", self.path.display());
+                    // One budget for the whole call: reconnecting does not
+                    // start a new window.
+                    self.stream = Client::open(&self.path, &mut backoff)?;
+                    self.framer = Framer::default();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn call_once(&mut self, method: &str, params: Value) -> Result<(Value, Vec<OwnedFd>), ClientError> {
         let id = Value::from(self.next_id);
         self.next_id += 1;
         let request = Request { id: id.clone(), method: method.to_string(), params };
@@ -133,7 +211,8 @@ impl Client {
                 .map_err(|source| ClientError::Io { path: self.path.clone(), source })?;
             fds.extend(got.fds);
             if got.len == 0 {
-                return Err(self.protocol("connection closed before the reply".into()));
+                let source = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the reply");
+                return Err(ClientError::Io { path: self.path.clone(), source });
             }
             self.framer.push(&buf[..got.len]);
         };
@@ -168,5 +247,55 @@ impl Client {
 
     fn protocol(&self, detail: String) -> ClientError {
         ClientError::Protocol { path: self.path.clone(), detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    /// A bind whose connection is closed before the reply is asked again on
+    /// a new connection, and succeeds.
+    #[test]
+    fn bind_cut_off_before_its_reply_is_asked_again() {
+        let dir = std::env::temp_dir().join(format!("sockbroker-client-retry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            // First connection: read the request, hang up without answering.
+            let (mut first, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = first.read(&mut buf).unwrap();
+            drop(first);
+            // Second: answer with a descriptor, as the broker does.
+            let (second, _) = listener.accept().unwrap();
+            let n = (&second).read(&mut buf).unwrap();
+            let request: Value = serde_json::from_slice(&buf[..n]).unwrap();
+            assert_eq!(request["method"], "bind");
+            let (payload, _keep) = UnixStream::pair().unwrap();
+            let reply = Response::ok(request["id"].clone(), Value::Bool(true)).to_bytes();
+            fd::send_with_fds(second.as_fd(), &reply, &[payload.as_fd()]).unwrap();
+            fd::inode(payload.as_fd()).unwrap()
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let got = client.bind(&"tcp://127.0.0.1:9".parse().unwrap()).unwrap();
+        assert_eq!(fd::inode(got.as_fd()).unwrap(), server.join().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With nobody listening, connecting gives up after the retry window with
+    /// the cause, instead of hanging.
+    #[test]
+    fn gives_up_on_a_missing_socket() {
+        let path = std::env::temp_dir().join(format!("sockbroker-client-missing-{}.sock", std::process::id()));
+        let err = Client::connect(&path).unwrap_err();
+        match err {
+            ClientError::Connect { source, .. } => assert_eq!(source.kind(), io::ErrorKind::NotFound),
+            other => panic!("{other}"),
+        }
     }
 }

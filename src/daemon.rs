@@ -5,11 +5,13 @@
 //!    handles (they are read from a signalfd, so no handler runs at an
 //!    arbitrary point) and raise the descriptor limit, since every held
 //!    socket is a descriptor.
-//! 2. **Adopting**: identify each passed descriptor from the kernel and hold
-//!    it: sockets from `.socket` units, sockets given back by the fd store,
-//!    and the control socket when systemd owns it ([`activation`]).
-//! 3. **Control socket**: the one systemd passed, or one created at the path
-//!    (refusing to start when another broker is live on it).
+//! 2. **Adopting**: take the control socket and held sockets carried over by
+//!    a re-exec or a takeover ([`upgrade`]); otherwise identify each passed
+//!    descriptor from the kernel and hold it: sockets from `.socket` units,
+//!    sockets given back by the fd store, and the control socket when systemd
+//!    owns it ([`activation`]).
+//! 3. **Control socket**: carried over, passed by systemd, or created at the
+//!    path (refusing to start when another broker is live on it).
 //! 4. **Serving**: tell systemd READY=1 (only now: every passed socket is
 //!    held and the control socket listens), then serve until a signal,
 //!    updating STATUS= when the held sockets change and sending WATCHDOG=1
@@ -17,9 +19,13 @@
 //! 5. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket
 //!    (unless systemd owns it), exit 0. Held sockets close with the process;
 //!    clients keep theirs, and systemd keeps its copies (fd store).
+//! 6. **Upgrading**: SIGUSR1 re-executes the binary at the broker's path,
+//!    keeping everything; a `takeover` request from a new broker hands
+//!    everything over, then this one exits without removing the control
+//!    socket (see [`upgrade`]).
 //!
-//! SIGHUP and SIGUSR1/SIGUSR2 are blocked too, so a stray signal never kills
-//! the broker and with it every held socket.
+//! SIGHUP and SIGUSR2 are blocked too, so a stray signal never kills the
+//! broker and with it every held socket.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -31,6 +37,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::registry::{Origin, Registry};
 use crate::server::{ControlError, ControlSocket, Server, ServerOptions, Wake};
 use crate::systemd::{activation, listen, notify};
+use crate::upgrade::{self, ExecTarget, UpgradeError};
 
 /// How `serve` was asked to run.
 #[derive(Debug, Clone)]
@@ -41,6 +48,8 @@ pub struct ServeOptions {
     pub control_mode: u32,
     /// Idle connections are closed after this long.
     pub idle_timeout: Duration,
+    /// Take over the broker serving on `control` instead of creating it.
+    pub takeover: bool,
 }
 
 /// The shortest time between two STATUS= updates.
@@ -57,6 +66,8 @@ pub enum Phase {
     Serving,
     /// Shutting down after SIGTERM or SIGINT.
     Stopping,
+    /// A new broker took everything over; exiting without cleanup.
+    HandedOver,
 }
 
 /// Why the broker could not run.
@@ -71,6 +82,9 @@ pub enum ServeError {
     /// The control loop failed.
     #[error("control loop: {0}")]
     Loop(#[source] std::io::Error),
+    /// What a previous broker handed over could not be taken.
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
 }
 
 /// Runs the broker until SIGTERM or SIGINT.
@@ -80,31 +94,54 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
     // First, while the broker is still single-threaded: take_from_env
     // changes the environment.
     let passed = listen::take_from_env();
+    // Read before anything else: later, the path may hold a newer binary.
+    let exec_target = ExecTarget::at_start();
     let signals = block_signals().map_err(ServeError::Signals)?;
     raise_nofile_limit();
 
     phase = Phase::Adopting;
     log::debug!("phase {phase:?}");
-    let mut registry = Registry::new();
-    let control_path = std::path::absolute(&options.control).unwrap_or_else(|_| options.control.clone());
-    let adopted = activation::adopt(passed, &mut registry, &control_path);
-    let control = match adopted.control {
-        // systemd made the socket file and removes it: owned_inode None.
-        Some((listener, path)) => ControlSocket::from_listener(listener, path, None)?,
-        None => ControlSocket::bind(&options.control, options.control_mode)?,
-    };
     let server_options = ServerOptions { idle_timeout: options.idle_timeout, ..ServerOptions::default() };
-    let mut server = Server::new(control, registry, server_options);
+    let mut server = match upgrade::carried_in(&options.control, options.takeover)? {
+        Some(carried) => {
+            if !passed.is_empty() {
+                // systemd keeps its own copies; the carried registry is the
+                // broker's state and already holds what it had adopted.
+                log::warn!("{} passed descriptors ignored: sockets were carried over by an upgrade", passed.len());
+            }
+            let server = carried.into_server(server_options);
+            log::info!(
+                "serving on {} (pid {}) after an upgrade; {} sockets carried over",
+                server.control().path().display(),
+                std::process::id(),
+                server.registry.len()
+            );
+            server
+        }
+        None => {
+            let mut registry = Registry::new();
+            let control_path = std::path::absolute(&options.control).unwrap_or_else(|_| options.control.clone());
+            let adopted = activation::adopt(passed, &mut registry, &control_path);
+            let control = match adopted.control {
+                // systemd made the socket file and removes it: owned_inode None.
+                Some((listener, path)) => ControlSocket::from_listener(listener, path, None)?,
+                None => ControlSocket::bind(&options.control, options.control_mode)?,
+            };
+            upgrade::adopt_multibinder_env(&mut registry);
+            let server = Server::new(control, registry, server_options);
+            log::info!(
+                "serving on {} (pid {}); {} sockets from systemd, {} from the fd store, {} passed descriptors skipped",
+                server.control().path().display(),
+                std::process::id(),
+                adopted.from_systemd,
+                adopted.from_fdstore,
+                adopted.skipped
+            );
+            server
+        }
+    };
 
     phase = Phase::Serving;
-    log::info!(
-        "serving on {} (pid {}); {} sockets from systemd, {} from the fd store, {} passed descriptors skipped",
-        server.control().path().display(),
-        std::process::id(),
-        adopted.from_systemd,
-        adopted.from_fdstore,
-        adopted.skipped
-    );
     let watchdog = notify::watchdog_interval();
     if let Some(every) = watchdog {
         log::info!("systemd watchdog: pinging every {every:?}");
@@ -124,6 +161,13 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
     while phase == Phase::Serving {
         let deadline = next_ping.into_iter().chain(status_due).min();
         let wake = server.serve_until_deadline(signals.as_fd(), deadline).map_err(ServeError::Loop)?;
+        if wake == Wake::Takeover {
+            if upgrade::hand_over(&mut server) {
+                phase = Phase::HandedOver;
+                break;
+            }
+            continue;
+        }
         let now = Instant::now();
         if let (Some(every), Some(due)) = (watchdog, next_ping) {
             if now >= due {
@@ -149,10 +193,20 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                     log::info!("{sig}: stopping");
                     phase = Phase::Stopping;
                 }
+                Ok(Signal::SIGUSR1) => match &exec_target {
+                    // Returns only when the re-exec did not happen.
+                    Ok(target) => {
+                        upgrade::reexec(&server, target);
+                    }
+                    Err(e) => log::error!("SIGUSR1: cannot re-exec: the binary's path was unknown at start: {e}"),
+                },
                 Ok(sig) => log::info!("{sig}: ignored (nothing to do for it yet)"),
                 Err(_) => {}
             }
         }
+    }
+    if phase == Phase::HandedOver {
+        return Ok(());
     }
     notify::stopping();
     log::info!("stopped; {} held sockets closed by exit", server.registry.len());

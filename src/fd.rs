@@ -8,7 +8,7 @@
 //! never a silent loss.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags};
@@ -98,28 +98,65 @@ pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Takes ownership of a descriptor inherited by number (systemd's 3, 4, …)
-/// and marks it close-on-exec. Fails, owning nothing, when the number is not
-/// an open descriptor.
-///
-/// # Safety
-/// Nothing else in the process may own or use `number`; after this call the
-/// returned [`OwnedFd`] is its only owner and closes it.
-pub unsafe fn take_inherited(number: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: only borrowed for F_GETFD, which fails with EBADF and touches
-    // nothing when the number is not open.
-    fcntl(unsafe { BorrowedFd::borrow_raw(number) }, FcntlArg::F_GETFD)?;
-    // SAFETY: the descriptor is open (checked above) and the caller
-    // guarantees nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(number) };
-    set_cloexec(std::os::fd::AsFd::as_fd(&fd), true)?;
-    Ok(fd)
-}
-
 /// Whether `FD_CLOEXEC` is set on a descriptor.
 pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);
     Ok(flags.contains(FdFlag::FD_CLOEXEC))
+}
+
+/// Takes ownership of descriptors this process image inherited across
+/// `execve` (numbers written down by the previous image of the broker, or by
+/// multibinder in `MULTIBINDER_BIND__…`), setting `FD_CLOEXEC` on each at once.
+///
+/// A number is refused when it is stdin/stdout/stderr, listed twice, not open,
+/// or close-on-exec: every descriptor this process opens itself is born
+/// close-on-exec, so one that is not can only have come through the exec. That
+/// check is what makes taking ownership of a bare number sound.
+pub fn take_inherited(raws: &[RawFd]) -> Result<Vec<OwnedFd>, InheritError> {
+    let mut seen = std::collections::HashSet::new();
+    for &raw in raws {
+        if raw < 3 {
+            return Err(InheritError { fd: raw, reason: "a standard stream (0, 1, 2) is never a handed-over socket" });
+        }
+        if !seen.insert(raw) {
+            return Err(InheritError { fd: raw, reason: "listed twice" });
+        }
+        // SAFETY: F_GETFD only reads the descriptor flags; on a number that is
+        // not open it fails with EBADF and has no effect.
+        let flags = unsafe { nix::libc::fcntl(raw, nix::libc::F_GETFD) };
+        if flags < 0 {
+            return Err(InheritError { fd: raw, reason: "not an open descriptor" });
+        }
+        if flags & nix::libc::FD_CLOEXEC != 0 {
+            return Err(InheritError { fd: raw, reason: "close-on-exec is set, so it was not handed over by exec" });
+        }
+    }
+    let mut owned = Vec::with_capacity(raws.len());
+    for &raw in raws {
+        // SAFETY: the number is open, was not opened by this image (it is not
+        // close-on-exec, see above) and is taken exactly once (no duplicates),
+        // so no other owner exists in this process.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        set_cloexec(fd.as_fd(), true).map_err(|_| InheritError { fd: raw, reason: "could not set close-on-exec" })?;
+        owned.push(fd);
+    }
+    Ok(owned)
+}
+
+/// An inherited descriptor number that cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inherited descriptor {fd}: {reason}")]
+pub struct InheritError {
+    /// The number.
+    pub fd: RawFd,
+    /// Why it is refused.
+    pub reason: &'static str,
+}
+
+/// Whether a descriptor is a socket.
+pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mode = nix::sys::stat::fstat(fd)?.st_mode;
+    Ok(mode & nix::libc::S_IFMT == nix::libc::S_IFSOCK)
 }
 
 /// The inode of the open file behind a descriptor: two descriptors with the
@@ -131,7 +168,6 @@ pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -149,5 +185,23 @@ mod tests {
         assert_eq!(inode(got.fds[0].as_fd()).unwrap(), inode(x.as_fd()).unwrap());
         let cred = peer_credentials(a.as_fd()).unwrap();
         assert_eq!(cred.pid, std::process::id() as i32);
+    }
+
+    #[test]
+    fn takes_only_descriptors_that_came_through_exec() {
+        use std::os::fd::IntoRawFd;
+        let (a, _b) = UnixStream::pair().unwrap();
+        // Ours, close-on-exec: refused, and left open.
+        let err = take_inherited(&[a.as_raw_fd()]).unwrap_err();
+        assert!(err.reason.contains("close-on-exec"), "{err}");
+        assert!(is_cloexec(a.as_fd()).unwrap());
+        assert_eq!(take_inherited(&[1]).unwrap_err().fd, 1);
+        assert_eq!(take_inherited(&[100_000]).unwrap_err().reason, "not an open descriptor");
+        // As an exec would leave it: taken once, close-on-exec again.
+        set_cloexec(a.as_fd(), false).unwrap();
+        let raw = a.into_raw_fd();
+        assert_eq!(take_inherited(&[raw, raw]).unwrap_err().reason, "listed twice");
+        let taken = take_inherited(&[raw]).unwrap();
+        assert!(is_cloexec(taken[0].as_fd()).unwrap());
     }
 }

@@ -11,6 +11,11 @@
 //! [`registry::Registry::get_or_open`] (which calls [`socket::open`] only for
 //! a new key) → a reply with the descriptor attached ([`fd`]). Clients use
 //! [`client`]. The broker is never in the data path.
+//!
+//! The broker upgrades itself without closing anything ([`upgrade`]): on
+//! SIGUSR1 it re-executes its binary, and `serve --takeover` moves everything
+//! to a new process; both carry the held sockets, the control socket and the
+//! open client connections.
 
 #![deny(missing_docs)]
 
@@ -26,6 +31,7 @@ pub mod server;
 pub mod socket;
 pub mod spec;
 pub mod systemd;
+pub mod upgrade;
 
 /// Formats an error with its chain of causes: `a: b: c`, skipping causes
 /// whose text the error already includes.

@@ -157,6 +157,22 @@ impl ControlSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The listening socket, for handing it to the next broker.
+    pub fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// The inode of the socket file this broker will remove on exit, if any.
+    pub fn owned_inode(&self) -> Option<u64> {
+        self.owned_inode
+    }
+
+    /// Sets which socket file is ours to remove on exit: `None` after a
+    /// takeover, where the file now belongs to the new broker.
+    pub fn set_owned_inode(&mut self, inode: Option<u64>) {
+        self.owned_inode = inode;
+    }
 }
 
 impl Drop for ControlSocket {
@@ -214,6 +230,9 @@ struct Conn {
     read_closed: bool,
     /// An unrecoverable protocol error: flush the error reply, then close.
     closing: bool,
+    /// The id of an accepted `takeover` request: the connection leaves the
+    /// loop for [`crate::upgrade::hand_over`].
+    takeover: Option<Value>,
 }
 
 /// What woke the loop, when it is not client traffic.
@@ -225,6 +244,8 @@ pub enum Wake {
     Deadline,
     /// The number of held sockets changed (for the status line).
     Changed,
+    /// An allowed peer asked to take over: see [`Server::take_takeover`].
+    Takeover,
 }
 
 /// The control loop: the control socket, the client connections and the
@@ -236,12 +257,14 @@ pub struct Server {
     options: ServerOptions,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
+    /// A connection that asked to take over, out of the loop.
+    takeover: Option<Conn>,
 }
 
 impl Server {
     /// A server on `control`, holding what `registry` holds.
     pub fn new(control: ControlSocket, registry: Registry, options: ServerOptions) -> Server {
-        Server { control, registry, options, conns: HashMap::new(), next_conn: 0 }
+        Server { control, registry, options, conns: HashMap::new(), next_conn: 0, takeover: None }
     }
 
     /// The control socket.
@@ -313,6 +336,11 @@ impl Server {
                     self.service(*id, *ev);
                 }
             }
+            // Stop here, before accepting: the control socket is about to be
+            // handed over.
+            if self.takeover.is_some() {
+                return Ok(Wake::Takeover);
+            }
             if revents[1].contains(PollFlags::POLLIN) {
                 self.accept_all();
             }
@@ -379,6 +407,7 @@ impl Server {
                     last_active: Instant::now(),
                     read_closed: false,
                     closing: false,
+                    takeover: None,
                 },
             );
         }
@@ -388,7 +417,13 @@ impl Server {
     fn service(&mut self, id: u64, events: PollFlags) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
         let keep = self.service_conn(&mut conn, events);
-        if keep {
+        if conn.takeover.is_some() && self.takeover.is_none() {
+            // Even if the peer already hung up: hand_over() finds out and
+            // logs it.
+            self.takeover = Some(conn);
+        } else if conn.takeover.is_some() {
+            log::warn!("{}: another takeover is already under way; closing", conn.peer);
+        } else if keep {
             self.conns.insert(id, conn);
         }
     }
@@ -445,7 +480,7 @@ impl Server {
     /// left.
     fn answer_ready(&mut self, conn: &mut Conn) -> bool {
         loop {
-            if conn.closing {
+            if conn.closing || conn.takeover.is_some() {
                 return false;
             }
             if conn.outbox.len() >= MAX_QUEUED_REPLIES {
@@ -454,6 +489,15 @@ impl Server {
             let (response, fds) = match conn.framer.next_value() {
                 None => return false,
                 Some(Ok(value)) => match Request::from_value(value) {
+                    Ok(req) if req.method == crate::upgrade::TAKEOVER_METHOD => {
+                        match crate::upgrade::authorize(conn.peer, conn.outbox.is_empty()) {
+                            Ok(()) => {
+                                conn.takeover = Some(req.id);
+                                return false;
+                            }
+                            Err(e) => (Response::err(req.id, e), Vec::new()),
+                        }
+                    }
                     Ok(req) => self.dispatch(conn.peer, req),
                     Err((id, error)) => {
                         log::info!("{}: {}", conn.peer, error.message);
@@ -556,4 +600,76 @@ fn flush(conn: &mut Conn) -> io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// A client connection as [`crate::upgrade`] hands it to the next broker.
+#[derive(Debug)]
+pub struct ConnHandle<'a> {
+    /// The connected stream.
+    pub fd: BorrowedFd<'a>,
+    /// Its peer, as read at accept.
+    pub peer: PeerCred,
+    /// Bytes of an incomplete request already read from it.
+    pub pending: &'a [u8],
+}
+
+/// The connection of an accepted `takeover` request, out of the loop.
+#[derive(Debug)]
+pub struct TakeoverConn {
+    /// The stream, still non-blocking.
+    pub stream: UnixStream,
+    /// The peer asking.
+    pub peer: PeerCred,
+    /// The request id to answer.
+    pub id: Value,
+}
+
+// Hooks for crate::upgrade: what a re-exec or a takeover carries over.
+impl Server {
+    /// The control socket, mutably.
+    pub fn control_mut(&mut self) -> &mut ControlSocket {
+        &mut self.control
+    }
+
+    /// The connection that asked to take over, after [`Wake::Takeover`].
+    pub fn take_takeover(&mut self) -> Option<TakeoverConn> {
+        let conn = self.takeover.take()?;
+        Some(TakeoverConn { stream: conn.stream, peer: conn.peer, id: conn.takeover.unwrap_or(Value::Null) })
+    }
+
+    /// The connections that can move to another broker: those with no reply
+    /// waiting to be written (a reply in flight cannot be split between two
+    /// processes). The others are closed when this process exits or execs,
+    /// and their clients retry.
+    pub fn movable_connections(&self) -> Vec<ConnHandle<'_>> {
+        self.conns
+            .values()
+            .filter(|c| c.outbox.is_empty() && !c.closing && !c.read_closed)
+            .map(|c| ConnHandle { fd: c.stream.as_fd(), peer: c.peer, pending: c.framer.pending() })
+            .collect()
+    }
+
+    /// Serves a connection carried over from the previous broker, answering
+    /// at once any complete request in `pending`.
+    pub fn adopt_connection(&mut self, stream: UnixStream, peer: PeerCred, pending: &[u8]) -> io::Result<()> {
+        stream.set_nonblocking(true)?;
+        let mut framer = Framer::default();
+        framer.push(pending);
+        let mut conn = Conn {
+            stream,
+            peer,
+            framer,
+            outbox: VecDeque::new(),
+            last_active: Instant::now(),
+            read_closed: false,
+            closing: false,
+            takeover: None,
+        };
+        if self.service_conn(&mut conn, PollFlags::empty()) {
+            let id = self.next_conn;
+            self.next_conn += 1;
+            self.conns.insert(id, conn);
+        }
+        Ok(())
+    }
 }

@@ -50,6 +50,12 @@ impl Framer {
         self.buf.iter().any(|b| !b.is_ascii_whitespace())
     }
 
+    /// The bytes buffered but not yet yielded (an incomplete value), so a
+    /// connection can be handed to another broker with nothing lost.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The next complete value, `None` when more bytes are needed.
     pub fn next_value(&mut self) -> Option<Result<Value, FrameError>> {
         let start = self.buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(self.buf.len());

@@ -38,10 +38,10 @@
 //! which is logged.
 
 use std::fmt::Write as _;
-use std::os::fd::AsRawFd;
 
-use libsystemd::daemon::{self, NotifyState};
+use libsystemd::daemon::NotifyState;
 
+use super::notify;
 use crate::registry::HeldSocket;
 use crate::spec::SocketKey;
 
@@ -135,7 +135,7 @@ pub fn store(held: &HeldSocket) {
         }
     };
     let states = [NotifyState::Fdstore, NotifyState::Fdname(fdname.clone())];
-    match daemon::notify_with_fds(false, &states, &[held.fd().as_raw_fd()]) {
+    match notify::send_with_fds(&states, &[held.fd()]) {
         Ok(_) => log::info!("{}: kept in systemd's fd store as '{fdname}'", held.key()),
         Err(e) => log::warn!("{}: could not send to systemd's fd store: {e}", held.key()),
     }
@@ -148,7 +148,7 @@ pub fn remove(held: &HeldSocket) {
     }
     let Ok(fdname) = encode(held.key(), held.name.as_deref()) else { return };
     let states = [NotifyState::FdstoreRemove, NotifyState::Fdname(fdname.clone())];
-    match daemon::notify(false, &states) {
+    match notify::send_with_fds(&states, &[]) {
         Ok(_) => log::info!("{}: removed from systemd's fd store ('{fdname}')", held.key()),
         Err(e) => log::warn!("{}: could not remove from systemd's fd store: {e}", held.key()),
     }

@@ -175,11 +175,11 @@ pub fn take_from_env() -> Vec<PassedFd> {
     let mut passed = Vec::with_capacity(env.count());
     for (i, name) in env.names.into_iter().enumerate() {
         let number = LISTEN_FDS_START + i as RawFd;
-        // SAFETY: LISTEN_PID names this process, so the service manager passed
+        // LISTEN_PID names this process, so the service manager passed
         // descriptors 3..3+LISTEN_FDS to us; TAKEN guarantees they are taken
-        // once, and nothing else in the broker refers to them by number.
-        match unsafe { fd::take_inherited(number) } {
-            Ok(fd) => passed.push(PassedFd { fd, number, name }),
+        // once. take_inherited refuses any number this image opened itself.
+        match fd::take_inherited(&[number]) {
+            Ok(mut fds) => passed.push(PassedFd { fd: fds.pop().expect("one asked, one taken"), number, name }),
             Err(e) => {
                 let what = name.map(|n| format!(" ('{n}')")).unwrap_or_default();
                 log::warn!("LISTEN_FDS: fd {number}{what} is not usable ({e}); skipped");

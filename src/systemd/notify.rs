@@ -1,15 +1,64 @@
 //! Telling the service manager what the broker is doing (`sd_notify`).
 //!
-//! Thin wrappers over `libsystemd::daemon::notify`: without `NOTIFY_SOCKET`
-//! (not started by systemd, or by a supervisor that does not listen) they do
-//! nothing. A failure to notify is logged, never fatal: the broker's sockets
-//! matter more than its status line.
+//! Without `NOTIFY_SOCKET` (not started by systemd, or by a supervisor that
+//! does not listen) nothing is sent. A failure to notify is logged, never
+//! fatal: the broker's sockets matter more than its status line.
+//!
+//! The datagram is sent with `MSG_DONTWAIT`: `libsystemd::daemon::notify`
+//! uses a blocking socket, and a notify socket whose reader stalls (a full
+//! queue of fd-store messages, a supervisor that stopped reading) would then
+//! wedge the broker's only thread. `libsystemd` still provides the message
+//! types, their wire text and FDNAME validation.
+
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 
 use libsystemd::daemon::{self, NotifyState};
+use nix::sys::socket::{sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
+
+/// Why a notification was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    /// `NOTIFY_SOCKET` is not a usable address.
+    #[error("NOTIFY_SOCKET '{0}' is not a UNIX socket address")]
+    Address(String),
+    /// The datagram could not be sent (including a full queue: EAGAIN).
+    #[error("sending to NOTIFY_SOCKET: {0}")]
+    Send(#[from] nix::Error),
+    /// A state failed libsystemd's checks (an invalid FDNAME).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Sends states, with descriptors attached, to `NOTIFY_SOCKET` without
+/// blocking. Ok(false) when there is no `NOTIFY_SOCKET`.
+pub fn send_with_fds(states: &[NotifyState], fds: &[BorrowedFd<'_>]) -> Result<bool, NotifyError> {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET").filter(|v| !v.is_empty()) else { return Ok(false) };
+    for state in states {
+        if let NotifyState::Fdname(name) = state {
+            if name.len() > 255 || name.bytes().any(|b| !(0x20..0x7f).contains(&b) || b == b':') {
+                return Err(NotifyError::Invalid(format!("invalid FDNAME '{name}'")));
+            }
+        }
+    }
+    let bytes = target.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name),
+        None => UnixAddr::new(bytes),
+    }
+    .map_err(|_| NotifyError::Address(target.to_string_lossy().into_owned()))?;
+    let text: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &[ControlMessage::ScmRights(&raw)] };
+    sendmsg(sock.as_raw_fd(), &[IoSlice::new(text.as_bytes())], cmsgs, MsgFlags::MSG_DONTWAIT, Some(&addr))?;
+    Ok(true)
+}
 
 /// Sends states to the service manager, logging failures.
 pub fn send(states: &[NotifyState]) {
-    if let Err(e) = daemon::notify(false, states) {
+    if let Err(e) = send_with_fds(states, &[]) {
         log::warn!("sd_notify {states:?}: {e}");
     }
 }
@@ -39,4 +88,16 @@ pub fn watchdog() {
 pub fn watchdog_interval() -> Option<std::time::Duration> {
     // At least 10 ms, so a tiny WATCHDOG_USEC cannot make the loop spin.
     daemon::watchdog_enabled(false).map(|timeout| (timeout / 2).max(std::time::Duration::from_millis(10)))
+}
+
+/// RELOADING=1: the broker is re-executing itself; READY=1 follows from the
+/// new image (or from this one, if the re-exec fails).
+pub fn reloading(status: &str) {
+    send(&[NotifyState::Reloading, NotifyState::Status(status.to_string())]);
+}
+
+/// MAINPID=…: after a takeover, the new broker is the service's main process.
+/// systemd ignores it when that process is outside the service's cgroup.
+pub fn main_pid(pid: i32) {
+    send(&[NotifyState::Other(format!("MAINPID={pid}"))]);
 }

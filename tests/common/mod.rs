@@ -80,12 +80,27 @@ impl Broker {
     /// Starts the broker in `dir` on `control`.
     #[track_caller]
     pub fn start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Broker {
-        let notify_path = dir.join(format!("notify-{}.sock", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        Broker::start_program(Path::new(BIN), dir, control, args, env)
+    }
+
+    /// Starts `program` (a copy of the broker binary, say) in `dir` on
+    /// `control`. Several brokers may share a folder: each gets its own notify
+    /// socket and log.
+    #[track_caller]
+    pub fn start_program(
+        program: &Path,
+        dir: PathBuf,
+        control: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Broker {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let notify_path = dir.join(format!("notify-{n}.sock"));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let log = dir.join("broker.log");
+        let log = dir.join(format!("broker-{n}.log"));
         let mut all: Vec<String> = vec!["serve".into(), "--control".into(), control.display().to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(program);
         cmd.args(&all)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")

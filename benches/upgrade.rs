@@ -1,0 +1,54 @@
+//! How long the broker's own upgrades take, holding many sockets: SIGUSR1 to
+//! READY=1 (re-exec) and `serve --takeover` start to READY=1 (takeover).
+//!
+//! Run: `cargo bench --bench upgrade`. Prints one line per figure.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{wait_ready, wait_timeout, Broker};
+use nix::sys::signal::Signal;
+
+const SOCKETS: usize = 1000;
+const RE_EXECS: usize = 20;
+const TAKEOVERS: usize = 5;
+
+fn main() {
+    let mut broker = Broker::start("bench_upgrade");
+    let (dir, control) = (broker.dir.clone(), broker.control.clone());
+    let mut client = broker.client();
+    for i in 0..SOCKETS {
+        client.bind(&format!("unix:@sockbroker-bench-{}-{i}", std::process::id()).parse().unwrap()).unwrap();
+    }
+    drop(client);
+
+    let mut reexec = Vec::new();
+    for _ in 0..RE_EXECS {
+        let t = Instant::now();
+        broker.signal(Signal::SIGUSR1);
+        wait_ready(&broker.notify, &mut broker.child, "broker after SIGUSR1");
+        reexec.push(t.elapsed());
+    }
+    let mut takeover = Vec::new();
+    let mut retired = Vec::new();
+    for _ in 0..TAKEOVERS {
+        let t = Instant::now();
+        let new = Broker::start_in(dir.clone(), control.clone(), &["--takeover"], &[]);
+        takeover.push(t.elapsed());
+        let mut old = std::mem::replace(&mut broker, new);
+        wait_timeout(&mut old.child, Duration::from_secs(10)).expect("old broker exits after a takeover");
+        retired.push(old);
+    }
+    report("re-exec (SIGUSR1 to READY=1)", &mut reexec);
+    report("takeover (spawn to READY=1 of the new broker)", &mut takeover);
+    broker.stop();
+}
+
+fn report(what: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let median = samples[samples.len() / 2];
+    let max = samples[samples.len() - 1];
+    println!("{what}, {SOCKETS} held sockets, {} runs: median {median:?}, max {max:?}", samples.len());
+}

@@ -1,0 +1,896 @@
+//! Upgrading the broker itself without losing a socket or refusing a client:
+//! re-exec on SIGUSR1, and `serve --takeover`.
+//!
+//! Both carry the same [`HandoverState`]: the control socket's listening
+//! descriptor, every held socket with its state (key, backlog, name, origin,
+//! creation time, hand-out count, last peer), and every client connection that
+//! has no reply in flight, with the bytes of any half-read request. The control
+//! socket is never closed nor unlinked on the way, so a client connecting
+//! during the upgrade waits in the kernel's listen backlog instead of getting
+//! "connection refused", and connections already open keep working.
+//!
+//! # Re-exec (SIGUSR1)
+//!
+//! 1. [`reexec`] runs `<binary> --version` and requires `sockbroker …`: a
+//!    missing or broken binary is caught here, while the broker can still
+//!    carry on (after `execve` there is no old process left to fall back to).
+//! 2. The state is written as JSON to a memfd, whose number travels in
+//!    `SOCKBROKER_UPGRADE_FD`; descriptors are referred to by their numbers,
+//!    which `execve` keeps. A memfd rather than an environment variable: the
+//!    state grows with the number of sockets, and one environment string is
+//!    limited to 128 KiB.
+//! 3. `FD_CLOEXEC` is cleared on exactly those descriptors (and the memfd),
+//!    then `execve` runs the binary now at the path the broker was started
+//!    from, with the same arguments. The signal mask is kept across `execve`,
+//!    so a signal arriving meanwhile stays pending for the new image's
+//!    signalfd instead of killing it.
+//! 4. If `execve` fails, the flags are restored and the broker carries on.
+//! 5. The new image finds the variable ([`carried_in`]), takes the numbers
+//!    ([`fd::take_inherited`] refuses any that it opened itself), adopts them
+//!    with their original origin, and serves. Same pid; READY=1 again.
+//!
+//! multibinder's form, `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>`, is also
+//! adopted at start ([`adopt_multibinder_env`]).
+//!
+//! # Takeover (`serve --takeover`)
+//!
+//! ```text
+//!  new broker B                         old broker A (serving)
+//!  connect(control path) ────────────►  accept (queued like any client)
+//!  {"method":"takeover"}  ───────────►  peer is root or A's uid? else refuse
+//!                                       leave the poll loop: accept nothing more
+//!  adopt state + fds      ◄───────────  reply: state JSON, fds in batches of
+//!                                       ≤ SCM_MAX_FD over SCM_RIGHTS
+//!  {"method":"takeover-commit"} ─────►  ack; disown the control path; exit 0
+//!  own the control path; READY=1; serve (queued clients are accepted now)
+//! ```
+//!
+//! Until A acknowledges the commit, B serves nothing and A keeps its own
+//! descriptors: if B dies or the commit does not come within
+//! [`COMMIT_TIMEOUT`], A logs why and goes back to serving as if nothing
+//! happened. B reads no client byte before the ack, so nothing is consumed by
+//! a broker that then disappears.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsString};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::fd::{self, PeerCred};
+use crate::protocol::framing::Framer;
+use crate::protocol::{Request, Response, RpcError};
+use crate::registry::{Origin, Registry};
+use crate::server::{ControlSocket, Server, ServerOptions, TakeoverConn};
+use crate::spec::{SocketKey, SocketSpec, Transport};
+use crate::systemd::notify;
+
+/// The control method a new broker calls to take over.
+pub const TAKEOVER_METHOD: &str = "takeover";
+/// The method that confirms a takeover; the old broker exits once it answers.
+pub const COMMIT_METHOD: &str = "takeover-commit";
+/// Error code of a refused takeover (kept beside the feature so the protocol
+/// module's list stays the shared one; see docs/upgrades.md).
+pub const TAKEOVER_REFUSED: i64 = 10010;
+/// Environment variable naming the memfd that holds the state across a re-exec.
+pub const STATE_FD_ENV: &str = "SOCKBROKER_UPGRADE_FD";
+/// multibinder's variables: `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>`.
+pub const MULTIBINDER_BIND_PREFIX: &str = "MULTIBINDER_BIND__";
+/// Version of [`HandoverState`]; a broker refuses a state it does not know.
+pub const STATE_VERSION: u32 = 1;
+/// How long the old broker waits for the new one to confirm a takeover.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `<binary> --version` may take.
+pub const VALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest state read from another broker (about 100 bytes per socket).
+const MAX_STATE: usize = 64 * 1024 * 1024;
+
+/// How many re-execs and takeovers this broker's sockets have been through.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Why an upgrade step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The binary to re-execute failed the `--version` check.
+    #[error("{path}: not a working sockbroker binary: {problem}")]
+    Binary {
+        /// The binary.
+        path: PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
+    /// A descriptor could not be prepared for exec, or the state not written.
+    #[error("preparing the re-exec: {what}: {source}")]
+    Prepare {
+        /// The step.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `execve` itself failed.
+    #[error("execve {path}: {source}")]
+    Exec {
+        /// The binary.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// The state handed over is inconsistent.
+    #[error("the state handed over: {0}")]
+    State(String),
+    /// The state memfd could not be read.
+    #[error("reading the state handed over: {0}")]
+    StateRead(#[source] io::Error),
+    /// A message between brokers is not the JSON expected.
+    #[error("{what}: {source}")]
+    Json {
+        /// Which message.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The control socket handed over could not be set up.
+    #[error(transparent)]
+    Control(#[from] crate::server::ControlError),
+    /// An inherited descriptor was refused.
+    #[error(transparent)]
+    Inherit(#[from] fd::InheritError),
+    /// The running broker could not be reached.
+    #[error("cannot reach the running broker at {path}: {source}")]
+    Connect {
+        /// The control socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Talking to the other broker failed.
+    #[error("takeover over {path}: {source}")]
+    Io {
+        /// The control socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The running broker refused.
+    #[error("the broker at {path} refused the takeover: {error}")]
+    Refused {
+        /// The control socket path.
+        path: PathBuf,
+        /// Its answer.
+        error: RpcError,
+    },
+    /// The peer broke the takeover protocol.
+    #[error("takeover: {0}")]
+    Protocol(String),
+}
+
+/// One held socket as handed over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SocketState {
+    /// Descriptor: its number (re-exec) or its position among the passed
+    /// descriptors (takeover).
+    pub fd: i32,
+    /// The socket's identity.
+    pub key: SocketKey,
+    /// The backlog it was opened with.
+    pub backlog: u32,
+    /// Its name, if any.
+    pub name: Option<String>,
+    /// Where it first came from (kept: a re-exec does not make a systemd
+    /// socket an "upgrade" one).
+    pub origin: Origin,
+    /// When the first broker held it.
+    pub created: SystemTime,
+    /// How many times it was handed out, over all generations.
+    pub handed_out: u64,
+    /// The last client it went to.
+    pub last_peer: Option<PeerCred>,
+}
+
+/// The control socket as handed over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlState {
+    /// Descriptor number or position, as for [`SocketState::fd`].
+    pub fd: i32,
+    /// The path clients connect to.
+    pub path: PathBuf,
+    /// Inode of the socket file to remove when the broker finally stops.
+    pub owned_inode: Option<u64>,
+}
+
+/// A client connection as handed over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnState {
+    /// Descriptor number or position, as for [`SocketState::fd`].
+    pub fd: i32,
+    /// The client, as read at accept.
+    pub peer: PeerCred,
+    /// Bytes of a request not yet complete.
+    pub pending: Vec<u8>,
+}
+
+/// Everything one broker hands to the next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoverState {
+    /// [`STATE_VERSION`].
+    pub version: u32,
+    /// Who wrote it.
+    pub from_pid: u32,
+    /// Upgrades so far, this one included.
+    pub generation: u64,
+    /// The control socket.
+    pub control: ControlState,
+    /// The held sockets.
+    pub sockets: Vec<SocketState>,
+    /// The client connections.
+    pub connections: Vec<ConnState>,
+}
+
+/// How descriptors are referred to in a [`HandoverState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbering {
+    /// By their number in this process (kept by `execve`).
+    Raw,
+    /// By their position in the list passed over SCM_RIGHTS.
+    Position,
+}
+
+/// The state of `server` and the descriptors it refers to, in order.
+fn snapshot<'a>(server: &'a Server, numbering: Numbering) -> (HandoverState, Vec<BorrowedFd<'a>>) {
+    let mut fds: Vec<BorrowedFd<'a>> = Vec::new();
+    // Records a descriptor and returns how the state refers to it.
+    let mut add = |fd: BorrowedFd<'a>| -> i32 {
+        let n = match numbering {
+            Numbering::Raw => fd.as_raw_fd(),
+            Numbering::Position => fds.len() as i32,
+        };
+        fds.push(fd);
+        n
+    };
+    let control = ControlState {
+        fd: add(server.control().listener_fd()),
+        path: server.control().path().to_path_buf(),
+        owned_inode: server.control().owned_inode(),
+    };
+    let sockets = server
+        .registry
+        .iter()
+        .map(|held| SocketState {
+            fd: add(held.fd()),
+            key: held.key().clone(),
+            backlog: held.spec.options.backlog,
+            name: held.name.clone(),
+            origin: held.origin,
+            created: held.created,
+            handed_out: held.handed_out,
+            last_peer: held.last_peer,
+        })
+        .collect();
+    let connections = server
+        .movable_connections()
+        .into_iter()
+        .map(|conn| ConnState { fd: add(conn.fd), peer: conn.peer, pending: conn.pending.to_vec() })
+        .collect();
+    let state = HandoverState {
+        version: STATE_VERSION,
+        from_pid: std::process::id(),
+        generation: GENERATION.load(Ordering::Relaxed) + 1,
+        control,
+        sockets,
+        connections,
+    };
+    (state, fds)
+}
+
+/// What a broker received from its predecessor, ready to serve.
+#[derive(Debug)]
+pub struct Carried {
+    control: ControlSocket,
+    owned_inode: Option<u64>,
+    registry: Registry,
+    conns: Vec<(UnixStream, PeerCred, Vec<u8>)>,
+    generation: u64,
+    from: String,
+}
+
+impl Carried {
+    /// Builds the broker's state from a handed-over state and the descriptors
+    /// it refers to (by number or position). Descriptors the state does not
+    /// mention are closed; one it mentions but that did not come is an error.
+    fn from_state(state: HandoverState, mut fds: HashMap<i32, OwnedFd>, from: String) -> Result<Carried, UpgradeError> {
+        if state.version != STATE_VERSION {
+            return Err(UpgradeError::State(format!(
+                "state version {} from pid {}, this broker reads version {STATE_VERSION}",
+                state.version, state.from_pid
+            )));
+        }
+        let mut take = |n: i32, role: &dyn std::fmt::Display| -> Result<OwnedFd, UpgradeError> {
+            let fd = fds.remove(&n).ok_or_else(|| UpgradeError::State(format!("{role}: descriptor {n} missing")))?;
+            match fd::is_socket(fd.as_fd()) {
+                Ok(true) => Ok(fd),
+                Ok(false) => Err(UpgradeError::State(format!("{role}: descriptor {n} is not a socket"))),
+                Err(e) => Err(UpgradeError::State(format!("{role}: descriptor {n}: {e}"))),
+            }
+        };
+        let listener = UnixListener::from(take(state.control.fd, &"control socket")?);
+        // The socket file becomes ours to remove only in into_server(): until
+        // then, a failure must leave the path to the broker still serving.
+        let control = ControlSocket::from_listener(listener, state.control.path.clone(), None)?;
+        let mut registry = Registry::new();
+        for s in state.sockets {
+            let fd = take(s.fd, &s.key)?;
+            let mut spec = SocketSpec::new(s.key.clone());
+            spec.options.backlog = s.backlog;
+            match registry.adopt(fd, spec, s.name, s.origin) {
+                Ok(held) => {
+                    held.created = s.created;
+                    held.handed_out = s.handed_out;
+                    held.last_peer = s.last_peer;
+                }
+                Err((_, conflict)) => {
+                    return Err(UpgradeError::State(format!("{}: {conflict}", s.key)));
+                }
+            }
+        }
+        let mut conns = Vec::with_capacity(state.connections.len());
+        for c in state.connections {
+            let fd = take(c.fd, &format_args!("connection of {}", c.peer))?;
+            conns.push((UnixStream::from(fd), c.peer, c.pending));
+        }
+        if !fds.is_empty() {
+            log::warn!("{} descriptors handed over but not described in the state; closed", fds.len());
+        }
+        Ok(Carried {
+            control,
+            owned_inode: state.control.owned_inode,
+            registry,
+            conns,
+            generation: state.generation,
+            from,
+        })
+    }
+
+    /// The server, serving what was carried over. Only now does the control
+    /// socket file become this broker's to remove when it stops.
+    pub fn into_server(mut self, options: ServerOptions) -> Server {
+        GENERATION.store(self.generation, Ordering::Relaxed);
+        self.control.set_owned_inode(self.owned_inode);
+        let (sockets, conns) = (self.registry.len(), self.conns.len());
+        let mut server = Server::new(self.control, self.registry, options);
+        for (stream, peer, pending) in self.conns {
+            if let Err(e) = server.adopt_connection(stream, peer, &pending) {
+                log::warn!("{peer}: could not resume the connection: {e}");
+            }
+        }
+        log::info!(
+            "resumed after {} (generation {}): holding {sockets} sockets, {conns} client connections carried over",
+            self.from,
+            self.generation
+        );
+        server
+    }
+}
+
+/// What the broker should start from: the state of a previous image of this
+/// process (re-exec, always checked first), or, with `takeover`, the state
+/// taken over from the broker serving on `control`. `None`: start afresh.
+pub fn carried_in(control: &Path, takeover: bool) -> Result<Option<Carried>, UpgradeError> {
+    if let Some(carried) = inherited()? {
+        if takeover {
+            log::info!("--takeover ignored: this process was re-executed and already holds the sockets");
+        }
+        return Ok(Some(carried));
+    }
+    if takeover {
+        return take_over(control).map(Some);
+    }
+    Ok(None)
+}
+
+/// The state left by a previous image of this process, if any.
+fn inherited() -> Result<Option<Carried>, UpgradeError> {
+    let Some(value) = std::env::var_os(STATE_FD_ENV) else { return Ok(None) };
+    // Read once and removed, so a child of the broker never sees it (this
+    // runs at start-up, before any thread exists).
+    std::env::remove_var(STATE_FD_ENV);
+    let raw: RawFd = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| UpgradeError::State(format!("{STATE_FD_ENV}={value:?} is not a descriptor number")))?;
+    let memfd = fd::take_inherited(&[raw])?.pop().expect("one descriptor asked, one taken");
+    let mut text = String::new();
+    std::fs::File::from(memfd).read_to_string(&mut text).map_err(UpgradeError::StateRead)?;
+    let state: HandoverState =
+        serde_json::from_str(&text).map_err(|source| UpgradeError::Json { what: "the re-exec state", source })?;
+    let numbers: Vec<RawFd> = std::iter::once(state.control.fd)
+        .chain(state.sockets.iter().map(|s| s.fd))
+        .chain(state.connections.iter().map(|c| c.fd))
+        .collect();
+    let fds = numbers.iter().copied().zip(fd::take_inherited(&numbers)?).collect();
+    Carried::from_state(state, fds, "re-exec".into()).map(Some)
+}
+
+/// The binary and arguments to re-execute, as they were when the broker
+/// started: later, the path may hold a new binary (the point of SIGUSR1),
+/// while `/proc/self/exe` would still name the old, possibly deleted, file.
+#[derive(Debug, Clone)]
+pub struct ExecTarget {
+    /// The binary's path.
+    pub path: PathBuf,
+    /// The full argument list, `argv[0]` included.
+    pub args: Vec<OsString>,
+}
+
+impl ExecTarget {
+    /// Reads the path and arguments; call it first thing in `serve`.
+    ///
+    /// The path is `argv[0]` made absolute (or found in `PATH` when it has no
+    /// '/'), without resolving symbolic links, so that switching a symlink to
+    /// a new release is picked up by the next re-exec. `/proc/self/exe`
+    /// (already resolved) is the fallback.
+    pub fn at_start() -> io::Result<ExecTarget> {
+        let args: Vec<OsString> = std::env::args_os().collect();
+        let path = match args.first().map(Path::new) {
+            Some(arg0) if arg0.as_os_str().as_bytes().contains(&b'/') => std::path::absolute(arg0)?,
+            Some(arg0) => find_in_path(arg0).map_or_else(std::env::current_exe, Ok)?,
+            None => std::env::current_exe()?,
+        };
+        Ok(ExecTarget { path, args })
+    }
+}
+
+/// The first executable file called `name` in `PATH`, as a shell finds it.
+fn find_in_path(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(name))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// Re-executes the broker, keeping every held socket, the control socket and
+/// the idle client connections. Returns only on failure, after restoring
+/// every flag it changed, and logging why: the broker then carries on as
+/// before.
+///
+/// The service manager is told RELOADING=1 first, and READY=1 afterwards by
+/// the new image or, on failure, by this one.
+pub fn reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
+    notify::reloading("re-executing");
+    let err = try_reexec(server, target);
+    // Logged before READY=1, so whoever waits for READY finds the reason.
+    log::error!("re-exec failed, still serving: {}", crate::error_chain(&err));
+    notify::ready("serving (re-exec failed)");
+    err
+}
+
+fn try_reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
+    if let Err(e) = validate_binary(&target.path) {
+        return e;
+    }
+    let (state, fds) = snapshot(server, Numbering::Raw);
+    let memfd = match write_state(&state) {
+        Ok(fd) => fd,
+        Err(source) => return UpgradeError::Prepare { what: "writing the state to a memfd", source },
+    };
+    // The new image learns about its descriptors from the state alone:
+    // socket-activation or multibinder variables left in the environment
+    // would name descriptors it already takes from the state.
+    let stale = |k: &std::ffi::OsStr| {
+        [STATE_FD_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"].iter().any(|v| k == *v)
+            || k.as_bytes().starts_with(MULTIBINDER_BIND_PREFIX.as_bytes())
+    };
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| !stale(k))
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    env.push(CString::new(format!("{STATE_FD_ENV}={}", memfd.as_raw_fd())).expect("no NUL in a number"));
+    let args: Vec<CString> = target.args.iter().filter_map(|a| CString::new(a.as_bytes()).ok()).collect();
+    let Ok(path) = CString::new(target.path.as_os_str().as_bytes()) else {
+        return UpgradeError::Binary { path: target.path.clone(), problem: "NUL byte in the path".into() };
+    };
+
+    // Exactly these descriptors cross the exec; everything else stays
+    // close-on-exec.
+    let crossing: Vec<BorrowedFd<'_>> = fds.iter().copied().chain(std::iter::once(memfd.as_fd())).collect();
+    let mut cleared = Vec::with_capacity(crossing.len());
+    for fd in &crossing {
+        if let Err(source) = fd::set_cloexec(*fd, false) {
+            restore_cloexec(&cleared);
+            return UpgradeError::Prepare { what: "clearing close-on-exec", source };
+        }
+        cleared.push(*fd);
+    }
+    log::info!(
+        "re-executing {} (generation {}): {} sockets, {} client connections carried over, {} with a reply in \
+         flight left to close",
+        target.path.display(),
+        state.generation,
+        state.sockets.len(),
+        state.connections.len(),
+        server.clients() - state.connections.len()
+    );
+    let err = match nix::unistd::execve(&path, &args, &env) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    restore_cloexec(&cleared);
+    UpgradeError::Exec { path: target.path.clone(), source: err }
+}
+
+fn restore_cloexec(fds: &[BorrowedFd<'_>]) {
+    for fd in fds {
+        if let Err(e) = fd::set_cloexec(*fd, true) {
+            log::error!("descriptor {}: could not restore close-on-exec: {e}", fd.as_raw_fd());
+        }
+    }
+}
+
+/// Writes the state into a fresh memfd (close-on-exec until the exec), read
+/// position at the start.
+fn write_state(state: &HandoverState) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(c"sockbroker-upgrade", MFdFlags::MFD_CLOEXEC)?;
+    let mut file = std::fs::File::from(fd);
+    serde_json::to_writer(&mut file, state)?;
+    file.flush()?;
+    file.rewind()?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Checks that `path` is a sockbroker binary that runs: `path --version` must
+/// exit 0 within [`VALIDATE_TIMEOUT`] and print `sockbroker VERSION`.
+pub fn validate_binary(path: &Path) -> Result<(), UpgradeError> {
+    let bad = |problem: String| UpgradeError::Binary { path: path.to_path_buf(), problem };
+    // The child inherits nothing: every descriptor the broker holds is
+    // close-on-exec.
+    let mut child = Command::new(path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| bad(format!("cannot run it: {e}")))?;
+    let deadline = Instant::now() + VALIDATE_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(bad(format!("`--version` did not finish within {VALIDATE_TIMEOUT:?}")));
+            }
+            Err(e) => return Err(bad(format!("waiting for `--version`: {e}"))),
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    if !status.success() {
+        return Err(bad(format!("`--version` failed ({status})")));
+    }
+    if !out.starts_with("sockbroker ") {
+        return Err(bad(format!("`--version` printed {:?}, not \"sockbroker VERSION\"", out.trim())));
+    }
+    Ok(())
+}
+
+/// Whether `peer` may take over this broker: root or the broker's own user,
+/// on a connection with no reply in flight (the takeover reply must be the
+/// next thing it reads).
+pub fn authorize(peer: PeerCred, alone: bool) -> Result<(), RpcError> {
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid != 0 && peer.uid != me {
+        log::warn!("{peer} {TAKEOVER_METHOD}: refused: only root or uid {me} may take over this broker");
+        return Err(RpcError::new(
+            TAKEOVER_REFUSED,
+            format!("Takeover refused: uid {} is neither root nor the broker's uid {me}", peer.uid),
+        ));
+    }
+    if !alone {
+        return Err(RpcError::new(TAKEOVER_REFUSED, "Takeover refused: replies are still pending on this connection"));
+    }
+    log::info!("{peer} {TAKEOVER_METHOD}: handing over");
+    Ok(())
+}
+
+/// Serves an accepted takeover request (after [`crate::server::Wake::Takeover`]).
+/// Returns true when the new broker confirmed and this one must now exit: the
+/// control path is then disowned (not removed at exit). Returns false when the
+/// takeover failed; this broker then goes on serving, unchanged.
+pub fn hand_over(server: &mut Server) -> bool {
+    let Some(request) = server.take_takeover() else { return false };
+    let peer = request.peer;
+    match hand_over_to(server, request) {
+        Ok(()) => {
+            server.control_mut().set_owned_inode(None);
+            notify::main_pid(peer.pid);
+            log::info!("handed over to pid {}: exiting without touching the control socket", peer.pid);
+            true
+        }
+        Err(e) => {
+            log::warn!("takeover by {peer} failed: {}; still serving", crate::error_chain(&e));
+            false
+        }
+    }
+}
+
+fn hand_over_to(server: &Server, request: TakeoverConn) -> Result<(), UpgradeError> {
+    let path = server.control().path().to_path_buf();
+    let io = |source| UpgradeError::Io { path: path.clone(), source };
+    let (state, fds) = snapshot(server, Numbering::Position);
+    let counts = (state.sockets.len(), state.connections.len());
+    let value =
+        serde_json::to_value(&state).map_err(|source| UpgradeError::Json { what: "the takeover state", source })?;
+    let bytes = Response::ok(request.id, value).to_bytes();
+    let stream = request.stream;
+    stream.set_nonblocking(false).map_err(io)?;
+    stream.set_write_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
+    stream.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
+    send_batched(stream.as_fd(), bytes, &fds).map_err(io)?;
+    log::info!(
+        "sent {} sockets and {} connections to pid {}; waiting for its confirmation",
+        counts.0,
+        counts.1,
+        request.peer.pid
+    );
+
+    let mut framer = Framer::default();
+    let (value, _) = read_value(&stream, &mut framer).map_err(io)?;
+    let commit = Request::from_value(value).map_err(|(_, e)| UpgradeError::Protocol(e.message))?;
+    if commit.method != COMMIT_METHOD {
+        return Err(UpgradeError::Protocol(format!("expected {COMMIT_METHOD}, got {}", commit.method)));
+    }
+    (&stream).write_all(&Response::ok(commit.id, json!(true)).to_bytes()).map_err(io)?;
+    Ok(())
+}
+
+/// Sends `bytes` with `fds` attached, at most [`fd::SCM_MAX_FD`] descriptors
+/// per `sendmsg`: each batch travels with the first byte of its own slice of
+/// the text, so the receiver has every descriptor once it has the whole text.
+fn send_batched(sock: BorrowedFd<'_>, mut bytes: Vec<u8>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let batches: Vec<&[BorrowedFd<'_>]> = fds.chunks(fd::SCM_MAX_FD).collect();
+    let parts = batches.len().max(1);
+    // Whitespace after a JSON value is ignored; it only guarantees one byte
+    // per batch.
+    if bytes.len() < parts {
+        bytes.resize(parts, b' ');
+    }
+    let size = bytes.len().div_ceil(parts);
+    for (i, part) in bytes.chunks(size).enumerate() {
+        let mut attach = batches.get(i).copied().unwrap_or(&[]);
+        let mut sent = 0;
+        while sent < part.len() {
+            match fd::send_with_fds(sock, &part[sent..], attach) {
+                Ok(n) => {
+                    sent += n;
+                    attach = &[];
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads until one JSON value is complete; returns it and every descriptor
+/// that came along.
+fn read_value(stream: &UnixStream, framer: &mut Framer) -> io::Result<(Value, Vec<OwnedFd>)> {
+    let mut fds = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(next) = framer.next_value() {
+            let value = next.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            return Ok((value, fds));
+        }
+        let got = match fd::recv_with_fds(stream.as_fd(), &mut buf) {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        fds.extend(got.fds);
+        if got.len == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other broker closed the connection"));
+        }
+        framer.push(&buf[..got.len]);
+    }
+}
+
+/// Takes over the broker serving on `path`: receives its state and
+/// descriptors, adopts them, confirms, and returns once the old broker has
+/// acknowledged (it exits right after). On any error before that, the old
+/// broker keeps serving.
+fn take_over(path: &Path) -> Result<Carried, UpgradeError> {
+    let io = |source| UpgradeError::Io { path: path.to_path_buf(), source };
+    let stream = UnixStream::connect(path).map_err(|source| UpgradeError::Connect { path: path.into(), source })?;
+    let old = fd::peer_credentials(stream.as_fd()).map_err(io)?;
+    stream.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
+    let ask = Request { id: json!(1), method: TAKEOVER_METHOD.into(), params: json!({"pid": std::process::id()}) };
+    (&stream).write_all(ask.to_json().as_bytes()).map_err(io)?;
+
+    let mut framer = Framer::new(MAX_STATE);
+    let (value, received) = read_value(&stream, &mut framer).map_err(io)?;
+    let response: Response =
+        serde_json::from_value(value).map_err(|source| UpgradeError::Json { what: "the takeover reply", source })?;
+    let result = match (response.result, response.error) {
+        (_, Some(error)) => return Err(UpgradeError::Refused { path: path.into(), error }),
+        (Some(result), None) => result,
+        (None, None) => return Err(UpgradeError::Protocol("reply with neither result nor error".into())),
+    };
+    let state: HandoverState =
+        serde_json::from_value(result).map_err(|source| UpgradeError::Json { what: "the takeover state", source })?;
+    let fds = received.into_iter().enumerate().map(|(i, fd)| (i as i32, fd)).collect();
+    let carried = Carried::from_state(state, fds, format!("takeover from pid {}", old.pid))?;
+
+    let commit = Request { id: json!(2), method: COMMIT_METHOD.into(), params: Value::Null };
+    (&stream).write_all(commit.to_json().as_bytes()).map_err(io)?;
+    let mut framer = Framer::default();
+    let (value, _) = read_value(&stream, &mut framer).map_err(io)?;
+    let ack: Response =
+        serde_json::from_value(value).map_err(|source| UpgradeError::Json { what: "the commit reply", source })?;
+    if ack.result != Some(json!(true)) {
+        return Err(UpgradeError::Protocol(format!("commit not acknowledged: {:?}", ack.error)));
+    }
+    Ok(carried)
+}
+
+/// Parses one of multibinder's variables,
+/// `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>`. multibinder wrote the
+/// address with its first '.' replaced by '_', so both forms are read.
+/// `None` when the name is not one of them.
+pub fn parse_multibinder_var(name: &str, value: &str) -> Option<Result<(SocketKey, RawFd), String>> {
+    let rest = name.strip_prefix(MULTIBINDER_BIND_PREFIX)?;
+    let parse = || -> Result<(SocketKey, RawFd), String> {
+        let mut parts = rest.splitn(3, "__");
+        let (Some("tcp"), Some(address), Some(port)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("{name}: expected {MULTIBINDER_BIND_PREFIX}tcp__ADDRESS__PORT"));
+        };
+        let port: i64 = port.parse().map_err(|_| format!("{name}: '{port}' is not a port"))?;
+        let key = SocketKey::inet_parts(Transport::Tcp, address, port)
+            .or_else(|_| SocketKey::inet_parts(Transport::Tcp, &address.replace('_', "."), port))
+            .map_err(|e| format!("{name}: {e}"))?;
+        let fd: RawFd = value.trim().parse().map_err(|_| format!("{name}={value}: not a descriptor number"))?;
+        Ok((key, fd))
+    };
+    Some(parse())
+}
+
+/// Adopts the sockets a multibinder process (or a wrapper speaking its
+/// convention) handed over in `MULTIBINDER_BIND__…` variables, and removes the
+/// variables. A bad variable is logged and skipped: it must not stop the
+/// broker from serving the others.
+pub fn adopt_multibinder_env(registry: &mut Registry) {
+    let vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(MULTIBINDER_BIND_PREFIX))
+        .collect();
+    for (name, value) in vars {
+        std::env::remove_var(&name);
+        let adopted = parse_multibinder_var(&name, &value).expect("filtered on the prefix").and_then(|(key, raw)| {
+            let fd = fd::take_inherited(&[raw]).map_err(|e| e.to_string())?.pop().expect("one asked, one taken");
+            if !fd::is_socket(fd.as_fd()).unwrap_or(false) {
+                return Err(format!("{name}: descriptor {raw} is not a socket"));
+            }
+            registry.adopt(fd, SocketSpec::new(key.clone()), None, Origin::Upgrade).map_err(|(_, e)| e.to_string())?;
+            Ok(key)
+        });
+        match adopted {
+            Ok(key) => log::info!("adopted {key} from multibinder's {name}"),
+            Err(e) => log::warn!("not adopting {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multibinder_variables() {
+        let (key, fd) = parse_multibinder_var("MULTIBINDER_BIND__tcp__127_0.0.1__8000", "5").unwrap().unwrap();
+        assert_eq!((key.to_string(), fd), ("tcp://127.0.0.1:8000".to_string(), 5));
+        let (key, _) = parse_multibinder_var("MULTIBINDER_BIND__tcp__0.0.0.0__80", "7").unwrap().unwrap();
+        assert_eq!(key.to_string(), "tcp://0.0.0.0:80");
+        let (key, _) = parse_multibinder_var("MULTIBINDER_BIND__tcp__::1__443", "7").unwrap().unwrap();
+        assert_eq!(key.to_string(), "tcp://[::1]:443");
+        assert!(parse_multibinder_var("PATH", "/bin").is_none());
+        let err = parse_multibinder_var("MULTIBINDER_BIND__udp__1.2.3.4__53", "3").unwrap().unwrap_err();
+        assert!(err.contains("expected"), "{err}");
+        let err = parse_multibinder_var("MULTIBINDER_BIND__tcp__1.2.3.4__http", "3").unwrap().unwrap_err();
+        assert!(err.contains("not a port"), "{err}");
+        let err = parse_multibinder_var("MULTIBINDER_BIND__tcp__1.2.3.4__80", "three").unwrap().unwrap_err();
+        assert!(err.contains("not a descriptor"), "{err}");
+    }
+
+    #[test]
+    fn state_round_trips_as_json() {
+        let state = HandoverState {
+            version: STATE_VERSION,
+            from_pid: 42,
+            generation: 3,
+            control: ControlState { fd: 0, path: "/run/x.sock".into(), owned_inode: Some(7) },
+            sockets: vec![SocketState {
+                fd: 1,
+                key: "tcp://127.0.0.1:80".parse().unwrap(),
+                backlog: 128,
+                name: Some("web".into()),
+                origin: Origin::Systemd,
+                created: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+                handed_out: 9,
+                last_peer: Some(PeerCred { pid: 1, uid: 2, gid: 3 }),
+            }],
+            connections: vec![ConnState {
+                fd: 2,
+                peer: PeerCred { pid: 4, uid: 5, gid: 6 },
+                pending: b"{\"me".to_vec(),
+            }],
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(text.contains("\"tcp://127.0.0.1:80\""), "{text}");
+        assert_eq!(serde_json::from_str::<HandoverState>(&text).unwrap(), state);
+    }
+
+    #[test]
+    fn batches_descriptors_by_scm_max_fd() {
+        // 600 descriptors need three messages; the receiver gets them all, in
+        // order, and the text intact.
+        let (a, b) = UnixStream::pair().unwrap();
+        let held: Vec<OwnedFd> = (0..600).map(|_| OwnedFd::from(UnixStream::pair().unwrap().0)).collect();
+        let borrowed: Vec<BorrowedFd<'_>> = held.iter().map(|f| f.as_fd()).collect();
+        let text = Response::ok(json!(1), json!({"n": 600, "pad": "x".repeat(10)})).to_bytes();
+        let sender = std::thread::scope(|s| {
+            let h = s.spawn(|| send_batched(a.as_fd(), text.clone(), &borrowed));
+            let (value, fds) = read_value(&b, &mut Framer::default()).unwrap();
+            assert_eq!(value["result"]["n"], 600);
+            assert_eq!(fds.len(), 600);
+            for (got, want) in fds.iter().zip(&held) {
+                assert_eq!(fd::inode(got.as_fd()).unwrap(), fd::inode(want.as_fd()).unwrap());
+                assert!(fd::is_cloexec(got.as_fd()).unwrap());
+            }
+            h.join().unwrap()
+        });
+        sender.unwrap();
+    }
+
+    #[test]
+    fn refuses_another_user() {
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(authorize(PeerCred { pid: 1, uid: me, gid: 0 }, true).is_ok());
+        assert!(authorize(PeerCred { pid: 1, uid: 0, gid: 0 }, true).is_ok());
+        assert!(authorize(PeerCred { pid: 1, uid: me, gid: 0 }, false).is_err());
+        let other = if me == 12345 { 12346 } else { 12345 };
+        assert_eq!(authorize(PeerCred { pid: 1, uid: other, gid: 0 }, true).unwrap_err().code, TAKEOVER_REFUSED);
+    }
+
+    #[test]
+    fn rejects_a_broken_binary() {
+        let err = validate_binary(Path::new("/nonexistent/sockbroker")).unwrap_err();
+        assert!(err.to_string().contains("cannot run it"), "{err}");
+        let err = validate_binary(Path::new("/bin/false")).unwrap_err();
+        assert!(err.to_string().contains("failed"), "{err}");
+        let err = validate_binary(Path::new("/bin/true")).unwrap_err();
+        assert!(err.to_string().contains("not \"sockbroker VERSION\""), "{err}");
+    }
+}
