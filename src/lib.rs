@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod acl;
 pub mod config;
 pub mod daemon;
 pub mod fd;

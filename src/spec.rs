@@ -210,7 +210,13 @@ impl FromStr for SocketKey {
 
     fn from_str(text: &str) -> Result<Self, SpecError> {
         let inet = |transport, rest: &str| {
-            let addr = rest.parse::<SocketAddr>().map_err(|_| SpecError::BadSocketAddress(rest.to_string()))?;
+            let addr = rest.parse::<SocketAddr>().map_err(|_| {
+                // Name the port when it is the part at fault: "port 70000 is out of range".
+                match rest.rsplit_once(':').map(|(_, p)| p.parse::<i64>()) {
+                    Some(Ok(port)) if !(0..=65535).contains(&port) => SpecError::PortRange(port),
+                    _ => SpecError::BadSocketAddress(rest.to_string()),
+                }
+            })?;
             SocketKey::inet(transport, addr)
         };
         // Longest prefixes first: "unix:" is a prefix of neither other UNIX form,
@@ -388,6 +394,7 @@ mod tests {
         assert!(matches!("unix:@".parse::<SocketKey>(), Err(SpecError::BadUnixAddress(_))));
         assert!(matches!("http://x".parse::<SocketKey>(), Err(SpecError::UnknownScheme(_))));
         assert!(matches!("tcp://::1:80".parse::<SocketKey>(), Err(SpecError::BadSocketAddress(_))));
+        assert!(matches!("tcp://127.0.0.1:70000".parse::<SocketKey>(), Err(SpecError::PortRange(70000))));
         let long = format!("unix:/{}", "a".repeat(UNIX_PATH_MAX));
         assert!(matches!(long.parse::<SocketKey>(), Err(SpecError::TooLong(_))));
         assert!(matches!(SocketKey::inet_parts(Transport::Tcp, "127.0.0.1", 70000), Err(SpecError::PortRange(70000))));
