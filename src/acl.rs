@@ -283,8 +283,8 @@ impl Policy {
             return Ok(());
         }
         let grants = |rule: &Rule| {
-            let by_name = action == Action::Bind
-                && name.is_some_and(|n| rule.sockets.iter().any(|s| s == "*" || s == n));
+            let by_name =
+                action == Action::Bind && name.is_some_and(|n| rule.sockets.iter().any(|s| s == "*" || s == n));
             by_name || rule.on_demand.iter().any(|p| p.matches(key))
         };
         let mut groups: Option<Vec<u32>> = None;

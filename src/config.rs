@@ -47,7 +47,6 @@ use toml::Spanned;
 use crate::acl::{AddressPattern, PatternError, Rule, Who};
 use crate::spec::{SocketKey, SocketOptions, SocketSpec, SpecError, Transport, UnixAddress};
 
-
 /// Environment variable naming the control socket (broker and clients).
 pub const SOCKET_ENV: &str = "SOCKBROKER_SOCKET";
 /// multibinder's environment variable, read by clients after [`SOCKET_ENV`].
@@ -120,8 +119,8 @@ impl Source {
     pub fn load(&self) -> Result<Config, ConfigError> {
         match self {
             Source::File(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 parse(&text, &path.display().to_string())
             }
             Source::Embedded => parse(EMBEDDED_DEFAULT, &self.to_string()),
@@ -396,9 +395,11 @@ pub enum ProblemKind {
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        let problem = Validator::new(text, origin).problem(span, &key_at(text, e.span()), ProblemKind::Syntax(
-            e.message().trim().to_string(),
-        ));
+        let problem = Validator::new(text, origin).problem(
+            span,
+            &key_at(text, e.span()),
+            ProblemKind::Syntax(e.message().trim().to_string()),
+        );
         ConfigError::Invalid { origin: origin.to_string(), problems: vec![problem] }
     })?;
     validate(file, text, origin)
@@ -602,7 +603,8 @@ impl<'a> Validator<'a> {
         let max = i64::from(i32::MAX);
         let bind_to_device = s.bind_to_device.as_ref().and_then(|d| {
             let name = d.get_ref();
-            let ok = (1..=15).contains(&name.len()) && name.bytes().all(|c| c.is_ascii_graphic() && c != b'/' && c != b':');
+            let ok =
+                (1..=15).contains(&name.len()) && name.bytes().all(|c| c.is_ascii_graphic() && c != b'/' && c != b':');
             if !ok {
                 self.push(d.span(), at("bind_to_device"), ProblemKind::BadInterface(name.clone()));
             }

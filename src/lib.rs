@@ -14,15 +14,17 @@
 
 #![deny(missing_docs)]
 
+pub mod acl;
 pub mod cli;
 pub mod client;
-pub mod acl;
 pub mod config;
 pub mod daemon;
 pub mod fd;
+pub mod introspect;
 pub mod logging;
 pub mod protocol;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod socket;
 pub mod spec;

@@ -27,11 +27,14 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::{umask, Mode};
 use serde_json::{json, Value};
 
-use crate::fd::{self, PeerCred};
+use crate::acl::Action;
+use crate::fd::{self, PeerCred, SCM_MAX_FD};
+use crate::introspect;
 use crate::protocol::bind::{BindParams, BindTarget};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::{code, Request, Response, RpcError};
-use crate::registry::Registry;
+use crate::registry::{Origin, Registry};
+use crate::reload::{self, Live};
 use crate::socket::{self, OpenError, PathError};
 use crate::spec::{SocketKey, SocketSpec, SpecError};
 
@@ -44,6 +47,9 @@ const MAX_QUEUED_REPLIES: usize = 16;
 /// Bytes read from one connection per wake-up, so one busy client cannot
 /// starve the others.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most sockets in one `bind_many` request: each costs a duplicate descriptor
+/// until the reply is written.
+pub const MAX_BATCH: usize = 4096;
 
 /// Settings of the control loop.
 #[derive(Debug, Clone)]
@@ -232,12 +238,23 @@ pub struct Server {
     options: ServerOptions,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
+    /// The configuration in force: declared sockets and access rules.
+    pub live: Live,
+    started: Instant,
 }
 
 impl Server {
     /// A server on `control`, holding what `registry` holds.
     pub fn new(control: ControlSocket, registry: Registry, options: ServerOptions) -> Server {
-        Server { control, registry, options, conns: HashMap::new(), next_conn: 0 }
+        Server {
+            control,
+            registry,
+            options,
+            conns: HashMap::new(),
+            next_conn: 0,
+            live: Live::default(),
+            started: Instant::now(),
+        }
     }
 
     /// The control socket.
@@ -452,7 +469,7 @@ impl Server {
                     (Response::err(Value::Null, RpcError::new(code, message)), Vec::new())
                 }
             };
-            conn.outbox.push_back(Outgoing { bytes: response.to_bytes(), sent: 0, fds });
+            push_reply(&mut conn.outbox, response.to_bytes(), fds);
         }
     }
 
@@ -460,6 +477,11 @@ impl Server {
     fn dispatch(&mut self, peer: PeerCred, req: Request) -> (Response, Vec<OwnedFd>) {
         let result = match req.method.as_str() {
             "bind" => self.bind(peer, &req.params),
+            "bind_many" => self.bind_many(peer, &req.params),
+            "release" => self.release(peer, &req.params),
+            "list" => Ok((json!(introspect::list(&self.registry)), Vec::new())),
+            "status" => Ok((json!(self.status()), Vec::new())),
+            "reload" => self.reload(peer),
             other => {
                 log::info!("{peer} {other}: method not found");
                 Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
@@ -472,21 +494,32 @@ impl Server {
     }
 
     fn bind(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
-        let invalid = |what: String, e: &dyn std::fmt::Display| {
-            let message = format!("Invalid params: {what}: {e}");
-            log::info!("{peer} bind: {message}");
-            RpcError::new(code::INVALID_PARAMS, message)
+        let params = BindParams::from_json(params).map_err(|e| invalid(peer, "bind", "bind".into(), &e))?;
+        let fd = self.bind_one(peer, &params)?;
+        Ok((json!(true), vec![fd]))
+    }
+
+    /// One socket: parse, judge, find or open, duplicate. Access is judged
+    /// before anything is opened, so a refused peer creates nothing.
+    fn bind_one(&mut self, peer: PeerCred, params: &BindParams) -> Result<OwnedFd, RpcError> {
+        let target = params.target().map_err(|e| invalid(peer, "bind", params.describe(), &e))?;
+        let unknown = |name: &str| {
+            log::info!("{peer} bind name '{name}': unknown name");
+            RpcError::new(code::UNKNOWN_NAME, crate::registry::UnknownName(name.to_string()).to_string())
         };
-        let params = BindParams::from_json(params).map_err(|e| invalid("bind".into(), &e))?;
-        let target = params.target().map_err(|e| invalid(params.describe(), &e))?;
-        let (held, new) = match &target {
+        let (name, key) = match &target {
             BindTarget::Name(name) => {
-                let held = self.registry.by_name(name).map_err(|e| {
-                    log::info!("{peer} bind name '{name}': unknown name");
-                    RpcError::new(code::UNKNOWN_NAME, e.to_string())
-                })?;
-                (held, false)
+                let held = self.registry.named(name).ok_or_else(|| unknown(name))?;
+                (Some(name.clone()), held.key().clone())
             }
+            BindTarget::Spec(spec) => (self.registry.get(&spec.key).and_then(|h| h.name.clone()), spec.key.clone()),
+        };
+        self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
+            log::warn!("{peer} bind {key}: refused: {denied}");
+            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+        })?;
+        let (held, new) = match &target {
+            BindTarget::Name(name) => (self.registry.by_name(name).map_err(|_| unknown(name))?, false),
             BindTarget::Spec(spec) => self.registry.get_or_open(spec).map_err(|e| {
                 log::warn!("{peer} bind {}: could not bind: {e}", spec.key);
                 RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
@@ -504,7 +537,128 @@ impl Server {
             if new { "new socket" } else { "held socket" },
             held.fd().as_raw_fd()
         );
-        Ok((json!(true), vec![dup]))
+        Ok(dup)
+    }
+
+    /// Many sockets in one round trip. Params: an array of `bind` objects.
+    /// The result has one entry per item, `{"ok": true}` or `{"error": …}`;
+    /// the descriptors of the successful items come in order, split across
+    /// messages of at most [`SCM_MAX_FD`].
+    fn bind_many(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        let Value::Array(items) = params else {
+            return Err(invalid(peer, "bind_many", "params".into(), &"an array of bind objects is required"));
+        };
+        if items.len() > MAX_BATCH {
+            return Err(invalid(
+                peer,
+                "bind_many",
+                format!("{} sockets", items.len()),
+                &format!("at most {MAX_BATCH}"),
+            ));
+        }
+        let mut results = Vec::with_capacity(items.len());
+        let mut fds = Vec::new();
+        for item in items {
+            let outcome = BindParams::from_json(item)
+                .map_err(|e| invalid(peer, "bind_many", "item".into(), &e))
+                .and_then(|p| self.bind_one(peer, &p));
+            match outcome {
+                Ok(fd) => {
+                    fds.push(fd);
+                    results.push(json!({"ok": true}));
+                }
+                Err(e) => results.push(json!({"error": e})),
+            }
+        }
+        Ok((Value::Array(results), fds))
+    }
+
+    /// Closes the broker's copy of an on-demand socket; clients keep theirs.
+    fn release(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        let params = BindParams::from_json(params).map_err(|e| invalid(peer, "release", "release".into(), &e))?;
+        let target = params.target().map_err(|e| invalid(peer, "release", params.describe(), &e))?;
+        let held = match &target {
+            BindTarget::Name(name) => self.registry.named(name),
+            BindTarget::Spec(spec) => self.registry.get(&spec.key),
+        };
+        let Some(held) = held else {
+            let message = format!("{}: not held", params.describe());
+            log::info!("{peer} release {message}");
+            return Err(RpcError::new(code::NOT_RELEASABLE, message));
+        };
+        let key = held.key().clone();
+        self.live.policy.check(&peer, Action::Release, held.name.as_deref(), &key).map_err(|denied| {
+            log::warn!("{peer} release {key}: refused: {denied}");
+            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+        })?;
+        if held.origin != Origin::OnDemand {
+            let message =
+                format!("{key}: only sockets created on demand can be released (this one is {:?})", held.origin);
+            log::info!("{peer} release {message}");
+            return Err(RpcError::new(code::NOT_RELEASABLE, message));
+        }
+        self.registry.release(&key);
+        log::info!("{peer} release {key}: closed the broker's copy");
+        Ok((json!(true), Vec::new()))
+    }
+
+    fn reload(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        self.live.policy.check_admin(&peer, "reload").map_err(|denied| {
+            log::warn!("{peer} reload: refused: {denied}");
+            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+        })?;
+        log::info!("{peer} reload");
+        match reload::reload(&mut self.live, &mut self.registry) {
+            Ok(applied) => Ok((json!(applied), Vec::new())),
+            Err(e) => Err(RpcError::new(code::RELOAD_FAILED, crate::error_chain(&e))),
+        }
+    }
+
+    /// The broker's state for the `status` method.
+    pub fn status(&self) -> introspect::Status {
+        let mut by_origin = std::collections::BTreeMap::new();
+        for held in self.registry.iter() {
+            let origin = serde_json::to_value(held.origin).ok().and_then(|v| v.as_str().map(String::from));
+            *by_origin.entry(origin.unwrap_or_default()).or_insert(0) += 1;
+        }
+        introspect::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime: self.started.elapsed().as_secs(),
+            control: self.control.path.display().to_string(),
+            config: self.live.source.to_string(),
+            config_loaded: introspect::epoch_secs(self.live.loaded),
+            sockets: self.registry.len(),
+            by_origin,
+            rules: self.live.policy.rules().len(),
+            clients: self.conns.len(),
+            handed_out: self.registry.iter().map(|h| h.handed_out).sum(),
+        }
+    }
+}
+
+/// An invalid-params error, logged.
+fn invalid(peer: PeerCred, method: &str, what: String, e: &dyn std::fmt::Display) -> RpcError {
+    let message = format!("Invalid params: {what}: {e}");
+    log::info!("{peer} {method}: {message}");
+    RpcError::new(code::INVALID_PARAMS, message)
+}
+
+/// Queues a reply. Descriptors beyond the kernel's per-message limit
+/// ([`SCM_MAX_FD`]) go in further messages: the reply text is cut so each
+/// message carries at least one byte with its share of descriptors, and the
+/// receiving kernel never merges two messages that carry descriptors.
+fn push_reply(outbox: &mut VecDeque<Outgoing>, bytes: Vec<u8>, mut fds: Vec<OwnedFd>) {
+    let chunks = fds.len().div_ceil(SCM_MAX_FD).max(1);
+    if chunks == 1 || bytes.len() < chunks {
+        outbox.push_back(Outgoing { bytes, sent: 0, fds });
+        return;
+    }
+    for i in 0..chunks {
+        let take = fds.len().min(SCM_MAX_FD);
+        let part: Vec<OwnedFd> = fds.drain(..take).collect();
+        let text = if i + 1 == chunks { bytes[i..].to_vec() } else { bytes[i..i + 1].to_vec() };
+        outbox.push_back(Outgoing { bytes: text, sent: 0, fds: part });
     }
 }
 

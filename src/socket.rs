@@ -217,9 +217,8 @@ fn apply_inet_options(
 ) -> Result<(), (&'static str, io::Error)> {
     let tcp = transport == Transport::Tcp;
     let set = |name: &'static str, r: nix::Result<()>| r.map_err(|e| (name, io::Error::from(e)));
-    let set_int = |name: &'static str, level, opt, value: u32| {
-        set_int_option(fd, level, opt, value).map_err(|e| (name, e))
-    };
+    let set_int =
+        |name: &'static str, level, opt, value: u32| set_int_option(fd, level, opt, value).map_err(|e| (name, e));
     use nix::libc;
     if options.reuse_addr.unwrap_or(tcp) {
         set("SO_REUSEADDR", setsockopt(&fd, sockopt::ReuseAddr, &true))?;
