@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -103,6 +103,55 @@ impl Broker {
         Broker { child, dir, control, log, notify, args: all }
     }
 
+    /// Starts the broker with `--config DIR/sockbroker.toml` holding `toml`.
+    #[track_caller]
+    pub fn start_with_config(name: &str, toml: &str) -> Broker {
+        let dir = test_dir(name);
+        let control = dir.join("control.sock");
+        let config = dir.join("sockbroker.toml");
+        std::fs::write(&config, toml).unwrap();
+        Broker::start_in(dir, control, &["--config", config.to_str().unwrap()], &[])
+    }
+
+    /// The configuration file of [`Broker::start_with_config`].
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("sockbroker.toml")
+    }
+
+    /// Replaces the configuration file (the broker reads it on reload).
+    pub fn write_config(&self, toml: &str) {
+        std::fs::write(self.config_path(), toml).unwrap();
+    }
+
+    /// Runs `sockbroker ARGS` against this broker, as root.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_cli(&self.control, None, args)
+    }
+
+    /// Runs `sockbroker ARGS` against this broker as `nobody:nogroup`
+    /// (setpriv drops every group and both ids before exec).
+    pub fn cli_as_nobody(&self, args: &[&str]) -> Output {
+        run_cli(&self.control, Some(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"]), args)
+    }
+
+    /// Waits (bounded) for a notify message line starting with `prefix`,
+    /// skipping others; returns the line.
+    #[track_caller]
+    pub fn wait_notify(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + START_TIMEOUT;
+        self.notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
+                    return line.to_string();
+                }
+            }
+        }
+        panic!("no notify message starting with {prefix:?} within {START_TIMEOUT:?}");
+    }
+
     /// The broker's pid.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
@@ -154,6 +203,47 @@ impl Drop for Broker {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Runs the CLI with `SOCKBROKER_SOCKET=control`, optionally under
+/// `setpriv PRIV…`, with a deadline.
+pub fn run_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> Output {
+    let mut cmd = match setpriv {
+        Some(p) => {
+            let mut c = Command::new("setpriv");
+            c.args(p).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(args)
+        .env("SOCKBROKER_SOCKET", control)
+        .env_remove("MULTIBINDER_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
+        let _ = child.kill();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The stdout and stderr of a command, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `sockbroker check --config FILE` on `toml` in `dir`.
+pub fn check(dir: &Path, toml: &str) -> Output {
+    let file = dir.join("check.toml");
+    std::fs::write(&file, toml).unwrap();
+    Command::new(BIN).args(["check", "--config", file.to_str().unwrap()]).output().unwrap()
 }
 
 /// Waits for a child to exit, at most `timeout`.
