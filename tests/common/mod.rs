@@ -99,7 +99,14 @@ impl Broker {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        wait_ready(&notify, &mut child, "broker");
+        let started =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_ready(&notify, &mut child, "broker")));
+        if let Err(panic) = started {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("--- broker {all:?} log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            std::panic::resume_unwind(panic);
+        }
         Broker { child, dir, control, log, notify, args: all }
     }
 
