@@ -144,24 +144,9 @@ listen = "unix:@sbt-{dir_tag}-{pid}"
     )
 }
 
-/// A config whose declared TCP port was free; retried on a taken port.
 #[track_caller]
 fn start_declared(name: &str) -> (Broker, u16) {
-    for _ in 0..10 {
-        let port = free_port();
-        let dir = test_dir(name);
-        let config = dir.join("sockbroker.toml");
-        std::fs::write(&config, declared(port, name)).unwrap();
-        let control = dir.join("control.sock");
-        let out = std::process::Command::new(BIN).args(["check", "--config", config.to_str().unwrap()]).output();
-        assert!(out.unwrap().status.success());
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            continue;
-        }
-        let broker = Broker::start_in(dir, control, &["--config", config.to_str().unwrap()], &[]);
-        return (broker, port);
-    }
-    panic!("no free port after 10 tries");
+    Broker::start_with_config_port(name, |port| declared(port, name))
 }
 
 #[test]
@@ -234,6 +219,7 @@ fn invalid_reload_changes_nothing() {
     assert_eq!(inode(client.bind_name("web").unwrap().as_fd()), before);
 
     // The same by SIGHUP: the log and systemd's STATUS say why.
+    broker.drain_notify();
     broker.signal(nix::sys::signal::Signal::SIGHUP);
     let status = broker.wait_notify("STATUS=reload");
     assert!(status.starts_with("STATUS=reload failed, old configuration kept:"), "{status}");

@@ -80,6 +80,14 @@ impl Broker {
     /// Starts the broker in `dir` on `control`.
     #[track_caller]
     pub fn start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Broker {
+        Broker::try_start_in(dir, control, args, env)
+            .unwrap_or_else(|log| panic!("broker exited before READY=1:\n{log}"))
+    }
+
+    /// Starts the broker in `dir` on `control`; when it exits before READY=1,
+    /// returns its log instead (for tests that retry, e.g. on a port taken).
+    #[track_caller]
+    pub fn try_start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Result<Broker, String> {
         let notify_path = dir.join(format!("notify-{}.sock", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let log = dir.join("broker.log");
@@ -99,15 +107,47 @@ impl Broker {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let started =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_ready(&notify, &mut child, "broker")));
-        if let Err(panic) = started {
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!("--- broker {all:?} log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-            std::panic::resume_unwind(panic);
+        let deadline = Instant::now() + START_TIMEOUT;
+        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(n) = notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                    return Ok(Broker { child, dir, control, log, notify, args: all });
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("{all:?}: {status}\n{text}"));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("broker not ready after {START_TIMEOUT:?}");
+            }
         }
-        Broker { child, dir, control, log, notify, args: all }
+    }
+
+    /// Starts the broker with a configuration that declares a TCP port:
+    /// `toml(port)` with a port that was free, retried when the broker finds
+    /// it taken by the time it binds.
+    #[track_caller]
+    pub fn start_with_config_port(name: &str, toml: impl Fn(u16) -> String) -> (Broker, u16) {
+        for _ in 0..10 {
+            let port = free_port();
+            let dir = test_dir(name);
+            let config = dir.join("sockbroker.toml");
+            std::fs::write(&config, toml(port)).unwrap();
+            let control = dir.join("control.sock");
+            match Broker::try_start_in(dir.clone(), control, &["--config", config.to_str().unwrap()], &[]) {
+                Ok(broker) => return (broker, port),
+                Err(log) if log.contains("Address already in use") => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(log) => panic!("broker exited before READY=1:\n{log}"),
+            }
+        }
+        panic!("no free port after 10 tries");
     }
 
     /// Starts the broker with `--config DIR/sockbroker.toml` holding `toml`.
@@ -125,9 +165,21 @@ impl Broker {
         self.dir.join("sockbroker.toml")
     }
 
-    /// Replaces the configuration file (the broker reads it on reload).
+    /// Replaces the configuration file atomically (write, then rename), so a
+    /// reload never reads it half-written.
     pub fn write_config(&self, toml: &str) {
-        std::fs::write(self.config_path(), toml).unwrap();
+        let tmp = self.dir.join("sockbroker.toml.new");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    /// Discards the notify messages received so far, so the next
+    /// [`Broker::wait_notify`] sees only what follows.
+    pub fn drain_notify(&self) {
+        self.notify.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        while self.notify.recv(&mut buf).is_ok() {}
+        self.notify.set_nonblocking(false).unwrap();
     }
 
     /// Runs `sockbroker ARGS` against this broker, as root.
