@@ -98,7 +98,7 @@ pub struct Status {
     pub rules: usize,
     /// Connected clients.
     pub clients: usize,
-    /// Descriptors handed out since start (all sockets, counting released ones).
+    /// Descriptors handed out, summed over the sockets held now.
     pub handed_out: u64,
 }
 
