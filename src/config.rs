@@ -458,20 +458,21 @@ fn valid_name(name: &str) -> bool {
 struct Validator<'a> {
     text: &'a str,
     origin: &'a str,
+    lines: LineIndex,
     problems: Vec<Problem>,
 }
 
 impl<'a> Validator<'a> {
     fn new(text: &'a str, origin: &'a str) -> Self {
-        Validator { text, origin, problems: Vec::new() }
+        Validator { text, origin, lines: LineIndex::new(text), problems: Vec::new() }
     }
 
     fn line(&self, offset: usize) -> usize {
-        line_col(self.text, offset).0
+        self.lines.line_col(self.text, offset).0
     }
 
     fn problem(&self, span: Range<usize>, key: &str, kind: ProblemKind) -> Problem {
-        let (line, column) = line_col(self.text, span.start);
+        let (line, column) = self.lines.line_col(self.text, span.start);
         Problem { file: self.origin.to_string(), line, column, key: key.to_string(), kind }
     }
 
@@ -696,26 +697,33 @@ impl<'a> Validator<'a> {
     }
 }
 
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..text.floor_char_boundary_compat(offset)];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
+/// Where each line starts, so that every span becomes a line and column in
+/// O(log n): a large file has one span per value.
+struct LineIndex {
+    starts: Vec<usize>,
 }
 
-trait FloorBoundary {
-    fn floor_char_boundary_compat(&self, i: usize) -> usize;
-}
-
-impl FloorBoundary for str {
-    fn floor_char_boundary_compat(&self, mut i: usize) -> usize {
-        while !self.is_char_boundary(i) {
-            i -= 1;
-        }
-        i
+impl LineIndex {
+    fn new(text: &str) -> LineIndex {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
     }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_col(&self, text: &str, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.starts.partition_point(|&start| start <= offset);
+        let start = self.starts[line - 1];
+        (line, text[start..offset].chars().count() + 1)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    LineIndex::new(text).line_col(text, offset)
 }
 
 /// The key at a syntax error's position, as a path (`socket[1].backlog`):
