@@ -8,9 +8,14 @@
 //! serves a control socket ([`server`]) speaking multibinder's JSON-RPC
 //! protocol ([`protocol`]). A `bind` request travels: bytes →
 //! [`protocol::framing`] → [`protocol::bind`] (a [`spec::SocketSpec`]) →
+//! [`acl::Policy::check`] (the peer's credentials against the allow rules) →
 //! [`registry::Registry::get_or_open`] (which calls [`socket::open`] only for
 //! a new key) → a reply with the descriptor attached ([`fd`]). Clients use
 //! [`client`]. The broker is never in the data path.
+//!
+//! The configuration file ([`config`]) declares sockets, which the broker
+//! opens at start and on reload ([`reload`]), and the allow rules; the
+//! broker describes itself through [`introspect`].
 
 #![deny(missing_docs)]
 

@@ -7,9 +7,15 @@
 //! 1. [`Server`] reads bytes from a connection into its [`Framer`];
 //! 2. each complete JSON value becomes a [`Request`]; `bind` params become a
 //!    [`BindTarget`] ([`protocol::bind`]);
-//! 3. [`Registry::get_or_open`] (or a lookup by name) yields the held socket;
-//! 4. the reply and a duplicate of the descriptor go out in one `sendmsg`
+//! 3. the peer is judged by the allow rules in force ([`crate::acl`], held in
+//!    [`Server::live`]) before anything is opened;
+//! 4. [`Registry::get_or_open`] (or a lookup by name) yields the held socket;
+//! 5. the reply and a duplicate of the descriptor go out in one `sendmsg`
 //!    ([`fd::send_with_fds`]); the duplicate is closed once sent.
+//!
+//! Besides `bind`: `bind_many` (descriptors split under [`SCM_MAX_FD`] per
+//! message), `release`, `list`, `status` ([`crate::introspect`]) and `reload`
+//! ([`crate::reload`]); `docs/control.md` describes them.
 //!
 //! Errors become JSON-RPC errors and never carry a descriptor. The peer's
 //! credentials are read once, at accept, and travel with every request of the
