@@ -36,19 +36,32 @@ pub fn test_dir(name: &str) -> PathBuf {
 /// or when `child` exits first.
 #[track_caller]
 pub fn wait_ready(notify: &UnixDatagram, child: &mut Child, what: &str) {
+    if let Err(status) = ready_or_exit(notify, child, what) {
+        panic!("{what} exited before READY=1: {status}");
+    }
+}
+
+/// Waits for `READY=1` on a notify socket; `Err` with the exit status when
+/// `child` exits first. Fails the test at the deadline.
+#[track_caller]
+pub fn ready_or_exit(notify: &UnixDatagram, child: &mut Child, what: &str) -> Result<(), ExitStatus> {
     let deadline = Instant::now() + START_TIMEOUT;
     notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut buf = [0u8; 4096];
     loop {
         if let Ok(n) = notify.recv(&mut buf) {
             if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                return;
+                return Ok(());
             }
         }
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("{what} exited before READY=1: {status}");
+            return Err(status);
         }
-        assert!(Instant::now() < deadline, "{what} not ready after {START_TIMEOUT:?}");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} not ready after {START_TIMEOUT:?}");
+        }
     }
 }
 
@@ -107,24 +120,9 @@ impl Broker {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + START_TIMEOUT;
-        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                    return Ok(Broker { child, dir, control, log, notify, args: all });
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("{all:?}: {status}\n{text}"));
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("broker not ready after {START_TIMEOUT:?}");
-            }
+        match ready_or_exit(&notify, &mut child, "broker") {
+            Ok(()) => Ok(Broker { child, dir, control, log, notify, args: all }),
+            Err(status) => Err(format!("{all:?}: {status}\n{}", std::fs::read_to_string(&log).unwrap_or_default())),
         }
     }
 
