@@ -234,3 +234,46 @@ fn reloading() -> Vec<libsystemd::daemon::NotifyState> {
     }
     states
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn config(text: &str) -> Config {
+        parse(text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn a_name_held_by_systemd_is_a_conflict_and_nothing_changes() {
+        let pid = std::process::id();
+        let mut registry = Registry::new();
+        let sys: crate::spec::SocketSpec = format!("unix:@sbt-unit-sys-{pid}").parse().unwrap();
+        let fd = socket::open(&sys).unwrap();
+        registry.adopt(fd, sys.clone(), Some("web".into()), Origin::Systemd).unwrap();
+        let new = config(&format!(
+            "[[socket]]\nname = \"other\"\nlisten = \"unix:@sbt-unit-a-{pid}\"\n\
+             [[socket]]\nname = \"web\"\nlisten = \"unix:@sbt-unit-b-{pid}\"\n"
+        ));
+        let err = apply(&mut registry, &Config::default(), &new).unwrap_err();
+        assert!(err.to_string().contains("declared socket 'web' (t.toml:5): the name 'web' is already taken"), "{err}");
+        assert_eq!(registry.len(), 1, "the socket opened for 'other' was dropped again");
+        assert_eq!(registry.named("web").unwrap().key(), &sys.key);
+    }
+
+    #[test]
+    fn an_on_demand_socket_that_gets_declared_becomes_a_config_socket() {
+        let pid = std::process::id();
+        let mut registry = Registry::new();
+        let spec: crate::spec::SocketSpec = format!("unix:@sbt-unit-od-{pid}").parse().unwrap();
+        registry.get_or_open(&spec).unwrap();
+        let declared = config(&format!("[[socket]]\nname = \"od\"\nlisten = \"{spec}\"\n"));
+        let applied = apply(&mut registry, &Config::default(), &declared).unwrap();
+        assert_eq!((applied.opened.len(), applied.kept.len()), (0, 1));
+        assert_eq!(registry.named("od").unwrap().origin, Origin::Config);
+        // Removing it again closes the broker's copy.
+        let applied = apply(&mut registry, &declared, &Config::default()).unwrap();
+        assert_eq!(applied.closed, [spec.to_string()]);
+        assert!(registry.is_empty());
+    }
+}
