@@ -129,6 +129,30 @@ fn a_uid_rule_grants_names_and_address_ranges() {
 }
 
 #[test]
+fn a_gid_rule_grants_names_and_address_ranges() {
+    check_rules("aclgid", "gid = 65534");
+}
+
+#[test]
+fn changed_rules_apply_at_once_on_reload() {
+    let pid = std::process::id();
+    let spec = format!("unix:@sbt-aclreload-{pid}");
+    let broker = Broker::start_with_config("aclreload", OPEN_CONTROL);
+    assert_refused(&bind_as_nobody(&broker, &[&spec]), &format!("uid 65534 (nobody) may not bind {spec}"));
+
+    broker.write_config(&format!("{OPEN_CONTROL}\n[[allow]]\nuser = \"nobody\"\non_demand = [\"{spec}\"]\n"));
+    assert!(broker.cli(&["reload"]).status.success());
+    assert_allowed(&bind_as_nobody(&broker, &[&spec]));
+
+    // Taken away again: the socket exists, but nobody may no longer have it.
+    broker.drain_notify();
+    broker.write_config(OPEN_CONTROL);
+    broker.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(broker.wait_notify("STATUS=reload").starts_with("STATUS=reloaded"));
+    assert_refused(&bind_as_nobody(&broker, &[&spec]), &format!("uid 65534 (nobody) may not bind {spec}"));
+}
+
+#[test]
 fn group_membership_comes_from_the_user_database() {
     // The client runs as nobody with gid root: the kernel reports gid 0, and
     // only the group database says nobody belongs to nogroup.
