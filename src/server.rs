@@ -6,7 +6,7 @@
 //!
 //! 1. [`Server`] reads bytes from a connection into its [`Framer`];
 //! 2. each complete JSON value becomes a [`Request`]; `bind` params become a
-//!    [`BindTarget`] ([`protocol::bind`]);
+//!    [`BindTarget`] ([`crate::protocol::bind`]);
 //! 3. the peer is judged by the allow rules in force ([`crate::acl`], held in
 //!    [`Server::live`]) before anything is opened;
 //! 4. [`Registry::get_or_open`] (or a lookup by name) yields the held socket;
