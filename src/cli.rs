@@ -134,21 +134,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             } else {
                 let s: crate::introspect::Status = serde_json::from_value(result)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                let origins: Vec<String> = s.by_origin.iter().map(|(o, n)| format!("{n} {o}")).collect();
-                println!(
-                    "sockbroker {} (pid {}), up {}",
-                    s.version,
-                    s.pid,
-                    crate::introspect::short_duration(Duration::from_secs(s.uptime))
-                );
-                println!("control:  {}", s.control);
-                println!("config:   {} ({} allow rules)", s.config, s.rules);
-                println!(
-                    "sockets:  {} held ({})",
-                    s.sockets,
-                    if origins.is_empty() { "none".into() } else { origins.join(", ") }
-                );
-                println!("clients:  {} connected; {} descriptors handed out", s.clients, s.handed_out);
+                print!("{s}");
             }
         }
         Command::Release { spec } => {

@@ -11,7 +11,7 @@
 //! 4. **Serving**: tell systemd READY=1, then serve until a signal. SIGHUP
 //!    re-reads the configuration ([`reload::reload`]): Reloading, then back
 //!    to Serving whether or not the new file was valid.
-//! 4. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket,
+//! 5. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket,
 //!    exit 0. Held sockets close with the process; clients keep theirs.
 //!
 //! SIGUSR1/SIGUSR2 are blocked too, so a stray signal never kills
@@ -131,7 +131,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
 fn put_in_force(server: &mut Server, live: Live) -> Result<(), ApplyError> {
     let applied = reload::apply(&mut server.registry, &server.live.config, &live.config)?;
     log::info!(
-        "configuration {}: {} declared sockets opened, {} allow rules",
+        "configuration {}: {} declared sockets held, {} allow rules",
         live.source,
         applied.opened.len() + applied.kept.len(),
         applied.rules

@@ -102,6 +102,25 @@ pub struct Status {
     pub handed_out: u64,
 }
 
+impl std::fmt::Display for Status {
+    /// The `sockbroker status` text.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let origins: Vec<String> = self.by_origin.iter().map(|(o, n)| format!("{n} {o}")).collect();
+        let origins = if origins.is_empty() { "none".to_string() } else { origins.join(", ") };
+        writeln!(
+            f,
+            "sockbroker {} (pid {}), up {}",
+            self.version,
+            self.pid,
+            short_duration(Duration::from_secs(self.uptime))
+        )?;
+        writeln!(f, "control:  {}", self.control)?;
+        writeln!(f, "config:   {} ({} allow rules)", self.config, self.rules)?;
+        writeln!(f, "sockets:  {} held ({origins})", self.sockets)?;
+        writeln!(f, "clients:  {} connected; {} descriptors handed out", self.clients, self.handed_out)
+    }
+}
+
 /// The kind column: the scheme of the text form.
 pub fn kind(key: &SocketKey) -> &'static str {
     match key {
