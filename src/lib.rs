@@ -27,6 +27,7 @@ pub mod daemon;
 pub mod fd;
 pub mod introspect;
 pub mod logging;
+pub mod methods;
 pub mod protocol;
 pub mod registry;
 pub mod reload;
