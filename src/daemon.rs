@@ -152,12 +152,17 @@ fn chown_control(path: &std::path::Path, control: &ControlConfig) -> Result<(), 
 }
 
 fn status_line(server: &Server) -> String {
-    format!(
+    let line = format!(
         "serving on {}; holding {} sockets; {} clients",
         server.control().path().display(),
         server.registry.len(),
         server.clients()
-    )
+    );
+    // A failed reload stays visible in `systemctl status` until a good one.
+    match &server.live.reload_error {
+        Some(why) => format!("{line}; last reload failed, old configuration kept: {why}"),
+        None => line,
+    }
 }
 
 /// Blocks the signals the broker handles and returns a signalfd for them.

@@ -100,6 +100,9 @@ pub struct Status {
     pub clients: usize,
     /// Descriptors handed out, summed over the sockets held now.
     pub handed_out: u64,
+    /// Why the last reload failed, when it did (the old configuration is
+    /// still in force).
+    pub reload_error: Option<String>,
 }
 
 impl std::fmt::Display for Status {
@@ -117,7 +120,11 @@ impl std::fmt::Display for Status {
         writeln!(f, "control:  {}", self.control)?;
         writeln!(f, "config:   {} ({} allow rules)", self.config, self.rules)?;
         writeln!(f, "sockets:  {} held ({origins})", self.sockets)?;
-        writeln!(f, "clients:  {} connected; {} descriptors handed out", self.clients, self.handed_out)
+        writeln!(f, "clients:  {} connected; {} descriptors handed out", self.clients, self.handed_out)?;
+        if let Some(why) = &self.reload_error {
+            writeln!(f, "reload:   FAILED, old configuration kept: {why}")?;
+        }
+        Ok(())
     }
 }
 

@@ -111,6 +111,7 @@ impl Server {
             rules: self.live.policy.rules().len(),
             clients: self.clients(),
             handed_out: self.registry.iter().map(|h| h.handed_out).sum(),
+            reload_error: self.live.reload_error.clone(),
         }
     }
 }

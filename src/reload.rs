@@ -45,13 +45,16 @@ pub struct Live {
     pub policy: Policy,
     /// When it was put into force.
     pub loaded: SystemTime,
+    /// Why the last reload failed, until one succeeds (for systemd STATUS
+    /// and `status`).
+    pub reload_error: Option<String>,
 }
 
 impl Live {
     /// A configuration read from `source`, not applied to anything yet.
     pub fn new(source: Source, config: Config) -> Live {
         let policy = Policy::new(config.rules.clone());
-        Live { source, config, policy, loaded: SystemTime::now() }
+        Live { source, config, policy, loaded: SystemTime::now(), reload_error: None }
     }
 }
 
@@ -213,7 +216,8 @@ pub fn reload(live: &mut Live, registry: &mut Registry) -> Result<Applied, Apply
         Err(e) => {
             let why = crate::error_chain(e);
             log::error!("reload failed, keeping the configuration in force: {why}");
-            let first_line = why.lines().take(2).collect::<Vec<_>>().join(" ");
+            let first_line = why.lines().take(2).map(str::trim).collect::<Vec<_>>().join(" ");
+            live.reload_error = Some(first_line.clone());
             notify::send(&[
                 libsystemd::daemon::NotifyState::Ready,
                 libsystemd::daemon::NotifyState::Status(format!("reload failed, old configuration kept: {first_line}")),

@@ -225,6 +225,17 @@ fn invalid_reload_changes_nothing() {
     assert!(status.starts_with("STATUS=reload failed, old configuration kept:"), "{status}");
     assert!(broker.log_text().contains("reload failed, keeping the configuration in force"));
     assert_eq!(inode(client.bind_name("web").unwrap().as_fd()), before);
+    // It stays in the status line systemd shows, and in `status`, until a
+    // reload succeeds.
+    let line = broker.wait_notify("STATUS=serving");
+    assert!(line.contains("; last reload failed, old configuration kept:"), "{line}");
+    assert!(line.contains("port 99999 is out of range"), "{line}");
+    let status = broker.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("reload:   FAILED, old configuration kept:"),
+        "{}",
+        output_text(&status)
+    );
     let _ = port;
 
     // A declared socket that cannot be opened also changes nothing.
