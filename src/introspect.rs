@@ -128,6 +128,12 @@ impl std::fmt::Display for Status {
     }
 }
 
+/// An origin as the protocol spells it: `systemd`, `config`, `on-demand`,
+/// `fd-store`, `upgrade`.
+pub fn origin_name(origin: Origin) -> String {
+    serde_json::to_value(origin).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
 /// The kind column: the scheme of the text form.
 pub fn kind(key: &SocketKey) -> &'static str {
     match key {
@@ -159,8 +165,6 @@ pub fn short_duration(d: Duration) -> String {
 pub fn table(sockets: &[SocketInfo], now: SystemTime) -> String {
     let header = ["NAME", "ADDRESS", "KIND", "ORIGIN", "AGE", "HANDED", "LAST PEER", "QUEUE"];
     let now = epoch_secs(now);
-    let origin =
-        |o: Origin| serde_json::to_value(o).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     let rows: Vec<[String; 8]> = sockets
         .iter()
         .map(|s| {
@@ -168,7 +172,7 @@ pub fn table(sockets: &[SocketInfo], now: SystemTime) -> String {
                 s.name.clone().unwrap_or_else(|| "-".into()),
                 s.address.to_string(),
                 s.kind.clone(),
-                origin(s.origin),
+                origin_name(s.origin),
                 short_duration(Duration::from_secs(now.saturating_sub(s.created))),
                 s.handed_out.to_string(),
                 match (s.last_pid, s.last_uid) {

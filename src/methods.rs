@@ -70,8 +70,10 @@ impl Server {
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         if held.origin != Origin::OnDemand {
-            let message =
-                format!("{key}: only sockets created on demand can be released (this one is {:?})", held.origin);
+            let message = format!(
+                "{key}: only sockets created on demand can be released (this one comes from {})",
+                introspect::origin_name(held.origin)
+            );
             log::info!("{peer} release {message}");
             return Err(RpcError::new(code::NOT_RELEASABLE, message));
         }
@@ -96,8 +98,7 @@ impl Server {
     pub fn status(&self) -> introspect::Status {
         let mut by_origin = std::collections::BTreeMap::new();
         for held in self.registry.iter() {
-            let origin = serde_json::to_value(held.origin).ok().and_then(|v| v.as_str().map(String::from));
-            *by_origin.entry(origin.unwrap_or_default()).or_insert(0) += 1;
+            *by_origin.entry(introspect::origin_name(held.origin)).or_insert(0) += 1;
         }
         introspect::Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
