@@ -167,6 +167,23 @@ fn declared_sockets_are_held_from_the_start_under_name_and_key() {
     assert!(broker.log_text().contains("('web'): opened, declared at"), "{}", broker.log_text());
 }
 
+#[test]
+fn every_descriptor_the_broker_holds_is_cloexec() {
+    let (broker, _) = start_declared("declcloexec");
+    // The client stays connected, so its connection is counted for sure.
+    let mut client = broker.client();
+    client.bind(&format!("unix:@sbt-cloexec-{}", std::process::id()).parse().unwrap()).unwrap();
+    let sockets: Vec<i32> =
+        broker.open_fds().into_iter().filter(|(_, t)| t.starts_with("socket:")).map(|(fd, _)| fd).collect();
+    assert_eq!(sockets.len(), 5, "control, a connection, two declared, one on demand: {:?}", broker.open_fds());
+    for fd in sockets {
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", broker.pid())).unwrap();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert_ne!(flags & nix::libc::O_CLOEXEC as u32, 0, "fd {fd} without O_CLOEXEC: {info}");
+    }
+}
+
 fn broker_holds(broker: &Broker, ino: u64) -> bool {
     broker.open_fds().iter().any(|(_, t)| *t == format!("socket:[{ino}]"))
 }
