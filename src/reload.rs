@@ -188,14 +188,21 @@ pub fn apply(registry: &mut Registry, old: &Config, new: &Config) -> Result<Appl
 
 /// Re-reads `live.source` and puts it into force. On any error the old
 /// configuration stays, and the reason is logged and sent as systemd STATUS.
+///
+/// A broker started without any file looks again for
+/// [`crate::config::SYSTEM_CONFIG`], so creating it and reloading works.
 pub fn reload(live: &mut Live, registry: &mut Registry) -> Result<Applied, ApplyError> {
     notify::send(&reloading());
-    let result = live.source.load().map_err(ApplyError::from).and_then(|new| {
+    let source = match &live.source {
+        Source::Embedded => Source::resolve(None),
+        file => file.clone(),
+    };
+    let result = source.load().map_err(ApplyError::from).and_then(|new| {
         let applied = apply(registry, &live.config, &new)?;
         if new.control != live.config.control {
             log::warn!("{}: [control] changed; it takes effect at the next start", new.origin);
         }
-        *live = Live::new(live.source.clone(), new);
+        *live = Live::new(source, new);
         Ok(applied)
     });
     match &result {
