@@ -37,6 +37,35 @@ pub enum Command {
         /// on the control path, then serve in its place (it exits).
         #[arg(long)]
         takeover: bool,
+        /// Configuration file [default: /etc/sockbroker/sockbroker.toml if it exists, else the built-in default]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file; print every problem with FILE:LINE:COLUMN and exit non-zero.
+    Check {
+        /// Configuration file [default: /etc/sockbroker/sockbroker.toml if it exists, else the built-in default]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Make the running broker re-read its configuration (as SIGHUP does).
+    Reload,
+    /// List the sockets the broker holds.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the broker's version, uptime and counts.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the broker close its copy of a socket it created on demand.
+    Release {
+        /// The socket, in its text form.
+        #[arg(value_name = "SPEC")]
+        spec: SocketSpec,
     },
     /// Ask the broker for a socket and print what was received.
     Bind {
@@ -58,6 +87,9 @@ pub enum CliError {
     /// Talking to the broker failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The configuration is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -66,13 +98,54 @@ pub enum CliError {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Serve { control, idle_timeout, takeover } => {
+        Command::Serve { control, idle_timeout, takeover, config } => {
+            let source = config::Source::resolve(config.as_deref());
+            let loaded = source.load()?;
+            let control_config = loaded.control.clone();
             daemon::serve(ServeOptions {
-                control: config::serve_control_path(control.as_deref()),
-                control_mode: config::CONTROL_MODE,
+                control: config::serve_control_path_with(control.as_deref(), control_config.path.as_deref()),
+                control_mode: control_config.mode.unwrap_or(config::CONTROL_MODE),
                 idle_timeout,
                 takeover,
+                config: crate::reload::Live::new(source, loaded),
             })?;
+        }
+        Command::Check { config } => return Ok(check(config.as_deref())),
+        Command::Reload => {
+            let (result, _) = Client::connect_default()?.call("reload", serde_json::Value::Null)?;
+            let applied: crate::reload::Applied = serde_json::from_value(result).unwrap_or_default();
+            println!(
+                "reloaded: {} opened, {} closed, {} kept, {} rules",
+                applied.opened.len(),
+                applied.closed.len(),
+                applied.kept.len(),
+                applied.rules
+            );
+        }
+        Command::List { json } => {
+            let (result, _) = Client::connect_default()?.call("list", serde_json::Value::Null)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
+            } else {
+                let sockets: Vec<crate::introspect::SocketInfo> = serde_json::from_value(result)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                print!("{}", crate::introspect::table(&sockets, std::time::SystemTime::now()));
+            }
+        }
+        Command::Status { json } => {
+            let (result, _) = Client::connect_default()?.call("status", serde_json::Value::Null)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
+            } else {
+                let s: crate::introspect::Status = serde_json::from_value(result)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                print!("{s}");
+            }
+        }
+        Command::Release { spec } => {
+            let params = crate::protocol::bind::BindParams::from_spec(&spec).to_json();
+            Client::connect_default()?.call("release", params)?;
+            println!("{spec}: released");
         }
         Command::Bind { spec, name } => {
             let mut client = Client::connect_default()?;
@@ -86,6 +159,28 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sockbroker check`: every problem on stderr, one per line; exit 1 on any.
+fn check(flag: Option<&std::path::Path>) -> ExitCode {
+    let source = config::Source::resolve(flag);
+    match source.load() {
+        Ok(c) => {
+            println!("{source}: ok ({} declared sockets, {} allow rules)", c.sockets.len(), c.rules.len());
+            ExitCode::SUCCESS
+        }
+        Err(config::ConfigError::Invalid { problems, .. }) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            eprintln!("{source}: {} problem{}", problems.len(), if problems.len() == 1 { "" } else { "s" });
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sockbroker: {}", crate::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.

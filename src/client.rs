@@ -237,6 +237,43 @@ impl Client {
         self.bind_params(&BindParams::from_name(name), format!("socket named '{name}'"))
     }
 
+    /// Asks for many sockets in one round trip (method `bind_many`). Each
+    /// entry is the socket or the broker's refusal for it, in order.
+    pub fn bind_many(&mut self, specs: &[SocketSpec]) -> Result<Vec<Result<OwnedFd, RpcError>>, ClientError> {
+        let params: Vec<Value> = specs
+            .iter()
+            .map(|s| serde_json::to_value(BindParams::from_spec(s)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.protocol(e.to_string()))?;
+        let (result, fds) = self.call("bind_many", Value::Array(params))?;
+        let Value::Array(items) = result else {
+            return Err(self.protocol("bind_many: the result is not an array".into()));
+        };
+        if items.len() != specs.len() {
+            return Err(self.protocol(format!("bind_many: {} results for {} sockets", items.len(), specs.len())));
+        }
+        let ok = items.iter().filter(|i| i.get("ok").is_some()).count();
+        if ok != fds.len() {
+            return Err(self.protocol(format!("bind_many: {ok} successes but {} descriptors", fds.len())));
+        }
+        let mut fds = fds.into_iter();
+        items
+            .into_iter()
+            .map(|item| match item.get("error") {
+                Some(e) => serde_json::from_value(e.clone()).map(Err).map_err(|e| self.protocol(e.to_string())),
+                None => Ok(Ok(fds.next().expect("counted above"))),
+            })
+            .collect()
+    }
+
+    /// Makes the broker close its copy of a socket it created on demand.
+    pub fn release(&mut self, spec: &SocketSpec) -> Result<(), ClientError> {
+        self.call("release", BindParams::from_spec(spec).to_json()).map(drop).map_err(|e| match e {
+            ClientError::Refused { error, .. } => ClientError::Refused { what: spec.to_string(), error },
+            other => other,
+        })
+    }
+
     fn bind_params(&mut self, params: &BindParams, what: String) -> Result<OwnedFd, ClientError> {
         let (_, fds) = self.call("bind", params.to_json()).map_err(|e| match e {
             ClientError::Refused { error, .. } => ClientError::Refused { what: what.clone(), error },

@@ -11,21 +11,29 @@
 //!    sockets given back by the fd store, and the control socket when systemd
 //!    owns it ([`activation`]).
 //! 3. **Control socket**: carried over, passed by systemd, or created at the
-//!    path (refusing to start when another broker is live on it).
-//! 4. **Serving**: tell systemd READY=1 (only now: every passed socket is
-//!    held and the control socket listens), then serve until a signal,
-//!    updating STATUS= when the held sockets change and sending WATCHDOG=1
-//!    when systemd asks for it.
-//! 5. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket
+//!    path (refusing to start when another broker is live on it), with the
+//!    owner and group the configuration names.
+//! 4. **Declared sockets**: open every `[[socket]]` of the configuration that
+//!    is not held yet and register it under its name and key
+//!    ([`reload::apply`]); adopted sockets with the same address get the
+//!    declared name. A socket that cannot be opened stops the start, as a
+//!    failing systemd socket unit would.
+//! 5. **Serving**: tell systemd READY=1 (only now: every passed and declared
+//!    socket is held and the control socket listens), then serve until a
+//!    signal, updating STATUS= when the held sockets change and sending
+//!    WATCHDOG=1 when systemd asks for it. SIGHUP re-reads the configuration
+//!    ([`reload::reload`]): Reloading, then back to Serving whether or not the
+//!    new file was valid.
+//! 6. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket
 //!    (unless systemd owns it), exit 0. Held sockets close with the process;
 //!    clients keep theirs, and systemd keeps its copies (fd store).
-//! 6. **Upgrading**: SIGUSR1 re-executes the binary at the broker's path,
+//! 7. **Upgrading**: SIGUSR1 re-executes the binary at the broker's path,
 //!    keeping everything; a `takeover` request from a new broker hands
 //!    everything over, then this one exits without removing the control
 //!    socket (see [`upgrade`]).
 //!
-//! SIGHUP and SIGUSR2 are blocked too, so a stray signal never kills the
-//! broker and with it every held socket.
+//! SIGUSR2 is blocked too, so a stray signal never kills the broker and with
+//! it every held socket.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -34,7 +42,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::config::ControlConfig;
 use crate::registry::{Origin, Registry};
+use crate::reload::{self, ApplyError, Live};
 use crate::server::{ControlError, ControlSocket, Server, ServerOptions, Wake};
 use crate::systemd::{activation, listen, notify};
 use crate::upgrade::{self, ExecTarget, UpgradeError};
@@ -50,6 +60,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Take over the broker serving on `control` instead of creating it.
     pub takeover: bool,
+    /// The configuration, loaded and validated; applied by `serve`.
+    pub config: Live,
 }
 
 /// The shortest time between two STATUS= updates.
@@ -64,6 +76,8 @@ pub enum Phase {
     Adopting,
     /// Answering clients.
     Serving,
+    /// Re-reading the configuration (SIGHUP).
+    Reloading,
     /// Shutting down after SIGTERM or SIGINT.
     Stopping,
     /// A new broker took everything over; exiting without cleanup.
@@ -79,6 +93,18 @@ pub enum ServeError {
     /// The control socket could not be created.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The configuration could not be put into force.
+    #[error(transparent)]
+    Config(#[from] ApplyError),
+    /// The control socket could not be given its owner and group.
+    #[error("control socket {path}: setting owner and group: {source}")]
+    ControlOwner {
+        /// The control socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The control loop failed.
     #[error("control loop: {0}")]
     Loop(#[source] std::io::Error),
@@ -125,7 +151,11 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
             let control = match adopted.control {
                 // systemd made the socket file and removes it: owned_inode None.
                 Some((listener, path)) => ControlSocket::from_listener(listener, path, None)?,
-                None => ControlSocket::bind(&options.control, options.control_mode)?,
+                None => {
+                    let control = ControlSocket::bind(&options.control, options.control_mode)?;
+                    chown_control(control.path(), &options.config.config.control)?;
+                    control
+                }
             };
             upgrade::adopt_multibinder_env(&mut registry);
             let server = Server::new(control, registry, server_options);
@@ -140,6 +170,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
             server
         }
     };
+    put_in_force(&mut server, options.config)?;
 
     phase = Phase::Serving;
     let watchdog = notify::watchdog_interval();
@@ -200,6 +231,15 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                     }
                     Err(e) => log::error!("SIGUSR1: cannot re-exec: the binary's path was unknown at start: {e}"),
                 },
+                Ok(Signal::SIGHUP) => {
+                    phase = Phase::Reloading;
+                    log::info!("SIGHUP: reloading {} (phase {phase:?})", server.live.source);
+                    // Failure is logged and reported to systemd by reload();
+                    // the old configuration stays in force.
+                    let _ = reload::reload(&mut server.live, &mut server.registry);
+                    phase = Phase::Serving;
+                    status_due = Some(now);
+                }
                 Ok(sig) => log::info!("{sig}: ignored (nothing to do for it yet)"),
                 Err(_) => {}
             }
@@ -228,17 +268,47 @@ fn status_line(server: &Server) -> String {
     sockets.sort();
     let shown = sockets.len().min(4);
     let more = if sockets.len() > shown { format!(", +{} more", sockets.len() - shown) } else { String::new() };
-    format!(
-        "serving on {}; holding {} sockets ({} from systemd, {} from the fd store, {} on demand){}{}{}",
+    let line = format!(
+        "serving on {}; holding {} sockets ({} from systemd, {} from the fd store, {} on demand, {} declared){}{}{}",
         server.control().path().display(),
         server.registry.len(),
         count(Origin::Systemd),
         count(Origin::FdStore),
         count(Origin::OnDemand),
+        count(Origin::Config),
         if shown > 0 { ": " } else { "" },
         sockets[..shown].join(", "),
         more
-    )
+    );
+    // A failed reload stays visible in `systemctl status` until a good one.
+    match &server.live.reload_error {
+        Some(why) => format!("{line}; last reload failed, old configuration kept: {why}"),
+        None => line,
+    }
+}
+
+/// Opens the declared sockets and puts the access rules into force.
+fn put_in_force(server: &mut Server, live: Live) -> Result<(), ApplyError> {
+    let applied = reload::apply(&mut server.registry, &server.live.config, &live.config)?;
+    log::info!(
+        "configuration {}: {} declared sockets held, {} allow rules",
+        live.source,
+        applied.opened.len() + applied.kept.len(),
+        applied.rules
+    );
+    server.live = live;
+    Ok(())
+}
+
+/// Gives the control socket the owner and group the configuration names.
+/// The file was created with its final mode, so until this runs it is only
+/// more restricted (owned by the broker's user), never less.
+fn chown_control(path: &std::path::Path, control: &ControlConfig) -> Result<(), ServeError> {
+    if control.owner.is_none() && control.group.is_none() {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, control.owner, control.group)
+        .map_err(|source| ServeError::ControlOwner { path: path.to_path_buf(), source })
 }
 
 /// Blocks the signals the broker handles and returns a signalfd for them.

@@ -8,6 +8,7 @@
 //! serves a control socket ([`server`]) speaking multibinder's JSON-RPC
 //! protocol ([`protocol`]). A `bind` request travels: bytes →
 //! [`protocol::framing`] → [`protocol::bind`] (a [`spec::SocketSpec`]) →
+//! [`acl::Policy::check`] (the peer's credentials against the allow rules) →
 //! [`registry::Registry::get_or_open`] (which calls [`socket::open`] only for
 //! a new key) → a reply with the descriptor attached ([`fd`]). Clients use
 //! [`client`]. The broker is never in the data path.
@@ -16,17 +17,24 @@
 //! SIGUSR1 it re-executes its binary, and `serve --takeover` moves everything
 //! to a new process; both carry the held sockets, the control socket and the
 //! open client connections.
+//! The configuration file ([`config`]) declares sockets, which the broker
+//! opens at start and on reload ([`reload`]), and the allow rules; the
+//! broker describes itself through [`introspect`].
 
 #![deny(missing_docs)]
 
+pub mod acl;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod fd;
+pub mod introspect;
 pub mod logging;
+pub mod methods;
 pub mod protocol;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod socket;
 pub mod spec;

@@ -141,6 +141,35 @@ impl Registry {
         Ok(self.by_key.entry(key).or_insert(held))
     }
 
+    /// The held socket called `name`, read-only.
+    pub fn named(&self, name: &str) -> Option<&HeldSocket> {
+        self.names.get(name).and_then(|key| self.by_key.get(key))
+    }
+
+    /// The held socket with this key, to update its bookkeeping.
+    pub fn get_mut(&mut self, key: &SocketKey) -> Option<&mut HeldSocket> {
+        self.by_key.get_mut(key)
+    }
+
+    /// Gives the held socket `key` a name, or takes its name away (`None`).
+    /// A name held by another socket is a conflict; nothing changes then.
+    pub fn set_name(&mut self, key: &SocketKey, name: Option<String>) -> Result<(), AdoptConflict> {
+        if let Some(n) = &name {
+            if self.names.get(n).is_some_and(|k| k != key) {
+                return Err(AdoptConflict::Name(n.clone()));
+            }
+        }
+        let held = self.by_key.get_mut(key).ok_or_else(|| AdoptConflict::NotHeld(key.clone()))?;
+        if let Some(old) = held.name.take() {
+            self.names.remove(&old);
+        }
+        if let Some(n) = &name {
+            self.names.insert(n.clone(), key.clone());
+        }
+        held.name = name;
+        Ok(())
+    }
+
     /// Stops holding a socket; the broker's descriptor is closed, while
     /// processes that received it keep theirs.
     pub fn release(&mut self, key: &SocketKey) -> Option<HeldSocket> {
@@ -181,4 +210,7 @@ pub enum AdoptConflict {
     /// Another held socket has the same name.
     #[error("the name '{0}' is already taken")]
     Name(String),
+    /// The socket to name is not held.
+    #[error("{0} is not held")]
+    NotHeld(SocketKey),
 }

@@ -6,10 +6,16 @@
 //!
 //! 1. [`Server`] reads bytes from a connection into its [`Framer`];
 //! 2. each complete JSON value becomes a [`Request`]; `bind` params become a
-//!    [`BindTarget`] ([`protocol::bind`]);
-//! 3. [`Registry::get_or_open`] (or a lookup by name) yields the held socket;
-//! 4. the reply and a duplicate of the descriptor go out in one `sendmsg`
+//!    [`BindTarget`] ([`crate::protocol::bind`]);
+//! 3. the peer is judged by the allow rules in force ([`crate::acl`], held in
+//!    [`Server::live`]) before anything is opened;
+//! 4. [`Registry::get_or_open`] (or a lookup by name) yields the held socket;
+//! 5. the reply and a duplicate of the descriptor go out in one `sendmsg`
 //!    ([`fd::send_with_fds`]); the duplicate is closed once sent.
+//!
+//! Besides `bind`: `bind_many` (descriptors split under [`SCM_MAX_FD`] per
+//! message), `release`, `list`, `status` ([`crate::introspect`]) and `reload`
+//! ([`crate::reload`]); `docs/control.md` describes them.
 //!
 //! Errors become JSON-RPC errors and never carry a descriptor. The peer's
 //! credentials are read once, at accept, and travel with every request of the
@@ -27,11 +33,14 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::{umask, Mode};
 use serde_json::{json, Value};
 
-use crate::fd::{self, PeerCred};
+use crate::acl::Action;
+use crate::fd::{self, PeerCred, SCM_MAX_FD};
+use crate::introspect;
 use crate::protocol::bind::{BindParams, BindTarget};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::{code, Request, Response, RpcError};
 use crate::registry::Registry;
+use crate::reload::Live;
 use crate::socket::{self, OpenError, PathError};
 use crate::spec::{SocketKey, SocketSpec, SpecError};
 
@@ -44,6 +53,9 @@ const MAX_QUEUED_REPLIES: usize = 16;
 /// Bytes read from one connection per wake-up, so one busy client cannot
 /// starve the others.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most sockets in one `bind_many` request: each costs a duplicate descriptor
+/// until the reply is written.
+pub const MAX_BATCH: usize = 4096;
 
 /// Settings of the control loop.
 #[derive(Debug, Clone)]
@@ -259,12 +271,24 @@ pub struct Server {
     next_conn: u64,
     /// A connection that asked to take over, out of the loop.
     takeover: Option<Conn>,
+    /// The configuration in force: declared sockets and access rules.
+    pub live: Live,
+    pub(crate) started: Instant,
 }
 
 impl Server {
     /// A server on `control`, holding what `registry` holds.
     pub fn new(control: ControlSocket, registry: Registry, options: ServerOptions) -> Server {
-        Server { control, registry, options, conns: HashMap::new(), next_conn: 0, takeover: None }
+        Server {
+            control,
+            registry,
+            options,
+            conns: HashMap::new(),
+            next_conn: 0,
+            takeover: None,
+            live: Live::default(),
+            started: Instant::now(),
+        }
     }
 
     /// The control socket.
@@ -518,7 +542,7 @@ impl Server {
                     (Response::err(Value::Null, RpcError::new(code, message)), Vec::new())
                 }
             };
-            conn.outbox.push_back(Outgoing { bytes: response.to_bytes(), sent: 0, fds });
+            push_reply(&mut conn.outbox, response.to_bytes(), fds);
         }
     }
 
@@ -526,6 +550,11 @@ impl Server {
     fn dispatch(&mut self, peer: PeerCred, req: Request) -> (Response, Vec<OwnedFd>) {
         let result = match req.method.as_str() {
             "bind" => self.bind(peer, &req.params),
+            "bind_many" => self.bind_many(peer, &req.params),
+            "release" => self.release(peer, &req.params),
+            "list" => Ok((json!(introspect::list(&self.registry)), Vec::new())),
+            "status" => Ok((json!(self.status()), Vec::new())),
+            "reload" => self.reload(peer),
             other => {
                 log::info!("{peer} {other}: method not found");
                 Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
@@ -538,21 +567,32 @@ impl Server {
     }
 
     fn bind(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
-        let invalid = |what: String, e: &dyn std::fmt::Display| {
-            let message = format!("Invalid params: {what}: {e}");
-            log::info!("{peer} bind: {message}");
-            RpcError::new(code::INVALID_PARAMS, message)
+        let params = BindParams::from_json(params).map_err(|e| invalid(peer, "bind", "bind".into(), &e))?;
+        let fd = self.bind_one(peer, &params)?;
+        Ok((json!(true), vec![fd]))
+    }
+
+    /// One socket: parse, judge, find or open, duplicate. Access is judged
+    /// before anything is opened, so a refused peer creates nothing.
+    pub(crate) fn bind_one(&mut self, peer: PeerCred, params: &BindParams) -> Result<OwnedFd, RpcError> {
+        let target = params.target().map_err(|e| invalid(peer, "bind", params.describe(), &e))?;
+        let unknown = |name: &str| {
+            log::info!("{peer} bind name '{name}': unknown name");
+            RpcError::new(code::UNKNOWN_NAME, crate::registry::UnknownName(name.to_string()).to_string())
         };
-        let params = BindParams::from_json(params).map_err(|e| invalid("bind".into(), &e))?;
-        let target = params.target().map_err(|e| invalid(params.describe(), &e))?;
-        let (held, new) = match &target {
+        let (name, key) = match &target {
             BindTarget::Name(name) => {
-                let held = self.registry.by_name(name).map_err(|e| {
-                    log::info!("{peer} bind name '{name}': unknown name");
-                    RpcError::new(code::UNKNOWN_NAME, e.to_string())
-                })?;
-                (held, false)
+                let held = self.registry.named(name).ok_or_else(|| unknown(name))?;
+                (Some(name.clone()), held.key().clone())
             }
+            BindTarget::Spec(spec) => (self.registry.get(&spec.key).and_then(|h| h.name.clone()), spec.key.clone()),
+        };
+        self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
+            log::warn!("{peer} bind {key}: refused: {denied}");
+            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+        })?;
+        let (held, new) = match &target {
+            BindTarget::Name(name) => (self.registry.by_name(name).map_err(|_| unknown(name))?, false),
             BindTarget::Spec(spec) => self.registry.get_or_open(spec).map_err(|e| {
                 log::warn!("{peer} bind {}: could not bind: {e}", spec.key);
                 RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
@@ -575,7 +615,32 @@ impl Server {
             if new { "new socket" } else { "held socket" },
             held.fd().as_raw_fd()
         );
-        Ok((json!(true), vec![dup]))
+        Ok(dup)
+    }
+}
+
+/// An invalid-params error, logged.
+pub(crate) fn invalid(peer: PeerCred, method: &str, what: String, e: &dyn std::fmt::Display) -> RpcError {
+    let message = format!("Invalid params: {what}: {e}");
+    log::info!("{peer} {method}: {message}");
+    RpcError::new(code::INVALID_PARAMS, message)
+}
+
+/// Queues a reply. Descriptors beyond the kernel's per-message limit
+/// ([`SCM_MAX_FD`]) go in further messages: the reply text is cut so each
+/// message carries at least one byte with its share of descriptors, and the
+/// receiving kernel never merges two messages that carry descriptors.
+fn push_reply(outbox: &mut VecDeque<Outgoing>, bytes: Vec<u8>, mut fds: Vec<OwnedFd>) {
+    let chunks = fds.len().div_ceil(SCM_MAX_FD).max(1);
+    if chunks == 1 || bytes.len() < chunks {
+        outbox.push_back(Outgoing { bytes, sent: 0, fds });
+        return;
+    }
+    for i in 0..chunks {
+        let take = fds.len().min(SCM_MAX_FD);
+        let part: Vec<OwnedFd> = fds.drain(..take).collect();
+        let text = if i + 1 == chunks { bytes[i..].to_vec() } else { bytes[i..i + 1].to_vec() };
+        outbox.push_back(Outgoing { bytes: text, sent: 0, fds: part });
     }
 }
 

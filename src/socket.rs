@@ -19,7 +19,9 @@ use nix::sys::socket::{
     bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr,
 };
 
-use crate::spec::{SocketKey, SocketSpec, Transport, UnixAddress, UnixKind};
+use nix::sys::stat::{umask, Mode};
+
+use crate::spec::{SocketKey, SocketOptions, SocketSpec, Transport, UnixAddress, UnixKind};
 
 /// The step of opening a socket that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +133,11 @@ pub fn clear_stale_unix_path(path: &Path) -> Result<(), PathError> {
 
 /// Creates, binds and (for stream kinds) listens on the socket `spec` names.
 ///
-/// TCP sockets get `SO_REUSEADDR`, as multibinder's did, so a restart of a
-/// machine-wide service does not wait out TIME_WAIT.
+/// TCP sockets get `SO_REUSEADDR` unless the options say otherwise, as
+/// multibinder's did, so a restart of a machine-wide service does not wait out
+/// TIME_WAIT. The other [`SocketOptions`] are set before `bind()` (so
+/// `IP_FREEBIND`, `SO_REUSEPORT` and `SO_BINDTODEVICE` take effect for it); a
+/// UNIX socket file is created with its mode, then given its owner and group.
 pub fn open(spec: &SocketSpec) -> Result<OwnedFd, OpenError> {
     let key = &spec.key;
     let fail = |step| move |source: io::Error| OpenError { key: key.clone(), step, source };
@@ -146,11 +151,8 @@ pub fn open(spec: &SocketSpec) -> Result<OwnedFd, OpenError> {
                 Transport::Udp => SockType::Datagram,
             };
             let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, None).map_err(errno).map_err(fail(Step::Create))?;
-            if *transport == Transport::Tcp {
-                setsockopt(&fd, sockopt::ReuseAddr, &true)
-                    .map_err(errno)
-                    .map_err(fail(Step::SetOption("SO_REUSEADDR")))?;
-            }
+            apply_inet_options(fd.as_fd(), *transport, addr.is_ipv6(), &spec.options)
+                .map_err(|(name, source)| fail(Step::SetOption(name))(source))?;
             let sa = SockaddrStorage::from(*addr);
             bind(fd.as_raw_fd(), &sa).map_err(errno).map_err(fail(Step::Bind))?;
             fd
@@ -164,6 +166,12 @@ pub fn open(spec: &SocketSpec) -> Result<OwnedFd, OpenError> {
             let fd = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None)
                 .map_err(errno)
                 .map_err(fail(Step::Create))?;
+            if let Some(size) = spec.options.receive_buffer {
+                set_buffer(fd.as_fd(), sockopt::RcvBuf, size).map_err(fail(Step::SetOption("SO_RCVBUF")))?;
+            }
+            if let Some(size) = spec.options.send_buffer {
+                set_buffer(fd.as_fd(), sockopt::SndBuf, size).map_err(fail(Step::SetOption("SO_SNDBUF")))?;
+            }
             let sa = match address {
                 UnixAddress::Path(path) => {
                     clear_stale_unix_path(path).map_err(PathError::into_io).map_err(fail(Step::ClearPath))?;
@@ -173,7 +181,23 @@ pub fn open(spec: &SocketSpec) -> Result<OwnedFd, OpenError> {
             }
             .map_err(errno)
             .map_err(fail(Step::Bind))?;
-            bind(fd.as_raw_fd(), &sa).map_err(errno).map_err(fail(Step::Bind))?;
+            // The file is created with its final mode: no chmod after bind,
+            // which would leave a window with the default mode. umask is
+            // process-wide; the broker opens sockets from its one thread.
+            let old = spec.options.mode.map(|mode| umask(Mode::from_bits_truncate(!mode & 0o777)));
+            let bound = bind(fd.as_raw_fd(), &sa);
+            if let Some(old) = old {
+                umask(old);
+            }
+            bound.map_err(errno).map_err(fail(Step::Bind))?;
+            if let (UnixAddress::Path(path), true) =
+                (address, spec.options.user.is_some() || spec.options.group.is_some())
+            {
+                // lchown: the path was just created by bind() as a socket, and
+                // must not be followed should anything have replaced it.
+                std::os::unix::fs::lchown(path, spec.options.user, spec.options.group)
+                    .map_err(fail(Step::SetOption("owner and group")))?;
+            }
             fd
         }
     };
@@ -181,6 +205,153 @@ pub fn open(spec: &SocketSpec) -> Result<OwnedFd, OpenError> {
         listen(fd.as_fd(), spec.options.backlog).map_err(fail(Step::Listen))?;
     }
     Ok(fd)
+}
+
+/// Sets the IP-level options of `options` on a TCP or UDP socket, before
+/// `bind()`. Returns the name of the option that failed with the cause.
+fn apply_inet_options(
+    fd: BorrowedFd<'_>,
+    transport: Transport,
+    v6: bool,
+    options: &SocketOptions,
+) -> Result<(), (&'static str, io::Error)> {
+    let tcp = transport == Transport::Tcp;
+    let set = |name: &'static str, r: nix::Result<()>| r.map_err(|e| (name, io::Error::from(e)));
+    let set_int =
+        |name: &'static str, level, opt, value: u32| set_int_option(fd, level, opt, value).map_err(|e| (name, e));
+    use nix::libc;
+    if options.reuse_addr.unwrap_or(tcp) {
+        set("SO_REUSEADDR", setsockopt(&fd, sockopt::ReuseAddr, &true))?;
+    }
+    if options.reuse_port {
+        set("SO_REUSEPORT", setsockopt(&fd, sockopt::ReusePort, &true))?;
+    }
+    if let (Some(only), true) = (options.ipv6_only, v6) {
+        set("IPV6_V6ONLY", setsockopt(&fd, sockopt::Ipv6V6Only, &only))?;
+    }
+    if options.freebind {
+        if v6 {
+            set_int("IPV6_FREEBIND", libc::IPPROTO_IPV6, libc::IPV6_FREEBIND, 1)?;
+        } else {
+            set("IP_FREEBIND", setsockopt(&fd, sockopt::IpFreebind, &true))?;
+        }
+    }
+    if options.transparent {
+        if v6 {
+            set_int("IPV6_TRANSPARENT", libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT, 1)?;
+        } else {
+            set("IP_TRANSPARENT", setsockopt(&fd, sockopt::IpTransparent, &true))?;
+        }
+    }
+    if let Some(dev) = &options.bind_to_device {
+        set("SO_BINDTODEVICE", setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(dev)))?;
+    }
+    if let Some(secs) = options.defer_accept {
+        set_int("TCP_DEFER_ACCEPT", libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs)?;
+    }
+    if let Some(queue) = options.fast_open {
+        set_int("TCP_FASTOPEN", libc::IPPROTO_TCP, libc::TCP_FASTOPEN, queue)?;
+    }
+    if options.keepalive {
+        set("SO_KEEPALIVE", setsockopt(&fd, sockopt::KeepAlive, &true))?;
+    }
+    if let Some(secs) = options.keepalive_idle {
+        set_int("TCP_KEEPIDLE", libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs)?;
+    }
+    if let Some(secs) = options.keepalive_interval {
+        set_int("TCP_KEEPINTVL", libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs)?;
+    }
+    if let Some(count) = options.keepalive_count {
+        set_int("TCP_KEEPCNT", libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count)?;
+    }
+    if options.no_delay {
+        set("TCP_NODELAY", setsockopt(&fd, sockopt::TcpNoDelay, &true))?;
+    }
+    if let Some(size) = options.receive_buffer {
+        set_buffer(fd, sockopt::RcvBuf, size).map_err(|e| ("SO_RCVBUF", e))?;
+    }
+    if let Some(size) = options.send_buffer {
+        set_buffer(fd, sockopt::SndBuf, size).map_err(|e| ("SO_SNDBUF", e))?;
+    }
+    if let Some(mark) = options.mark {
+        set("SO_MARK", setsockopt(&fd, sockopt::Mark, &mark))?;
+    }
+    if options.broadcast {
+        set("SO_BROADCAST", setsockopt(&fd, sockopt::Broadcast, &true))?;
+    }
+    Ok(())
+}
+
+fn set_buffer<O: nix::sys::socket::SetSockOpt<Val = usize>>(fd: BorrowedFd<'_>, opt: O, size: u32) -> io::Result<()> {
+    Ok(setsockopt(&fd, opt, &(size as usize))?)
+}
+
+/// `setsockopt` with an `int` value, for the options nix does not wrap
+/// (TCP_DEFER_ACCEPT, TCP_FASTOPEN, IPV6_FREEBIND, IPV6_TRANSPARENT, keepalive
+/// timers).
+pub fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: u32) -> io::Result<()> {
+    let value = i32::try_from(value).unwrap_or(i32::MAX);
+    // SAFETY: `fd` is open for the duration of the call; the pointer and length
+    // describe a live `c_int` on our stack.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as nix::libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `getsockopt` of an `int` option: reads back what the kernel holds (used by
+/// the tests of every option and by introspection).
+pub fn get_int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as nix::libc::socklen_t;
+    // SAFETY: `fd` is open for the duration of the call; the pointer and length
+    // describe a live, writable `c_int` on our stack.
+    let rc = unsafe { nix::libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut i32).cast(), &mut len) };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The accept queue of a TCP listener: connections waiting for `accept()`,
+/// and the backlog (the kernel's cap on that queue, after `somaxconn`).
+///
+/// On a listening socket, Linux fills `TCP_INFO`'s `tcpi_unacked` with the
+/// current queue length and `tcpi_sacked` with the backlog.
+pub fn accept_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: `fd` is open for the duration of the call; the pointer and length
+    // describe `info`, which the kernel fills at most `len` bytes of.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            fd.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_INFO,
+            (&mut info as *mut nix::libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if info.tcpi_state != 10 {
+        // TCP_LISTEN is 10 in the kernel's state numbering.
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a listening TCP socket"));
+    }
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
 /// `listen()` with any backlog: nix's `Backlog` refuses values above the

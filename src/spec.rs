@@ -210,7 +210,13 @@ impl FromStr for SocketKey {
 
     fn from_str(text: &str) -> Result<Self, SpecError> {
         let inet = |transport, rest: &str| {
-            let addr = rest.parse::<SocketAddr>().map_err(|_| SpecError::BadSocketAddress(rest.to_string()))?;
+            let addr = rest.parse::<SocketAddr>().map_err(|_| {
+                // Name the port when it is the part at fault: "port 70000 is out of range".
+                match rest.rsplit_once(':').map(|(_, p)| p.parse::<i64>()) {
+                    Some(Ok(port)) if !(0..=65535).contains(&port) => SpecError::PortRange(port),
+                    _ => SpecError::BadSocketAddress(rest.to_string()),
+                }
+            })?;
             SocketKey::inet(transport, addr)
         };
         // Longest prefixes first: "unix:" is a prefix of neither other UNIX form,
@@ -245,16 +251,82 @@ impl From<SocketKey> for String {
 }
 
 /// How a socket is opened, beyond its identity.
+///
+/// Every option is applied by [`crate::socket::open`] before `bind()` (UNIX
+/// owner and group right after it); `None` or `false` leaves the kernel's
+/// default. `docs/config.md` maps each one to its systemd.socket equivalent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketOptions {
     /// `listen()` backlog for stream and seqpacket sockets; the kernel caps
     /// it at `net.core.somaxconn`.
     pub backlog: u32,
+    /// `SO_REUSEADDR`; `None` means on for TCP (as multibinder), off otherwise.
+    pub reuse_addr: Option<bool>,
+    /// `SO_REUSEPORT`.
+    pub reuse_port: bool,
+    /// `IPV6_V6ONLY` for IPv6 sockets; `None` follows `net.ipv6.bindv6only`.
+    pub ipv6_only: Option<bool>,
+    /// `IP_FREEBIND` / `IPV6_FREEBIND`: bind to an address not (yet) configured.
+    pub freebind: bool,
+    /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (needs CAP_NET_ADMIN).
+    pub transparent: bool,
+    /// `SO_BINDTODEVICE`: only traffic through this interface.
+    pub bind_to_device: Option<String>,
+    /// `TCP_DEFER_ACCEPT`, in seconds.
+    pub defer_accept: Option<u32>,
+    /// `TCP_FASTOPEN`: the queue length of pending TFO requests.
+    pub fast_open: Option<u32>,
+    /// `SO_KEEPALIVE`.
+    pub keepalive: bool,
+    /// `TCP_KEEPIDLE`, in seconds.
+    pub keepalive_idle: Option<u32>,
+    /// `TCP_KEEPINTVL`, in seconds.
+    pub keepalive_interval: Option<u32>,
+    /// `TCP_KEEPCNT`.
+    pub keepalive_count: Option<u32>,
+    /// `TCP_NODELAY` (inherited by accepted connections).
+    pub no_delay: bool,
+    /// `SO_RCVBUF`, in bytes (the kernel doubles it).
+    pub receive_buffer: Option<u32>,
+    /// `SO_SNDBUF`, in bytes (the kernel doubles it).
+    pub send_buffer: Option<u32>,
+    /// `SO_MARK` (needs CAP_NET_ADMIN).
+    pub mark: Option<u32>,
+    /// `SO_BROADCAST`, for UDP.
+    pub broadcast: bool,
+    /// Permission bits of a UNIX socket file; the file is created with them.
+    pub mode: Option<u32>,
+    /// Owner (uid) of a UNIX socket file.
+    pub user: Option<u32>,
+    /// Group (gid) of a UNIX socket file.
+    pub group: Option<u32>,
 }
 
 impl Default for SocketOptions {
     fn default() -> Self {
-        SocketOptions { backlog: DEFAULT_BACKLOG }
+        SocketOptions {
+            backlog: DEFAULT_BACKLOG,
+            reuse_addr: None,
+            reuse_port: false,
+            ipv6_only: None,
+            freebind: false,
+            transparent: false,
+            bind_to_device: None,
+            defer_accept: None,
+            fast_open: None,
+            keepalive: false,
+            keepalive_idle: None,
+            keepalive_interval: None,
+            keepalive_count: None,
+            no_delay: false,
+            receive_buffer: None,
+            send_buffer: None,
+            mark: None,
+            broadcast: false,
+            mode: None,
+            user: None,
+            group: None,
+        }
     }
 }
 
@@ -322,6 +394,7 @@ mod tests {
         assert!(matches!("unix:@".parse::<SocketKey>(), Err(SpecError::BadUnixAddress(_))));
         assert!(matches!("http://x".parse::<SocketKey>(), Err(SpecError::UnknownScheme(_))));
         assert!(matches!("tcp://::1:80".parse::<SocketKey>(), Err(SpecError::BadSocketAddress(_))));
+        assert!(matches!("tcp://127.0.0.1:70000".parse::<SocketKey>(), Err(SpecError::PortRange(70000))));
         let long = format!("unix:/{}", "a".repeat(UNIX_PATH_MAX));
         assert!(matches!(long.parse::<SocketKey>(), Err(SpecError::TooLong(_))));
         assert!(matches!(SocketKey::inet_parts(Transport::Tcp, "127.0.0.1", 70000), Err(SpecError::PortRange(70000))));

@@ -206,7 +206,10 @@ fn own_sockets_go_to_the_fd_store_and_come_back() {
     assert_eq!(stored.len(), 1, "{msg}");
     assert_eq!(inode(stored[0].as_fd()), inode(fd.as_fd()));
     let (status, _) = wait_notify(&first.notify, "STATUS=");
-    assert!(status.contains("holding 1 sockets (0 from systemd, 0 from the fd store, 1 on demand)"), "{status}");
+    assert!(
+        status.contains("holding 1 sockets (0 from systemd, 0 from the fd store, 1 on demand, 0 declared)"),
+        "{status}"
+    );
     drop(client);
     drop(first);
 

@@ -110,7 +110,7 @@ fn suite(m: &Machine) {
         assert!(systemd_held.contains(inode), "{what} (inode {inode}) is not held by systemd: {systemd_held:?}");
     }
     // STATUS= is rate-limited (at most one update a second): poll for it.
-    let want = "holding 4 sockets (1 from systemd, 0 from the fd store, 3 on demand)";
+    let want = "holding 4 sockets (1 from systemd, 0 from the fd store, 3 on demand, 0 declared)";
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", "sockbroker"]);

@@ -30,6 +30,13 @@ pub mod code {
     pub const BIND_FAILED: i64 = 10000;
     /// A socket was asked for by a name the broker does not hold.
     pub const UNKNOWN_NAME: i64 = 10001;
+    /// The allow rules do not give this peer this socket (or method).
+    pub const ACCESS_DENIED: i64 = 10003;
+    /// `release` of a socket that is not held, or not created on demand.
+    pub const NOT_RELEASABLE: i64 = 10004;
+    /// `reload` found the configuration invalid (or a declared socket could
+    /// not be opened); the old configuration stays in force.
+    pub const RELOAD_FAILED: i64 = 10005;
 }
 
 /// A JSON-RPC error object.

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,19 +36,32 @@ pub fn test_dir(name: &str) -> PathBuf {
 /// or when `child` exits first.
 #[track_caller]
 pub fn wait_ready(notify: &UnixDatagram, child: &mut Child, what: &str) {
+    if let Err(status) = ready_or_exit(notify, child, what) {
+        panic!("{what} exited before READY=1: {status}");
+    }
+}
+
+/// Waits for `READY=1` on a notify socket; `Err` with the exit status when
+/// `child` exits first. Fails the test at the deadline.
+#[track_caller]
+pub fn ready_or_exit(notify: &UnixDatagram, child: &mut Child, what: &str) -> Result<(), ExitStatus> {
     let deadline = Instant::now() + START_TIMEOUT;
     notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut buf = [0u8; 4096];
     loop {
         if let Ok(n) = notify.recv(&mut buf) {
             if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                return;
+                return Ok(());
             }
         }
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("{what} exited before READY=1: {status}");
+            return Err(status);
         }
-        assert!(Instant::now() < deadline, "{what} not ready after {START_TIMEOUT:?}");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} not ready after {START_TIMEOUT:?}");
+        }
     }
 }
 
@@ -80,7 +93,15 @@ impl Broker {
     /// Starts the broker in `dir` on `control`.
     #[track_caller]
     pub fn start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Broker {
-        Broker::start_program(Path::new(BIN), dir, control, args, env)
+        Broker::try_start_in(dir, control, args, env)
+            .unwrap_or_else(|log| panic!("broker exited before READY=1:\n{log}"))
+    }
+
+    /// Starts the broker in `dir` on `control`; when it exits before READY=1,
+    /// returns its log instead (for tests that retry, e.g. on a port taken).
+    #[track_caller]
+    pub fn try_start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Result<Broker, String> {
+        Broker::try_start_program(Path::new(BIN), dir, control, args, env)
     }
 
     /// Starts `program` (a copy of the broker binary, say) in `dir` on
@@ -94,6 +115,20 @@ impl Broker {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Broker {
+        Broker::try_start_program(program, dir, control, args, env)
+            .unwrap_or_else(|log| panic!("broker exited before READY=1:\n{log}"))
+    }
+
+    /// Like [`Broker::start_program`], but returns the log when the broker
+    /// exits before READY=1.
+    #[track_caller]
+    pub fn try_start_program(
+        program: &Path,
+        dir: PathBuf,
+        control: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Broker, String> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let notify_path = dir.join(format!("notify-{n}.sock"));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -114,8 +149,93 @@ impl Broker {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        wait_ready(&notify, &mut child, "broker");
-        Broker { child, dir, control, log, notify, args: all }
+        match ready_or_exit(&notify, &mut child, "broker") {
+            Ok(()) => Ok(Broker { child, dir, control, log, notify, args: all }),
+            Err(status) => Err(format!("{all:?}: {status}\n{}", std::fs::read_to_string(&log).unwrap_or_default())),
+        }
+    }
+
+    /// Starts the broker with a configuration that declares a TCP port:
+    /// `toml(port)` with a port that was free, retried when the broker finds
+    /// it taken by the time it binds.
+    #[track_caller]
+    pub fn start_with_config_port(name: &str, toml: impl Fn(u16) -> String) -> (Broker, u16) {
+        for _ in 0..10 {
+            let port = free_port();
+            let dir = test_dir(name);
+            let config = dir.join("sockbroker.toml");
+            std::fs::write(&config, toml(port)).unwrap();
+            let control = dir.join("control.sock");
+            match Broker::try_start_in(dir.clone(), control, &["--config", config.to_str().unwrap()], &[]) {
+                Ok(broker) => return (broker, port),
+                Err(log) if log.contains("Address already in use") => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(log) => panic!("broker exited before READY=1:\n{log}"),
+            }
+        }
+        panic!("no free port after 10 tries");
+    }
+
+    /// Starts the broker with `--config DIR/sockbroker.toml` holding `toml`.
+    #[track_caller]
+    pub fn start_with_config(name: &str, toml: &str) -> Broker {
+        let dir = test_dir(name);
+        let control = dir.join("control.sock");
+        let config = dir.join("sockbroker.toml");
+        std::fs::write(&config, toml).unwrap();
+        Broker::start_in(dir, control, &["--config", config.to_str().unwrap()], &[])
+    }
+
+    /// The configuration file of [`Broker::start_with_config`].
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("sockbroker.toml")
+    }
+
+    /// Replaces the configuration file atomically (write, then rename), so a
+    /// reload never reads it half-written.
+    pub fn write_config(&self, toml: &str) {
+        let tmp = self.dir.join("sockbroker.toml.new");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    /// Discards the notify messages received so far, so the next
+    /// [`Broker::wait_notify`] sees only what follows.
+    pub fn drain_notify(&self) {
+        self.notify.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        while self.notify.recv(&mut buf).is_ok() {}
+        self.notify.set_nonblocking(false).unwrap();
+    }
+
+    /// Runs `sockbroker ARGS` against this broker, as root.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_cli(&self.control, None, args)
+    }
+
+    /// Runs `sockbroker ARGS` against this broker as `nobody:nogroup`
+    /// (setpriv drops every group and both ids before exec).
+    pub fn cli_as_nobody(&self, args: &[&str]) -> Output {
+        run_cli(&self.control, Some(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"]), args)
+    }
+
+    /// Waits (bounded) for a notify message line starting with `prefix`,
+    /// skipping others; returns the line.
+    #[track_caller]
+    pub fn wait_notify(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + START_TIMEOUT;
+        self.notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
+                    return line.to_string();
+                }
+            }
+        }
+        panic!("no notify message starting with {prefix:?} within {START_TIMEOUT:?}");
     }
 
     /// Starts the broker under the real `systemd-socket-activate`, which
@@ -262,6 +382,47 @@ impl Drop for Broker {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Runs the CLI with `SOCKBROKER_SOCKET=control`, optionally under
+/// `setpriv PRIV…`, with a deadline.
+pub fn run_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> Output {
+    let mut cmd = match setpriv {
+        Some(p) => {
+            let mut c = Command::new("setpriv");
+            c.args(p).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(args)
+        .env("SOCKBROKER_SOCKET", control)
+        .env_remove("MULTIBINDER_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
+        let _ = child.kill();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The stdout and stderr of a command, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `sockbroker check --config FILE` on `toml` in `dir`.
+pub fn check(dir: &Path, toml: &str) -> Output {
+    let file = dir.join("check.toml");
+    std::fs::write(&file, toml).unwrap();
+    Command::new(BIN).args(["check", "--config", file.to_str().unwrap()]).output().unwrap()
 }
 
 /// Waits for a child to exit, at most `timeout`.

@@ -1,0 +1,417 @@
+//! Who may have which socket: allow rules judged against a peer's credentials.
+//!
+//! A request reaches [`Policy::check`] with the credentials the kernel
+//! recorded when the client connected (`SO_PEERCRED`, captured at accept by
+//! the server) and the socket it concerns: its name, when it is held under
+//! one, and its [`SocketKey`]. The decision:
+//!
+//! 1. root, and the broker's own uid, may do anything (they could take the
+//!    sockets from the broker's memory anyway);
+//! 2. otherwise a rule must match the peer — `anyone`, its uid, or one of its
+//!    groups: the gid the kernel recorded plus the supplementary groups the
+//!    user database gives for its user name (`getgrouplist`) — and grant the
+//!    socket, by name (`sockets`) or by address (`on_demand`, which also
+//!    covers sockets that already exist at a matching address);
+//! 3. nothing matched: a [`Denied`] error naming the user and the socket.
+//!
+//! With no rule at all, only root and the broker's uid are served. The one
+//! line that opens the broker to everyone, as multibinder was:
+//!
+//! ```toml
+//! allow = [{ anyone = true, sockets = ["*"], on_demand = ["*"] }]
+//! ```
+//!
+//! The user database is read per refused-by-uid request that a group rule
+//! could still allow, from the control thread: with a slow NSS backend (LDAP)
+//! prefer `uid`/`user` rules or a local group.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::{Component, Path};
+use std::str::FromStr;
+
+use crate::fd::PeerCred;
+use crate::spec::{SocketKey, Transport, UnixAddress, UnixKind};
+
+/// An address pattern of an `on_demand` list.
+///
+/// ```
+/// use sockbroker::acl::AddressPattern;
+/// for text in [
+///     "*",                          // any socket at all
+///     "tcp://127.0.0.1:8000-8999",  // a port range on one address
+///     "tcp://*:8080",               // one port on any address, IPv4 or IPv6
+///     "udp://[::1]:*",              // any port on ::1
+///     "unix:/run/app/*",            // any path under /run/app/ (no `..`)
+///     "unix:@app-*",                // abstract names starting with app-
+///     "unix-dgram:/run/log.sock",   // exactly one path
+/// ] {
+///     let p: AddressPattern = text.parse().unwrap();
+///     assert_eq!(p.to_string(), text);
+/// }
+/// let p: AddressPattern = "tcp://127.0.0.1:8000-8999".parse().unwrap();
+/// assert!(p.matches(&"tcp://127.0.0.1:8080".parse().unwrap()));
+/// assert!(!p.matches(&"tcp://127.0.0.1:9000".parse().unwrap()));
+/// assert!(!p.matches(&"udp://127.0.0.1:8080".parse().unwrap()));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressPattern {
+    text: String,
+    matcher: Matcher,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Matcher {
+    Any,
+    Inet { transport: Transport, ip: Option<IpAddr>, ports: RangeInclusive<u16> },
+    Unix { kind: UnixKind, abstract_ns: bool, text: String, prefix: bool },
+}
+
+/// Why an address pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    /// Not one of the known schemes.
+    #[error("'{0}': unknown address pattern (expected *, tcp://ADDR:PORTS, udp://ADDR:PORTS, unix:/PATH, unix:@NAME; ADDR may be *, PORTS may be *, N or N-M)")]
+    Scheme(String),
+    /// The address part is neither `*` nor an IP literal.
+    #[error("'{0}': not an IP address or * (IPv6 goes in brackets: [::1])")]
+    Address(String),
+    /// A port outside 1–65535, or a range that ends before it starts.
+    #[error("'{0}': port out of range (1-65535, N or N-M with N <= M, or *)")]
+    Port(String),
+    /// A `*` anywhere but at the end of a UNIX path or name, or a relative path.
+    #[error("'{0}': UNIX patterns are an absolute path or @name, with at most one * at the end")]
+    Unix(String),
+}
+
+impl FromStr for AddressPattern {
+    type Err = PatternError;
+
+    fn from_str(text: &str) -> Result<Self, PatternError> {
+        let matcher = if text == "*" {
+            Matcher::Any
+        } else if let Some(rest) = text.strip_prefix("tcp://") {
+            inet_pattern(Transport::Tcp, rest, text)?
+        } else if let Some(rest) = text.strip_prefix("udp://") {
+            inet_pattern(Transport::Udp, rest, text)?
+        } else if let Some(rest) = text.strip_prefix("unix-dgram:") {
+            unix_pattern(UnixKind::Datagram, rest, text)?
+        } else if let Some(rest) = text.strip_prefix("unix-seqpacket:") {
+            unix_pattern(UnixKind::SeqPacket, rest, text)?
+        } else if let Some(rest) = text.strip_prefix("unix:") {
+            unix_pattern(UnixKind::Stream, rest, text)?
+        } else {
+            return Err(PatternError::Scheme(text.to_string()));
+        };
+        Ok(AddressPattern { text: text.to_string(), matcher })
+    }
+}
+
+fn inet_pattern(transport: Transport, rest: &str, text: &str) -> Result<Matcher, PatternError> {
+    let (host, ports) = rest.rsplit_once(':').ok_or_else(|| PatternError::Port(text.to_string()))?;
+    let ip = match host {
+        "*" => None,
+        _ => Some(
+            host.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host)
+                .parse::<IpAddr>()
+                .ok()
+                .filter(|ip| ip.is_ipv4() != host.starts_with('['))
+                .ok_or_else(|| PatternError::Address(text.to_string()))?,
+        ),
+    };
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| PatternError::Port(text.into()));
+    let ports = match ports.split_once('-') {
+        _ if ports == "*" => 1..=u16::MAX,
+        Some((lo, hi)) => {
+            let (lo, hi) = (port(lo)?, port(hi)?);
+            if lo > hi {
+                return Err(PatternError::Port(text.to_string()));
+            }
+            lo..=hi
+        }
+        None => {
+            let p = port(ports)?;
+            p..=p
+        }
+    };
+    Ok(Matcher::Inet { transport, ip, ports })
+}
+
+fn unix_pattern(kind: UnixKind, rest: &str, whole: &str) -> Result<Matcher, PatternError> {
+    let bad = || PatternError::Unix(whole.to_string());
+    let (abstract_ns, body) = match rest.strip_prefix('@') {
+        Some(name) => (true, name),
+        None if rest.starts_with('/') => (false, rest),
+        None => return Err(bad()),
+    };
+    let (text, prefix) = match body.strip_suffix('*') {
+        Some(p) => (p, true),
+        None => (body, false),
+    };
+    if text.contains('*') || (text.is_empty() && !prefix) {
+        return Err(bad());
+    }
+    Ok(Matcher::Unix { kind, abstract_ns, text: text.to_string(), prefix })
+}
+
+impl AddressPattern {
+    /// Whether the socket `key` falls under this pattern.
+    pub fn matches(&self, key: &SocketKey) -> bool {
+        match (&self.matcher, key) {
+            (Matcher::Any, _) => true,
+            (Matcher::Inet { transport, ip, ports }, SocketKey::Inet { transport: t, addr }) => {
+                transport == t && ip.map_or(true, |ip| ip == addr.ip()) && ports.contains(&addr.port())
+            }
+            (Matcher::Unix { kind, abstract_ns, text, prefix }, SocketKey::Unix { kind: k, address }) => {
+                if kind != k {
+                    return false;
+                }
+                let candidate = match (address, abstract_ns) {
+                    (UnixAddress::Abstract(name), true) => name.as_str(),
+                    (UnixAddress::Path(path), false) => {
+                        // "/run/app/*" must not reach "/run/app/../../etc/x".
+                        if Path::new(path).components().any(|c| c == Component::ParentDir) {
+                            return false;
+                        }
+                        match path.to_str() {
+                            Some(p) => p,
+                            None => return false,
+                        }
+                    }
+                    _ => return false,
+                };
+                if *prefix {
+                    candidate.starts_with(text.as_str())
+                } else {
+                    candidate == text
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for AddressPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Whom a rule is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    /// Every peer.
+    Anyone,
+    /// A peer with this uid.
+    Uid(u32),
+    /// A peer in this group (primary or supplementary).
+    Gid(u32),
+}
+
+/// One allow rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Whom it allows.
+    pub who: Who,
+    /// Names of held sockets it grants; `*` grants every name.
+    pub sockets: Vec<String>,
+    /// Addresses it grants, created on demand when not held yet.
+    pub on_demand: Vec<AddressPattern>,
+    /// Where the rule was written (`FILE:LINE`), for the log.
+    pub source: String,
+}
+
+/// What a peer is trying to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Receive a socket (creating it if needed).
+    Bind,
+    /// Make the broker close an on-demand socket.
+    Release,
+    /// Administrative methods (reload).
+    Admin,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Bind => "bind",
+            Action::Release => "release",
+            Action::Admin => "use",
+        })
+    }
+}
+
+/// A refusal: "uid 1001 (www) may not bind tcp://0.0.0.0:80".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("uid {uid} ({user}) may not {action} {what}")]
+pub struct Denied {
+    /// The peer's uid.
+    pub uid: u32,
+    /// Its user name, or `unknown user` when the database has none.
+    pub user: String,
+    /// What it tried.
+    pub action: Action,
+    /// The socket (or method) concerned.
+    pub what: String,
+}
+
+/// The rules in force, and the broker's own uid.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    owner: u32,
+}
+
+impl Policy {
+    /// A policy with these rules for a broker running as the current euid.
+    pub fn new(rules: Vec<Rule>) -> Policy {
+        Policy { rules, owner: nix::unistd::geteuid().as_raw() }
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Whether `peer` may act on the socket `key` (held under `name`, if any).
+    pub fn check(&self, peer: &PeerCred, action: Action, name: Option<&str>, key: &SocketKey) -> Result<(), Denied> {
+        if self.is_trusted(peer) {
+            return Ok(());
+        }
+        let grants = |rule: &Rule| {
+            let by_name =
+                action == Action::Bind && name.is_some_and(|n| rule.sockets.iter().any(|s| s == "*" || s == n));
+            by_name || rule.on_demand.iter().any(|p| p.matches(key))
+        };
+        let mut groups: Option<Vec<u32>> = None;
+        for rule in self.rules.iter().filter(|r| grants(r)) {
+            let member = match rule.who {
+                Who::Anyone => true,
+                Who::Uid(uid) => uid == peer.uid,
+                Who::Gid(gid) => {
+                    gid == peer.gid || groups.get_or_insert_with(|| supplementary_groups(peer.uid)).contains(&gid)
+                }
+            };
+            if member {
+                log::debug!("{peer} {action} {key}: allowed by the rule at {}", rule.source);
+                return Ok(());
+            }
+        }
+        let what = match name {
+            Some(n) => format!("{key} (socket '{n}')"),
+            None => key.to_string(),
+        };
+        Err(self.denied(peer, action, what))
+    }
+
+    /// Whether `peer` may use an administrative method: root and the
+    /// broker's own uid only.
+    pub fn check_admin(&self, peer: &PeerCred, method: &str) -> Result<(), Denied> {
+        if self.is_trusted(peer) {
+            Ok(())
+        } else {
+            Err(self.denied(peer, Action::Admin, format!("method '{method}' (root or uid {} only)", self.owner)))
+        }
+    }
+
+    fn is_trusted(&self, peer: &PeerCred) -> bool {
+        peer.uid == 0 || peer.uid == self.owner
+    }
+
+    fn denied(&self, peer: &PeerCred, action: Action, what: String) -> Denied {
+        let user = match nix::unistd::User::from_uid(peer.uid.into()) {
+            Ok(Some(u)) => u.name,
+            _ => "unknown user".to_string(),
+        };
+        Denied { uid: peer.uid, user, action, what }
+    }
+}
+
+impl Default for Policy {
+    /// No rules: root and the broker's uid only.
+    fn default() -> Self {
+        Policy::new(Vec::new())
+    }
+}
+
+/// The groups the user database gives the user with this uid (primary and
+/// supplementary); empty when the uid has no entry.
+pub fn supplementary_groups(uid: u32) -> Vec<u32> {
+    let user = match nix::unistd::User::from_uid(uid.into()) {
+        Ok(Some(user)) => user,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            log::warn!("uid {uid}: could not read the user database: {e}");
+            return Vec::new();
+        }
+    };
+    let Ok(name) = std::ffi::CString::new(user.name.clone()) else { return Vec::new() };
+    match nix::unistd::getgrouplist(&name, user.gid) {
+        Ok(groups) => groups.into_iter().map(|g| g.as_raw()).collect(),
+        Err(e) => {
+            log::warn!("user {}: could not list its groups: {e}", user.name);
+            vec![user.gid.as_raw()]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(text: &str) -> SocketKey {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn patterns() {
+        let p = |t: &str| t.parse::<AddressPattern>().unwrap();
+        assert!(p("tcp://*:80").matches(&key("tcp://[::]:80")));
+        assert!(p("tcp://*:80").matches(&key("tcp://0.0.0.0:80")));
+        assert!(!p("tcp://0.0.0.0:80").matches(&key("tcp://127.0.0.1:80")));
+        assert!(p("udp://[::1]:*").matches(&key("udp://[::1]:53")));
+        assert!(p("unix:/run/app/*").matches(&key("unix:/run/app/x.sock")));
+        assert!(!p("unix:/run/app/*").matches(&key("unix:/run/app/../../etc/x")));
+        assert!(!p("unix:/run/app/*").matches(&key("unix-dgram:/run/app/x")));
+        assert!(!p("unix:/run/app/*").matches(&key("unix:@/run/app/x")));
+        assert!(p("unix:@app-*").matches(&key("unix:@app-1")));
+        assert!(p("*").matches(&key("unix:@x")));
+        for bad in ["tcp://127.0.0.1:0", "tcp://127.0.0.1:9-8", "tcp://127.0.0.1:70000", "tcp://::1:80", "tcp://x:1"] {
+            assert!(bad.parse::<AddressPattern>().is_err(), "{bad}");
+        }
+        for bad in ["unix:rel/*", "unix:/a*/b", "http://x", "tcp://[127.0.0.1]:1", "unix:"] {
+            assert!(bad.parse::<AddressPattern>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rules_decide() {
+        let me = nix::unistd::geteuid().as_raw();
+        let stranger = if me == 12345 { 12346 } else { 12345 };
+        let peer = PeerCred { pid: 1, uid: stranger, gid: 54321 };
+        let policy = Policy::new(vec![
+            Rule {
+                who: Who::Gid(54321),
+                sockets: vec!["web".into()],
+                on_demand: vec!["tcp://127.0.0.1:8000-8999".parse().unwrap()],
+                source: "t:1".into(),
+            },
+            Rule { who: Who::Uid(1), sockets: vec!["*".into()], on_demand: vec![], source: "t:2".into() },
+        ]);
+        let k = key("tcp://127.0.0.1:80");
+        assert!(policy.check(&peer, Action::Bind, Some("web"), &k).is_ok());
+        assert!(policy.check(&peer, Action::Bind, Some("db"), &k).is_err());
+        assert!(policy.check(&peer, Action::Bind, None, &key("tcp://127.0.0.1:8080")).is_ok());
+        assert!(policy.check(&peer, Action::Release, Some("web"), &k).is_err());
+        let e = policy.check(&peer, Action::Bind, None, &k).unwrap_err();
+        assert_eq!(e.to_string(), format!("uid {stranger} ({}) may not bind tcp://127.0.0.1:80", e.user));
+        let owner = PeerCred { pid: 1, uid: me, gid: 0 };
+        assert!(policy.check(&owner, Action::Bind, None, &k).is_ok());
+        assert!(policy.check_admin(&peer, "reload").is_err());
+        assert!(Policy::default().check(&peer, Action::Bind, None, &k).is_err());
+    }
+}
