@@ -260,7 +260,7 @@ fn silent_clients_do_not_block_others() {
 fn clients_that_vanish_cost_nothing() {
     let broker = Broker::start("protvanish");
     // No client yet: the broker's own descriptors; it will hold one socket.
-    let baseline = broker.open_fds().len() + 1;
+    let baseline = broker.fd_count_at_start() + 1;
     let mut client = broker.client();
     let (spec, _fd) = bind_free_tcp(&mut client);
     drop(client);

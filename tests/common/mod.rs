@@ -124,6 +124,16 @@ impl Broker {
         open_fds(self.pid())
     }
 
+    /// The broker's descriptor count once start-up has settled, before any
+    /// client: the control socket is then its only socket (the one that sent
+    /// READY=1 may still be closing when READY=1 arrives, hence the wait).
+    #[track_caller]
+    pub fn fd_count_at_start(&self) -> usize {
+        let sockets = || self.open_fds().iter().filter(|(_, t)| t.starts_with("socket:")).count();
+        wait_until(Duration::from_secs(20), "start-up settled", || sockets() == 1);
+        self.open_fds().len()
+    }
+
     /// Sends a signal to the broker.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
