@@ -4,7 +4,7 @@
 mod common;
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -223,4 +223,18 @@ fn clients_find_the_broker_from_the_environment() {
     assert!(text(&out.stderr).contains("Could not bind: tcp://192.0.2.1:80"), "{}", text(&out.stderr));
     drop(_guard);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The control socket's folder is created, and the socket file has mode 0660
+/// from the start.
+#[test]
+fn control_socket_folder_is_created_and_mode_is_0660() {
+    let dir = test_dir("lcmode");
+    let control = dir.join("run/sockbroker/control.sock");
+    let broker = Broker::start_in(dir, control.clone(), &[], &[]);
+    let meta = std::fs::symlink_metadata(&control).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let mut client = broker.client();
+    bind_free_tcp(&mut client);
 }

@@ -22,6 +22,8 @@ fn bad_requests_get_the_right_code_and_a_message_naming_the_problem() {
         // Not JSON.
         (b"{\"jsonrpc\":\"2.0\", nope}".to_vec(), -32700, vec!["Parse error"]),
         (b"]".to_vec(), -32700, vec!["Parse error"]),
+        (b"\xff\xfe{}".to_vec(), -32700, vec!["Parse error"]),
+        ("[".repeat(1000).into_bytes(), -32700, vec!["Parse error", "recursion limit"]),
         // JSON, but not a request.
         (b"[1,2]".to_vec(), -32600, vec!["not a JSON object"]),
         (b"\"bind\"".to_vec(), -32600, vec!["not a JSON object"]),
@@ -46,6 +48,8 @@ fn bad_requests_get_the_right_code_and_a_message_naming_the_problem() {
         (bind_request(7, json!({"address": "127.0.0.1", "port": 8000, "backlog": "big"})), -32602, vec!["invalid type"]),
         (bind_request(7, json!({"type": "unix", "path": "relative/x.sock"})), -32602, vec!["relative/x.sock", "absolute"]),
         (bind_request(7, json!({"type": "unix"})), -32602, vec!["\"path\""]),
+        (bind_request(7, json!({"type": "unix", "path": "/tmp/a\u{0}b"})), -32602, vec!["NUL"]),
+        (bind_request(7, json!({"type": "unix", "path": "@"})), -32602, vec!["'@'", "empty"]),
         (bind_request(7, json!({"type": "unix", "path": long_path})), -32602, vec!["longer than 107 bytes"]),
         (bind_request(7, json!({"type": "sctp", "address": "127.0.0.1", "port": 8000})), -32602, vec!["'sctp'"]),
         (bind_request(7, json!({"spec": "tcp://127.0.0.1:0"})), -32602, vec!["port 0"]),
