@@ -44,6 +44,10 @@ const MAX_QUEUED_REPLIES: usize = 16;
 /// Bytes read from one connection per wake-up, so one busy client cannot
 /// starve the others.
 const READ_CHUNK: usize = 16 * 1024;
+/// How long to stop accepting after accept() fails for lack of resources
+/// (EMFILE, ENFILE, ENOMEM): the listener stays readable, so accepting again
+/// at once would spin, logging a failure each turn.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Settings of the control loop.
 #[derive(Debug, Clone)]
@@ -232,12 +236,14 @@ pub struct Server {
     options: ServerOptions,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
+    /// Set after accept() failed: no accepting before this instant.
+    accept_paused_until: Option<Instant>,
 }
 
 impl Server {
     /// A server on `control`, holding what `registry` holds.
     pub fn new(control: ControlSocket, registry: Registry, options: ServerOptions) -> Server {
-        Server { control, registry, options, conns: HashMap::new(), next_conn: 0 }
+        Server { control, registry, options, conns: HashMap::new(), next_conn: 0, accept_paused_until: None }
     }
 
     /// The control socket.
@@ -255,9 +261,15 @@ impl Server {
         loop {
             let now = Instant::now();
             self.expire_idle(now);
-            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(now));
+            // While accepting is paused, the pause's end is one more deadline.
+            let paused = self.accept_paused_until.filter(|t| now < *t);
+            let deadline = match (self.next_deadline(), paused) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = deadline.map(|d| d.saturating_duration_since(now));
 
-            let accepting = self.conns.len() < self.options.max_clients;
+            let accepting = self.conns.len() < self.options.max_clients && paused.is_none();
             let ids: Vec<u64> = self.conns.keys().copied().collect();
             let mut fds = Vec::with_capacity(ids.len() + 2);
             fds.push(PollFd::new(extra, PollFlags::POLLIN));
@@ -326,11 +338,26 @@ impl Server {
                 return;
             }
             let stream = match self.control.listener.accept() {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    if self.accept_paused_until.take().is_some() {
+                        log::info!("{}: accepting connections again", self.control.path.display());
+                    }
+                    stream
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A connection that was reset while queued, or a signal.
+                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted) => continue,
                 Err(e) => {
-                    // EMFILE and friends: leave the rest queued in the kernel.
-                    log::warn!("{}: accept failed: {e}", self.control.path.display());
+                    // EMFILE and friends: leave the rest queued in the kernel
+                    // and try again later.
+                    // and try again later. Warn once per episode, not each retry.
+                    let level = if self.accept_paused_until.is_some() { log::Level::Debug } else { log::Level::Warn };
+                    log::log!(
+                        level,
+                        "{}: accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}",
+                        self.control.path.display()
+                    );
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
                 }
             };
