@@ -238,3 +238,31 @@ fn control_socket_folder_is_created_and_mode_is_0660() {
     let mut client = broker.client();
     bind_free_tcp(&mut client);
 }
+
+/// Out of descriptors, the broker cannot accept connections: it must wait
+/// (not spin on a listener that stays readable, logging each failure), and
+/// serve again once descriptors are free.
+#[test]
+fn descriptor_exhaustion_does_not_spin() {
+    raise_nofile();
+    let dir = test_dir("lcemfile");
+    let control = dir.join("control.sock");
+    // 0-2, the signalfd and the control socket leave room for a few clients.
+    let broker = Broker::start_wrapped(dir, control, &["prlimit", "--nofile=10:10"], &[], &[]);
+    let clients: Vec<_> = (0..12).map(|_| connect(&broker.control)).collect();
+    wait_until(Duration::from_secs(20), "descriptor table full", || broker.open_fds().len() >= 10);
+    // Half a second of exhaustion (the condition under test, not a wait for
+    // something to happen).
+    std::thread::sleep(Duration::from_millis(500));
+    let log = broker.log_text();
+    let failed: Vec<_> = log.lines().filter(|l| l.contains("accept failed")).collect();
+    // A spinning broker fails thousands of times in that half second; one
+    // that backs off, a handful (a generous bound for a loaded machine).
+    assert!(!failed.is_empty() && failed.len() <= 100, "{} accept failures: the broker spins", failed.len());
+    let warned = failed.iter().filter(|l| l.contains("WARN")).count();
+    assert_eq!(warned, 1, "one warning per episode, retries at debug level:\n{log}");
+    drop(clients);
+    let (reply, fds) = rpc(&broker.control, &bind_request(1, json!({"address": "127.0.0.1", "port": free_port()})));
+    assert_eq!(reply["result"], true, "{reply}");
+    assert_eq!(fds.len(), 1);
+}

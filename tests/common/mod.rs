@@ -80,12 +80,32 @@ impl Broker {
     /// Starts the broker in `dir` on `control`.
     #[track_caller]
     pub fn start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Broker {
+        Broker::start_wrapped(dir, control, &[], args, env)
+    }
+
+    /// Starts the broker through a wrapper command that execs it (such as
+    /// `prlimit --nofile=N:N`), so the broker keeps the wrapper's pid.
+    #[track_caller]
+    pub fn start_wrapped(
+        dir: PathBuf,
+        control: PathBuf,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Broker {
         let notify_path = dir.join(format!("notify-{}.sock", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let log = dir.join("broker.log");
         let mut all: Vec<String> = vec!["serve".into(), "--control".into(), control.display().to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(&all)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")
