@@ -163,3 +163,24 @@ fn descriptor_count_is_stable_after_100k_requests() {
     let fds = broker.open_fds();
     assert_eq!(fds.len(), expected, "{fds:?}");
 }
+
+/// Descriptors a client attaches to its request are not kept by the broker.
+#[test]
+fn descriptors_sent_to_the_broker_are_not_kept() {
+    let broker = Broker::start("fdsent");
+    let at_start = broker.fd_count_at_start();
+    let port = free_port();
+    let request = bind_request(1, json!({"address": "127.0.0.1", "port": port}));
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    for _ in 0..20 {
+        let stream = connect(&broker.control);
+        let junk: Vec<_> = (0..10).map(|_| a.as_fd()).collect();
+        let n = sockbroker::fd::send_with_fds(stream.as_fd(), &request, &junk).unwrap();
+        assert_eq!(n, request.len());
+        let (replies, fds) = read_replies(&stream, 1);
+        assert_eq!(replies[0]["result"], true, "{}", replies[0]);
+        assert_eq!(fds.len(), 1);
+    }
+    // The held socket, nothing more.
+    wait_until(Duration::from_secs(20), "descriptors back to start + 1", || broker.open_fds().len() == at_start + 1);
+}
