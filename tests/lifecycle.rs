@@ -266,3 +266,26 @@ fn descriptor_exhaustion_does_not_spin() {
     assert_eq!(reply["result"], true, "{reply}");
     assert_eq!(fds.len(), 1);
 }
+
+/// Text from a request (method, address, path, name) cannot forge log
+/// lines: control characters are escaped, one request stays one line.
+#[test]
+fn requests_cannot_forge_log_lines() {
+    let broker = Broker::start_with("lcforge", &[], &[("RUST_LOG", "info")]);
+    let forged = "\n[FORGED] pid=1 bind: ok";
+    let path = format!("{}/x{forged}", broker.dir.display());
+    let requests = [
+        json!({"jsonrpc": "2.0", "method": format!("m{forged}"), "id": 1}),
+        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"address": format!("a{forged}"), "port": 1}], "id": 2}),
+        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"name": format!("n{forged}")}], "id": 3}),
+        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"type": "unix", "path": format!("/nonexistent/dir{forged}")}], "id": 4}),
+        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"type": "unix", "path": path}], "id": 5}),
+    ];
+    for r in &requests {
+        let (reply, _) = rpc(&broker.control, r.to_string().as_bytes());
+        assert!(reply.get("error").is_some() || reply["result"] == true, "{reply}");
+    }
+    let log = broker.log_text();
+    assert!(!log.lines().any(|l| l.starts_with("[FORGED]")), "a request forged a log line:\n{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("FORGED")).count(), requests.len(), "{log}");
+}
