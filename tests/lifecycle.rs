@@ -289,3 +289,38 @@ fn requests_cannot_forge_log_lines() {
     assert!(!log.lines().any(|l| l.starts_with("[FORGED]")), "a request forged a log line:\n{log}");
     assert_eq!(log.lines().filter(|l| l.contains("FORGED")).count(), requests.len(), "{log}");
 }
+
+/// The broker outlives its log: when stderr's reader goes away (journald
+/// restarting, say), logging fails silently and every socket stays served.
+#[test]
+fn broker_survives_its_log_going_away() {
+    let dir = test_dir("lcstderr");
+    let control = dir.join("control.sock");
+    let notify_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--control", control.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_ready(&notify, &mut child, "broker");
+    drop(child.stderr.take());
+    for _ in 0..3 {
+        let (reply, fds) = rpc(&control, &bind_request(1, json!({"address": "127.0.0.1", "port": free_port()})));
+        assert_eq!(reply["result"], true, "{reply}");
+        assert_eq!(fds.len(), 1);
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the broker died when its log went away");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(20));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
