@@ -6,7 +6,8 @@
 //! the code stays working without slowing the test suite.
 //!
 //! The broker runs as in production: default log level (info, one line per
-//! request), stderr to a file.
+//! request), stderr to a file. `BENCH_RUST_LOG=warn` measures it without
+//! the per-request line.
 
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
@@ -52,7 +53,9 @@ impl Broker {
             .args(["serve", "--control"])
             .arg(&control)
             .env("NOTIFY_SOCKET", &notify_path)
-            .env_remove("RUST_LOG")
+            // The default log level unless BENCH_RUST_LOG says otherwise
+            // (to measure what the per-request log line costs).
+            .env("RUST_LOG", std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
