@@ -324,3 +324,59 @@ fn broker_survives_its_log_going_away() {
     assert_eq!(status.and_then(|s| s.code()), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// For a user other than root, with nothing configured, `serve` and the
+/// clients agree on $XDG_RUNTIME_DIR/sockbroker/control.sock.
+#[test]
+fn default_path_for_a_user_is_under_xdg_runtime_dir() {
+    use std::os::unix::fs::chown;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run the broker as another user (setpriv)");
+        return;
+    }
+    let dir = test_dir("lcdefault");
+    let nobody = 65534;
+    chown(&dir, Some(nobody), Some(nobody)).unwrap();
+    let runtime = dir.join("xdg");
+    std::fs::create_dir(&runtime).unwrap();
+    chown(&runtime, Some(nobody), Some(nobody)).unwrap();
+    let notify_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let as_nobody = |cmd: &mut Command| {
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+            .env_remove("SOCKBROKER_SOCKET")
+            .env_remove("MULTIBINDER_SOCK")
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .stdin(Stdio::null());
+    };
+    let mut serve = Command::new("setpriv");
+    as_nobody(&mut serve);
+    let mut child = serve
+        .arg("serve")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    wait_ready(&notify, &mut child, "broker as nobody");
+    let _guard = Kill(child);
+    let control = runtime.join("sockbroker/control.sock");
+    assert!(std::fs::symlink_metadata(&control).unwrap().file_type().is_socket());
+
+    let port = free_port();
+    let mut bind = Command::new("setpriv");
+    as_nobody(&mut bind);
+    let out = bind.args(["bind", &format!("tcp://127.0.0.1:{port}")]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).starts_with(&format!("tcp://127.0.0.1:{port}: received socket inode")));
+    drop(_guard);
+    let _ = std::fs::remove_dir_all(&dir);
+}
