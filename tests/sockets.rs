@@ -63,13 +63,13 @@ fn same_key_same_socket_different_key_different_socket() {
     // Different keys: another port, another transport, another family.
     let (_, other_port) = bind_free_tcp(&mut c1);
     assert_ne!(inode(other_port.as_fd()), ino);
-    let udp = c1.bind(&format!("udp://127.0.0.1:{port}").parse().unwrap());
-    if let Ok(udp) = udp {
-        assert_ne!(inode(udp.as_fd()), ino);
-    }
-    let v6 = c1.bind(&format!("tcp://[::1]:{port}").parse().unwrap());
-    if let Ok(v6) = v6 {
-        assert_ne!(inode(v6.as_fd()), ino);
+    for other in [format!("udp://127.0.0.1:{port}"), format!("tcp://[::1]:{port}")] {
+        match c1.bind(&other.parse().unwrap()) {
+            Ok(fd) => assert_ne!(inode(fd.as_fd()), ino, "{other}"),
+            // Someone else has that port for that family or transport.
+            Err(e) if e.code() == Some(10000) => eprintln!("{other}: {e}"),
+            Err(e) => panic!("{other}: {e}"),
+        }
     }
 }
 
