@@ -281,15 +281,10 @@ impl Server {
         loop {
             let now = Instant::now();
             self.expire_idle(now);
-            // While accepting is paused, the pause's end is one more deadline.
-            let paused = self.accept_paused_until.filter(|t| now < *t);
-            let deadline = match (self.next_deadline(), paused) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(now));
 
-            let accepting = self.conns.len() < self.options.max_clients && paused.is_none();
+            let paused = self.accept_paused_until.is_some_and(|t| now < t);
+            let accepting = self.conns.len() < self.options.max_clients && !paused;
             let ids: Vec<u64> = self.conns.keys().copied().collect();
             let mut fds = Vec::with_capacity(ids.len() + 2);
             fds.push(PollFd::new(extra, PollFlags::POLLIN));
@@ -335,8 +330,11 @@ impl Server {
         }
     }
 
+    /// The next idle expiry, or the end of a pause in accepting.
     fn next_deadline(&self) -> Option<Instant> {
-        self.conns.values().map(|c| c.last_active + self.options.idle_timeout).min()
+        let now = Instant::now();
+        let pause_end = self.accept_paused_until.filter(|t| now < *t);
+        self.conns.values().map(|c| c.last_active + self.options.idle_timeout).chain(pause_end).min()
     }
 
     fn expire_idle(&mut self, now: Instant) {
