@@ -49,26 +49,6 @@ const READ_CHUNK: usize = 16 * 1024;
 /// at once would spin, logging a failure each turn.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Logs a line that contains text from a request (a method name, an
-/// address, a UNIX path, a socket name). Control characters are escaped, so
-/// a request cannot end its log line and forge another one.
-macro_rules! log_request {
-    ($level:expr, $($arg:tt)+) => {
-        if log::log_enabled!($level) {
-            log::log!($level, "{}", printable(&format!($($arg)+)));
-        }
-    };
-}
-
-/// `text` with control characters escaped (`\n`, `\u{1b}`).
-fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
-    } else {
-        text.into()
-    }
-}
-
 /// Settings of the control loop.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -506,7 +486,7 @@ impl Server {
         let result = match req.method.as_str() {
             "bind" => self.bind(peer, &req.params),
             other => {
-                log_request!(log::Level::Info, "{peer} {other}: method not found");
+                log::info!("{peer} {other}: method not found");
                 Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
             }
         };
@@ -519,7 +499,7 @@ impl Server {
     fn bind(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
         let invalid = |what: String, e: &dyn std::fmt::Display| {
             let message = format!("Invalid params: {what}: {e}");
-            log_request!(log::Level::Info, "{peer} bind: {message}");
+            log::info!("{peer} bind: {message}");
             RpcError::new(code::INVALID_PARAMS, message)
         };
         let params = BindParams::from_json(params).map_err(|e| invalid("bind".into(), &e))?;
@@ -527,24 +507,23 @@ impl Server {
         let (held, new) = match &target {
             BindTarget::Name(name) => {
                 let held = self.registry.by_name(name).map_err(|e| {
-                    log_request!(log::Level::Info, "{peer} bind name '{name}': unknown name");
+                    log::info!("{peer} bind name '{name}': unknown name");
                     RpcError::new(code::UNKNOWN_NAME, e.to_string())
                 })?;
                 (held, false)
             }
             BindTarget::Spec(spec) => self.registry.get_or_open(spec).map_err(|e| {
-                log_request!(log::Level::Warn, "{peer} bind {}: could not bind: {e}", spec.key);
+                log::warn!("{peer} bind {}: could not bind: {e}", spec.key);
                 RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
             })?,
         };
         let dup = held.fd().try_clone_to_owned().map_err(|e| {
-            log_request!(log::Level::Error, "{peer} bind {}: could not duplicate the held descriptor: {e}", held.key());
+            log::error!("{peer} bind {}: could not duplicate the held descriptor: {e}", held.key());
             RpcError::new(code::BIND_FAILED, format!("Could not bind: {}: {e}", held.key()))
         })?;
         held.handed_out += 1;
         held.last_peer = Some(peer);
-        log_request!(
-            log::Level::Info,
+        log::info!(
             "{peer} bind {}: ok ({}, fd {})",
             held.key(),
             if new { "new socket" } else { "held socket" },
