@@ -268,26 +268,44 @@ fn descriptor_exhaustion_does_not_spin() {
 }
 
 /// Text from a request (method, address, path, name) cannot forge log
-/// lines: control characters are escaped, one request stays one line.
+/// lines: control characters are escaped, one record stays one line, both
+/// in the plain format and in the journal's (`<N>` prefixes, where journald
+/// would make each line an entry of its own).
 #[test]
 fn requests_cannot_forge_log_lines() {
-    let broker = Broker::start_with("lcforge", &[], &[("RUST_LOG", "info")]);
-    let forged = "\n[FORGED] pid=1 bind: ok";
-    let path = format!("{}/x{forged}", broker.dir.display());
-    let requests = [
-        json!({"jsonrpc": "2.0", "method": format!("m{forged}"), "id": 1}),
-        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"address": format!("a{forged}"), "port": 1}], "id": 2}),
-        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"name": format!("n{forged}")}], "id": 3}),
-        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"type": "unix", "path": format!("/nonexistent/dir{forged}")}], "id": 4}),
-        json!({"jsonrpc": "2.0", "method": "bind", "params": [{"type": "unix", "path": path}], "id": 5}),
-    ];
-    for r in &requests {
-        let (reply, _) = rpc(&broker.control, r.to_string().as_bytes());
-        assert!(reply.get("error").is_some() || reply["result"] == true, "{reply}");
+    use std::os::unix::fs::MetadataExt;
+    for journal in [false, true] {
+        let dir = test_dir("lcforge");
+        let control = dir.join("control.sock");
+        // The fixture truncates this file for stderr: same device and inode.
+        let log_meta = std::fs::File::create(dir.join("broker.log")).unwrap().metadata().unwrap();
+        let stream = format!("{}:{}", log_meta.dev(), log_meta.ino());
+        let mut env = vec![("RUST_LOG", "info")];
+        if journal {
+            env.push(("JOURNAL_STREAM", &stream));
+        }
+        let broker = Broker::start_in(dir, control, &[], &env);
+        let forged = "\n[FORGED] pid=1 bind: ok";
+        let path = format!("{}/x{forged}", broker.dir.display());
+        let requests = [
+            json!({"jsonrpc": "2.0", "method": format!("m{forged}"), "id": 1}),
+            json!({"jsonrpc": "2.0", "method": "bind", "params": [{"address": format!("a{forged}"), "port": 1}], "id": 2}),
+            json!({"jsonrpc": "2.0", "method": "bind", "params": [{"name": format!("n{forged}")}], "id": 3}),
+            json!({"jsonrpc": "2.0", "method": "bind", "params": [{"type": "unix", "path": format!("/nonexistent/dir{forged}")}], "id": 4}),
+            json!({"jsonrpc": "2.0", "method": "bind", "params": [{"type": "unix", "path": path}], "id": 5}),
+        ];
+        for r in &requests {
+            let (reply, _) = rpc(&broker.control, r.to_string().as_bytes());
+            assert!(reply.get("error").is_some() || reply["result"] == true, "{reply}");
+        }
+        let log = broker.log_text();
+        let start = if journal { "<" } else { "[" };
+        assert!(
+            log.lines().all(|l| l.starts_with(start)),
+            "a line not made by the logger (journal: {journal}):\n{log}"
+        );
+        assert!(log.lines().filter(|l| l.contains("[FORGED]")).count() >= requests.len(), "{log}");
     }
-    let log = broker.log_text();
-    assert!(!log.lines().any(|l| l.starts_with("[FORGED]")), "a request forged a log line:\n{log}");
-    assert_eq!(log.lines().filter(|l| l.contains("FORGED")).count(), requests.len(), "{log}");
 }
 
 /// The broker outlives its log: when stderr's reader goes away (journald
