@@ -248,7 +248,8 @@ fn descriptor_exhaustion_does_not_spin() {
     let dir = test_dir("lcemfile");
     let control = dir.join("control.sock");
     // 0-2, the signalfd and the control socket leave room for a few clients.
-    let broker = Broker::start_wrapped(dir, control, &["prlimit", "--nofile=10:10"], &[], &[]);
+    let wrapper = broker_wrapper(&dir, "limited", "", "prlimit --nofile=10:10");
+    let broker = Broker::start_program(&wrapper, dir, control, &[], &[]);
     let clients: Vec<_> = (0..12).map(|_| connect(&broker.control)).collect();
     wait_until(Duration::from_secs(20), "descriptor table full", || broker.open_fds().len() >= 10);
     // Half a second of exhaustion (the condition under test, not a wait for
@@ -273,18 +274,13 @@ fn descriptor_exhaustion_does_not_spin() {
 /// would make each line an entry of its own).
 #[test]
 fn requests_cannot_forge_log_lines() {
-    use std::os::unix::fs::MetadataExt;
     for journal in [false, true] {
         let dir = test_dir("lcforge");
         let control = dir.join("control.sock");
-        // The fixture truncates this file for stderr: same device and inode.
-        let log_meta = std::fs::File::create(dir.join("broker.log")).unwrap().metadata().unwrap();
-        let stream = format!("{}:{}", log_meta.dev(), log_meta.ino());
-        let mut env = vec![("RUST_LOG", "info")];
-        if journal {
-            env.push(("JOURNAL_STREAM", &stream));
-        }
-        let broker = Broker::start_in(dir, control, &[], &env);
+        // JOURNAL_STREAM names stderr (the log file) when the broker starts.
+        let prelude = if journal { r#"export JOURNAL_STREAM="$(stat -L -c %d:%i /proc/self/fd/2)""# } else { "" };
+        let wrapper = broker_wrapper(&dir, "journal", prelude, "");
+        let broker = Broker::start_program(&wrapper, dir, control, &[], &[("RUST_LOG", "info")]);
         let forged = "\n[FORGED] pid=1 bind: ok";
         let path = format!("{}/x{forged}", broker.dir.display());
         let requests = [

@@ -80,32 +80,27 @@ impl Broker {
     /// Starts the broker in `dir` on `control`.
     #[track_caller]
     pub fn start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Broker {
-        Broker::start_wrapped(dir, control, &[], args, env)
+        Broker::start_program(Path::new(BIN), dir, control, args, env)
     }
 
-    /// Starts the broker through a wrapper command that execs it (such as
-    /// `prlimit --nofile=N:N`), so the broker keeps the wrapper's pid.
+    /// Starts `program` (a copy of the broker binary, say) in `dir` on
+    /// `control`. Several brokers may share a folder: each gets its own notify
+    /// socket and log.
     #[track_caller]
-    pub fn start_wrapped(
+    pub fn start_program(
+        program: &Path,
         dir: PathBuf,
         control: PathBuf,
-        wrapper: &[&str],
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Broker {
-        let notify_path = dir.join(format!("notify-{}.sock", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let notify_path = dir.join(format!("notify-{n}.sock"));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let log = dir.join("broker.log");
+        let log = dir.join(format!("broker-{n}.log"));
         let mut all: Vec<String> = vec!["serve".into(), "--control".into(), control.display().to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let mut cmd = match wrapper.split_first() {
-            Some((program, rest)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(rest).arg(BIN);
-                cmd
-            }
-            None => Command::new(BIN),
-        };
+        let mut cmd = Command::new(program);
         cmd.args(&all)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")
@@ -408,4 +403,16 @@ pub fn sock_type(fd: BorrowedFd<'_>) -> nix::sys::socket::SockType {
 /// Whether a socket is listening (SO_ACCEPTCONN).
 pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
     nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap()
+}
+
+/// A shell script in `dir` that runs `prelude`, then execs `exec_prefix`
+/// followed by the broker and its arguments (the broker keeps the script's
+/// pid): a way to start the broker under `prlimit`, or with variables
+/// computed at spawn time, through [`Broker::start_program`].
+pub fn broker_wrapper(dir: &Path, name: &str, prelude: &str, exec_prefix: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{prelude}\nexec {exec_prefix} \"{BIN}\" \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
 }
