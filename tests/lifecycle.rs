@@ -260,8 +260,12 @@ fn descriptor_exhaustion_does_not_spin() {
     // A spinning broker fails thousands of times in that half second; one
     // that backs off, a handful (a generous bound for a loaded machine).
     assert!(!failed.is_empty() && failed.len() <= 100, "{} accept failures: the broker spins", failed.len());
+    // One warning per episode of exhaustion, retries at debug level. (A
+    // descriptor the broker frees meanwhile, such as the one that sent
+    // READY=1, ends an episode: the next failure starts another.)
     let warned = failed.iter().filter(|l| l.contains("WARN")).count();
-    assert_eq!(warned, 1, "one warning per episode, retries at debug level:\n{log}");
+    let episodes = 1 + log.lines().filter(|l| l.contains("accepting connections again")).count();
+    assert_eq!(warned, episodes, "{log}");
     drop(clients);
     let (reply, fds) = rpc(&broker.control, &bind_request(1, json!({"address": "127.0.0.1", "port": free_port()})));
     assert_eq!(reply["result"], true, "{reply}");
