@@ -26,8 +26,10 @@ fn everything_the_broker_holds_is_cloexec() {
     ] {
         received.push(client.bind(&spec.parse().unwrap()).unwrap());
     }
-    let (reply, fds) =
-        rpc(&broker.control, &bind_request(1, json!({"type": "udp", "address": "127.0.0.1", "port": free_port()})));
+    let (reply, fds) = rpc(
+        &broker.control,
+        &bind_request(1, json!({"type": "udp", "address": "127.0.0.1", "port": held_port(&broker.control, "udp")})),
+    );
     assert_eq!(reply["result"], true, "{reply}");
     received.extend(fds);
     // Keep a few connections open so their descriptors are checked too.
@@ -104,7 +106,10 @@ fn descriptor_count_is_stable_after_100k_requests() {
     let path = broker.dir.join("leak.sock");
     requests.push(bind_request(10, json!({"type": "unix", "path": path})));
     requests.push(bind_request(11, json!({"type": "unix", "path": format!("@sbt-leak-{}", std::process::id())})));
-    requests.push(bind_request(12, json!({"type": "udp", "address": "127.0.0.1", "port": free_port()})));
+    requests.push(bind_request(
+        12,
+        json!({"type": "udp", "address": "127.0.0.1", "port": held_port(&broker.control, "udp")}),
+    ));
     // Failures: bad params, unknown name, unknown method, bind failure. The
     // "bad" marker is a JSON key the broker ignores.
     requests.push(
@@ -169,7 +174,7 @@ fn descriptor_count_is_stable_after_100k_requests() {
 fn descriptors_sent_to_the_broker_are_not_kept() {
     let broker = Broker::start("fdsent");
     let at_start = broker.fd_count_at_start();
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let request = bind_request(1, json!({"address": "127.0.0.1", "port": port}));
     let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
     for _ in 0..20 {

@@ -267,7 +267,10 @@ fn descriptor_exhaustion_does_not_spin() {
     let episodes = 1 + log.lines().filter(|l| l.contains("accepting connections again")).count();
     assert_eq!(warned, episodes, "{log}");
     drop(clients);
-    let (reply, fds) = rpc(&broker.control, &bind_request(1, json!({"address": "127.0.0.1", "port": free_port()})));
+    let (reply, fds) = rpc(
+        &broker.control,
+        &bind_request(1, json!({"address": "127.0.0.1", "port": held_port(&broker.control, "tcp")})),
+    );
     assert_eq!(reply["result"], true, "{reply}");
     assert_eq!(fds.len(), 1);
 }
@@ -328,7 +331,8 @@ fn broker_survives_its_log_going_away() {
     wait_ready(&notify, &mut child, "broker");
     drop(child.stderr.take());
     for _ in 0..3 {
-        let (reply, fds) = rpc(&control, &bind_request(1, json!({"address": "127.0.0.1", "port": free_port()})));
+        let (reply, fds) =
+            rpc(&control, &bind_request(1, json!({"address": "127.0.0.1", "port": held_port(&control, "tcp")})));
         assert_eq!(reply["result"], true, "{reply}");
         assert_eq!(fds.len(), 1);
     }
@@ -389,7 +393,7 @@ fn default_path_for_a_user_is_under_xdg_runtime_dir() {
     let control = runtime.join("sockbroker/control.sock");
     assert!(std::fs::symlink_metadata(&control).unwrap().file_type().is_socket());
 
-    let port = free_port();
+    let port = held_port(&control, "tcp");
     let mut bind = Command::new("setpriv");
     as_nobody(&mut bind);
     let out = bind.args(["bind", &format!("tcp://127.0.0.1:{port}")]).output().unwrap();

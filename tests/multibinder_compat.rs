@@ -9,7 +9,7 @@ use common::*;
 #[test]
 fn reference_client_gets_the_same_socket_twice() {
     let broker = Broker::start("mbsame");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let (reply, fds) = reference_request(&broker.control, &multibinder_bind_request("127.0.0.1", port));
     let v = json(&reply);
     assert_eq!(v["result"], true, "{reply}");
@@ -28,7 +28,7 @@ fn reference_client_gets_the_same_socket_twice() {
 #[test]
 fn reference_reply_is_multibinder_s() {
     let broker = Broker::start("mbreply");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let request = format!(
         r#"{{"jsonrpc":"2.0","method":"bind","params":[{{"address":"127.0.0.1","port":{port},"backlog":10240,"reuse_port":true}}],"id":"6f1c2a3b-uuid"}}"#
     );
@@ -65,7 +65,7 @@ fn reference_and_library_clients_share_one_socket() {
 #[test]
 fn errors_look_like_multibinder_s() {
     let broker = Broker::start("mberr");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let (reply, fds) = reference_request(&broker.control, &multibinder_bind_request("192.0.2.1", port));
     let v = json(&reply);
     assert_rpc_error(&v, &fds, 10000, &[]);
@@ -87,7 +87,7 @@ fn errors_look_like_multibinder_s() {
 #[test]
 fn several_requests_on_one_connection_one_per_write() {
     let broker = Broker::start("mbseveral");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let stream = connect(&broker.control);
     let mut first = None;
     for _ in 0..5 {
@@ -104,7 +104,7 @@ fn several_requests_on_one_connection_one_per_write() {
 #[test]
 fn multibinder_sock_is_honoured() {
     let broker = Broker::start("mbenv");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let out = std::process::Command::new(BIN)
         .args(["bind", &format!("tcp://127.0.0.1:{port}")])
         .env_remove("SOCKBROKER_SOCKET")

@@ -105,7 +105,7 @@ fn parse_error_closes_the_connection() {
 #[test]
 fn request_over_64k_is_refused_and_the_connection_closed() {
     let broker = Broker::start("protbig");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     // Just under the cap: served (unknown keys are ignored).
     let mut pad = 60 * 1024;
     let under = loop {
@@ -156,7 +156,7 @@ fn request_over_64k_is_refused_and_the_connection_closed() {
 #[test]
 fn split_requests_are_reassembled() {
     let broker = Broker::start("protsplit");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let request = bind_request(42, json!({"address": "127.0.0.1", "port": port, "backlog": 128, "note": "é✓"}));
     for piece in [1usize, 3, 17, 50] {
         let stream = connect(&broker.control);
@@ -178,7 +178,7 @@ fn split_requests_are_reassembled() {
 #[test]
 fn concatenated_requests_each_get_a_reply_in_order() {
     let broker = Broker::start("protconcat");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let ok = |id| bind_request(id, json!({"address": "127.0.0.1", "port": port}));
     let unknown = |id: u64| format!(r#"{{"jsonrpc":"2.0","method":"nope","id":{id}}}"#).into_bytes();
     let bad = |id| bind_request(id, json!({"address": "127.0.0.1", "port": 0}));
@@ -214,7 +214,7 @@ fn concatenated_requests_each_get_a_reply_in_order() {
 fn half_closed_client_still_gets_its_reply() {
     let broker = Broker::start("prothalf");
     let stream = connect(&broker.control);
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     (&stream).write_all(&bind_request(1, json!({"address": "127.0.0.1", "port": port}))).unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let (replies, fds) = read_replies(&stream, 1);
@@ -230,7 +230,7 @@ fn half_closed_client_still_gets_its_reply() {
 fn silent_clients_do_not_block_others() {
     raise_nofile();
     let broker = Broker::start("protsilent");
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let request = bind_request(9, json!({"address": "127.0.0.1", "port": port}));
     let silent: Vec<_> = (0..500)
         .map(|i| {
@@ -304,7 +304,7 @@ fn idle_clients_are_dropped() {
     let partial = connect(&broker.control);
     (&partial).write_all(b"{\"method\":\"bi").unwrap();
     let used = connect(&broker.control);
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     (&used).write_all(&bind_request(1, json!({"address": "127.0.0.1", "port": port}))).unwrap();
     let (replies, _fds) = read_replies(&used, 1);
     assert_eq!(replies[0]["result"], true);
@@ -322,7 +322,7 @@ fn idle_clients_are_dropped() {
 #[test]
 fn mangled_requests_never_crash_or_wedge_the_broker() {
     let broker = Broker::start_with("protfuzz", &[], &[("RUST_LOG", "warn")]);
-    let port = free_port();
+    let port = held_port(&broker.control, "tcp");
     let seeds = [
         bind_request(1, json!({"address": "127.0.0.1", "port": port, "backlog": 10})),
         bind_request(2, json!({"type": "unix", "path": "@sbt-fuzz", "spec": "udp://[::1]:5353", "name": "x"})),

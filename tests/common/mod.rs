@@ -416,3 +416,21 @@ pub fn broker_wrapper(dir: &Path, name: &str, prelude: &str, exec_prefix: &str) 
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
 }
+
+/// A port on 127.0.0.1 that the broker at `control` now holds a `kind`
+/// ("tcp" or "udp") socket for, so every later bind of it succeeds: probes
+/// a free port and asks the broker for it, retrying when someone else took
+/// it in between.
+#[track_caller]
+pub fn held_port(control: &Path, kind: &str) -> u16 {
+    for _ in 0..20 {
+        let port = free_port();
+        let (reply, _) =
+            rpc(control, &bind_request(0, serde_json::json!({"type": kind, "address": "127.0.0.1", "port": port})));
+        if reply["result"] == true {
+            return port;
+        }
+        assert_eq!(reply["error"]["code"], 10000, "{reply}");
+    }
+    panic!("no free {kind} port after 20 tries");
+}
