@@ -399,6 +399,15 @@ fn default_path_for_a_user_is_under_xdg_runtime_dir() {
     let out = bind.args(["bind", &format!("tcp://127.0.0.1:{port}")]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(text(&out.stdout).starts_with(&format!("tcp://127.0.0.1:{port}: received socket inode")));
+
+    // A broker that is not root cannot bind a privileged port: multibinder's
+    // own example of a bind failure, word for word.
+    let unprivileged: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .map_or(1024, |t| t.trim().parse().unwrap_or(1024));
+    if unprivileged > 80 {
+        let (reply, fds) = rpc(&control, &multibinder_bind_request("127.0.0.1", 80));
+        assert_rpc_error(&reply, &fds, 10000, &["Could not bind: tcp://127.0.0.1:80: Permission denied (os error 13)"]);
+    }
     drop(_guard);
     let _ = std::fs::remove_dir_all(&dir);
 }
