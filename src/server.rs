@@ -56,6 +56,10 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Most sockets in one `bind_many` request: each costs a duplicate descriptor
 /// until the reply is written.
 pub const MAX_BATCH: usize = 4096;
+/// How long to stop accepting after accept() fails for lack of resources
+/// (EMFILE, ENFILE, ENOMEM): the listener stays readable, so accepting again
+/// at once would spin, logging a failure each turn.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Settings of the control loop.
 #[derive(Debug, Clone)]
@@ -274,6 +278,8 @@ pub struct Server {
     /// The configuration in force: declared sockets and access rules.
     pub live: Live,
     pub(crate) started: Instant,
+    /// Set after accept() failed: no accepting before this instant.
+    accept_paused_until: Option<Instant>,
 }
 
 impl Server {
@@ -288,6 +294,7 @@ impl Server {
             takeover: None,
             live: Live::default(),
             started: Instant::now(),
+            accept_paused_until: None,
         }
     }
 
@@ -323,7 +330,8 @@ impl Server {
             let timeout =
                 self.next_deadline().into_iter().chain(deadline).min().map(|d| d.saturating_duration_since(now));
 
-            let accepting = self.conns.len() < self.options.max_clients;
+            let paused = self.accept_paused_until.is_some_and(|t| now < t);
+            let accepting = self.conns.len() < self.options.max_clients && !paused;
             let ids: Vec<u64> = self.conns.keys().copied().collect();
             let mut fds = Vec::with_capacity(ids.len() + 2);
             fds.push(PollFd::new(extra, PollFlags::POLLIN));
@@ -377,8 +385,11 @@ impl Server {
         }
     }
 
+    /// The next idle expiry, or the end of a pause in accepting.
     fn next_deadline(&self) -> Option<Instant> {
-        self.conns.values().map(|c| c.last_active + self.options.idle_timeout).min()
+        let now = Instant::now();
+        let pause_end = self.accept_paused_until.filter(|t| now < *t);
+        self.conns.values().map(|c| c.last_active + self.options.idle_timeout).chain(pause_end).min()
     }
 
     fn expire_idle(&mut self, now: Instant) {
@@ -400,11 +411,26 @@ impl Server {
                 return;
             }
             let stream = match self.control.listener.accept() {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    if self.accept_paused_until.take().is_some() {
+                        log::info!("{}: accepting connections again", self.control.path.display());
+                    }
+                    stream
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A connection that was reset while queued, or a signal.
+                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted) => continue,
                 Err(e) => {
-                    // EMFILE and friends: leave the rest queued in the kernel.
-                    log::warn!("{}: accept failed: {e}", self.control.path.display());
+                    // EMFILE and friends: leave the rest queued in the kernel
+                    // and try again later.
+                    // and try again later. Warn once per episode, not each retry.
+                    let level = if self.accept_paused_until.is_some() { log::Level::Debug } else { log::Level::Warn };
+                    log::log!(
+                        level,
+                        "{}: accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}",
+                        self.control.path.display()
+                    );
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
                 }
             };

@@ -58,8 +58,14 @@ pub enum ParamError {
     #[error("bind takes an object, or an array holding one, as params")]
     NotAnObject,
     /// A key has the wrong JSON type.
-    #[error("{0}")]
-    Shape(#[from] serde_json::Error),
+    #[error("\"{key}\": {source}")]
+    Shape {
+        /// The offending key.
+        key: String,
+        /// serde's description of the mismatch.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A required key is missing.
     #[error("{kind} socket needs \"{key}\"")]
     Missing {
@@ -104,7 +110,17 @@ impl BindParams {
         if !obj.is_object() {
             return Err(ParamError::NotAnObject);
         }
-        Ok(BindParams::deserialize(obj)?)
+        BindParams::deserialize(obj).map_err(|source| {
+            // serde's message ("invalid type: string \"80\", expected i64")
+            // does not say which key is wrong: find it by trying each alone.
+            let key = obj
+                .as_object()
+                .into_iter()
+                .flatten()
+                .find(|(k, v)| BindParams::deserialize(serde_json::json!({ k.as_str(): v })).is_err())
+                .map_or_else(|| "params".to_string(), |(k, _)| k.clone());
+            ParamError::Shape { key, source }
+        })
     }
 
     /// The params as `[{…}]`, the form multibinder uses.
@@ -202,7 +218,8 @@ mod tests {
         assert!(e(json!([{"address":"127.0.0.1","port":70000}])).contains("70000"));
         assert!(e(json!([{"address":"127.0.0.1","port":0}])).contains("port 0"));
         assert!(e(json!([{"address":"nope","port":80}])).contains("'nope'"));
-        assert!(e(json!([{"address":"127.0.0.1","port":"80"}])).contains("invalid type"));
+        assert!(e(json!([{"address":"127.0.0.1","port":"80"}])).starts_with("\"port\": invalid type"));
+        assert!(e(json!({"address":1,"port":80})).starts_with("\"address\": invalid type"));
         assert!(e(json!([{"type":"unix","path":"rel/x"}])).contains("absolute"));
         assert!(e(json!([{"address":"127.0.0.1"}])).contains("\"port\""));
         assert!(e(json!([{"type":"sctp","address":"127.0.0.1","port":1}])).contains("sctp"));

@@ -352,6 +352,16 @@ impl Broker {
         open_fds(self.pid())
     }
 
+    /// The broker's descriptor count once start-up has settled, before any
+    /// client: the control socket is then its only socket (the one that sent
+    /// READY=1 may still be closing when READY=1 arrives, hence the wait).
+    #[track_caller]
+    pub fn fd_count_at_start(&self) -> usize {
+        let sockets = || self.open_fds().iter().filter(|(_, t)| t.starts_with("socket:")).count();
+        wait_until(Duration::from_secs(20), "start-up settled", || sockets() == 1);
+        self.open_fds().len()
+    }
+
     /// Sends a signal to the broker.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
@@ -528,4 +538,153 @@ pub fn multibinder_bind_request(address: &str, port: u16) -> Vec<u8> {
 /// Parses a reply's JSON.
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+}
+
+/// A raw connection to the control socket, with a generous read timeout so a
+/// wedged broker fails the test instead of hanging it.
+#[track_caller]
+pub fn connect(control: &Path) -> UnixStream {
+    let stream = UnixStream::connect(control).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+}
+
+/// Reads replies from a connection until `n` complete JSON values have
+/// arrived; returns them with every descriptor that came along.
+#[track_caller]
+pub fn read_replies(stream: &UnixStream, n: usize) -> (Vec<serde_json::Value>, Vec<OwnedFd>) {
+    let mut framer = sockbroker::protocol::framing::Framer::default();
+    let mut values = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while values.len() < n {
+        if let Some(v) = framer.next_value() {
+            values.push(v.expect("the broker sent invalid JSON"));
+            continue;
+        }
+        let got = sockbroker::fd::recv_with_fds(stream.as_fd(), &mut buf)
+            .unwrap_or_else(|e| panic!("waiting for reply {} of {n}: {e}", values.len() + 1));
+        assert!(got.len > 0, "connection closed after {} of {n} replies", values.len());
+        fds.extend(got.fds);
+        framer.push(&buf[..got.len]);
+    }
+    (values, fds)
+}
+
+/// Reads until the broker closes the connection (EOF), failing the test if
+/// that takes longer than `limit`. Returns the bytes read before EOF.
+#[track_caller]
+pub fn wait_eof(stream: &UnixStream, limit: Duration) -> Vec<u8> {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the broker did not close the connection within {limit:?}");
+        stream.set_read_timeout(Some(left)).unwrap();
+        match (&*stream).read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading until EOF: {e}"),
+        }
+    }
+}
+
+/// The `flags` field of /proc/PID/fdinfo/FD (octal open flags).
+pub fn fdinfo_flags(pid: i32, fd: RawFd) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
+}
+
+/// `O_CLOEXEC` as /proc/PID/fdinfo shows it (octal 02000000).
+pub const O_CLOEXEC_FLAG: u32 = 0o2000000;
+
+/// Polls `check` until it returns true, failing the test after `limit`.
+/// For conditions the broker reaches asynchronously (closing a connection
+/// whose peer left), where no readiness signal exists.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not reached within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Raises this process's soft descriptor limit to the hard limit (tests that
+/// open hundreds of connections).
+pub fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+/// A bind request in the reference client's form with a chosen id and
+/// params object.
+pub fn bind_request(id: u64, params: serde_json::Value) -> Vec<u8> {
+    serde_json::json!({"jsonrpc": "2.0", "method": "bind", "params": [params], "id": id}).to_string().into_bytes()
+}
+
+/// Sends one reference-form request and returns the parsed reply and fds.
+#[track_caller]
+pub fn rpc(control: &Path, request: &[u8]) -> (serde_json::Value, Vec<OwnedFd>) {
+    let (text, fds) = reference_request(control, request);
+    (json(&text), fds)
+}
+
+/// Asserts that a reply is an error with `code` whose message contains
+/// every one of `needles`, and that no descriptor came with it.
+#[track_caller]
+pub fn assert_rpc_error(reply: &serde_json::Value, fds: &[OwnedFd], code: i64, needles: &[&str]) {
+    assert_eq!(reply["error"]["code"], code, "wrong code in {reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message in {reply}"));
+    for needle in needles {
+        assert!(message.contains(needle), "message {message:?} does not mention {needle:?}");
+    }
+    assert!(reply.get("result").is_none(), "an error reply must not carry a result: {reply}");
+    assert!(fds.is_empty(), "a descriptor was attached to an error reply: {reply}");
+}
+
+/// The socket type (SO_TYPE) of a descriptor.
+pub fn sock_type(fd: BorrowedFd<'_>) -> nix::sys::socket::SockType {
+    nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType).unwrap()
+}
+
+/// Whether a socket is listening (SO_ACCEPTCONN).
+pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
+    nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap()
+}
+
+/// A shell script in `dir` that runs `prelude`, then execs `exec_prefix`
+/// followed by the broker and its arguments (the broker keeps the script's
+/// pid): a way to start the broker under `prlimit`, or with variables
+/// computed at spawn time, through [`Broker::start_program`].
+pub fn broker_wrapper(dir: &Path, name: &str, prelude: &str, exec_prefix: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{prelude}\nexec {exec_prefix} \"{BIN}\" \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A port on 127.0.0.1 that the broker at `control` now holds a `kind`
+/// ("tcp" or "udp") socket for, so every later bind of it succeeds: probes
+/// a free port and asks the broker for it, retrying when someone else took
+/// it in between.
+#[track_caller]
+pub fn held_port(control: &Path, kind: &str) -> u16 {
+    for _ in 0..20 {
+        let port = free_port();
+        let (reply, _) =
+            rpc(control, &bind_request(0, serde_json::json!({"type": kind, "address": "127.0.0.1", "port": port})));
+        if reply["result"] == true {
+            return port;
+        }
+        assert_eq!(reply["error"]["code"], 10000, "{reply}");
+    }
+    panic!("no free {kind} port after 20 tries");
 }
