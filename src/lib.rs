@@ -18,6 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod exec;
 pub mod fd;
 pub mod logging;
 pub mod protocol;
@@ -25,6 +26,7 @@ pub mod registry;
 pub mod server;
 pub mod socket;
 pub mod spec;
+pub mod supervisor;
 pub mod systemd;
 
 /// Formats an error with its chain of causes: `a: b: c`, skipping causes
