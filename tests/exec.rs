@@ -59,9 +59,9 @@ fn child_gets_exactly_stdio_and_its_sockets() {
     let mut child = Reaped(cmd.spawn().unwrap());
     notify.wait_line(&mut child.0, "READY=1", START_TIMEOUT);
     let pid = child.0.id() as i32; // exec keeps the pid
-    // A response means the daemon is in its accept loop, past the moment it
-    // briefly holds the socket it sent READY=1 on; closing the connection
-    // happens before EOF reaches us.
+                                   // A response means the daemon is in its accept loop, past the moment it
+                                   // briefly holds the socket it sent READY=1 on; closing the connection
+                                   // happens before EOF reaches us.
     let body = http_get(addr(&web)).unwrap();
     assert!(body.contains(&format!("pid={pid} ")), "{body}");
 

@@ -204,10 +204,8 @@ fn delay_readiness_and_a_first_generation_that_fails() {
     let broker = Broker::start("run_delay");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
-    let mut run = Run::start(&broker, &["--socket", &spec, "--ready", "delay:200ms"], &[
-        "python3",
-        daemon.to_str().unwrap(),
-    ]);
+    let mut run =
+        Run::start(&broker, &["--socket", &spec, "--ready", "delay:200ms"], &["python3", daemon.to_str().unwrap()]);
     let status = run.reload();
     assert!(status.contains("serving generation 2 "), "{status}");
     assert_eq!(run.stop().code(), Some(0));
