@@ -11,7 +11,6 @@
 //! `RELOAD_BENCH_RELOADS=N` and `RELOAD_BENCH_CLIENTS=N` override the sizes.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod common;
 
 use std::process::{Command, Stdio};

@@ -664,6 +664,64 @@ mod tests {
         assert!(validate_fdname(&"x".repeat(FDNAME_MAX + 1)).is_err());
     }
 
+    /// The adversarial layout: socket A sits where B must go and B where A
+    /// must go (a naive dup2 in order would overwrite B with A before B is
+    /// copied). Runs `place` in a forked child, which reports by exit code.
+    #[test]
+    fn place_handles_overlapping_slots() {
+        use std::os::unix::net::UnixDatagram;
+        let socks: Vec<UnixDatagram> = (0..3).map(|_| UnixDatagram::unbound().unwrap()).collect();
+        let raw: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
+        let inodes: Vec<u64> = socks.iter().map(|s| crate::fd::inode(s.as_fd()).unwrap()).collect();
+        let mut scratch = vec![-1; 3];
+        // SAFETY: the child makes only async-signal-safe calls (dup2, fcntl,
+        // fstat, _exit) on memory allocated before the fork.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = (|| {
+                    // Park A at 4, B at 3, C at 5, high above the test's own fds first.
+                    // SAFETY: dup2 takes no pointers; only the child's table changes.
+                    let park = |src: RawFd, at: RawFd| unsafe { libc::dup2(src, at) } == at;
+                    let (a, b, c) = (100, 101, 102);
+                    if !(park(raw[0], a) && park(raw[1], b) && park(raw[2], c)) {
+                        return 10;
+                    }
+                    if !(park(a, 4) && park(b, 3) && park(c, 5)) {
+                        return 11;
+                    }
+                    if place(&[4, 3, 5], &mut scratch).is_err() {
+                        return 12;
+                    }
+                    for (i, want) in inodes.iter().enumerate() {
+                        let slot = 3 + i as RawFd;
+                        // SAFETY: a plain C struct, all zeroes is a valid value.
+                        let mut st = unsafe { std::mem::zeroed::<libc::stat>() };
+                        // SAFETY: `st` is valid and writable for the call.
+                        if unsafe { libc::fstat(slot, &mut st) } != 0 || st.st_ino != *want {
+                            return 20 + i as i32;
+                        }
+                        // SAFETY: fcntl(F_GETFD) takes no pointers.
+                        if unsafe { libc::fcntl(slot, libc::F_GETFD) } & libc::FD_CLOEXEC != 0 {
+                            return 30 + i as i32;
+                        }
+                    }
+                    // Everything above the slots is close-on-exec now.
+                    // SAFETY: fcntl(F_GETFD) takes no pointers.
+                    if unsafe { libc::fcntl(a, libc::F_GETFD) } & libc::FD_CLOEXEC == 0 {
+                        return 40;
+                    }
+                    0
+                })();
+                // SAFETY: leave the forked child without running the test harness's destructors.
+                unsafe { libc::_exit(code) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0), "see the codes in the test");
+            }
+        }
+    }
+
     #[test]
     fn decimal_without_allocation() {
         let mut buf = [0xffu8; 12];

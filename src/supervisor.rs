@@ -191,8 +191,6 @@ struct Generation {
     started: Instant,
     /// The started process exited with status 0 while a pidfile daemon forked.
     launcher_exited: bool,
-    /// Whether this generation ever served (its status becomes run's status).
-    served: bool,
 }
 
 impl Generation {
@@ -218,7 +216,9 @@ struct Supervisor {
     reloads_ok: u64,
     reloads_failed: u64,
     last_failure: Option<String>,
-    /// The exit status of the last serving generation to exit.
+    /// The generation that was serving when stopping began.
+    serving_at_stop: Option<u64>,
+    /// The exit status of the serving generation: `run`'s own.
     final_status: Option<WaitStatus>,
     /// Set when generation 1 fails before it is ready.
     start_failure: Option<RunError>,
@@ -252,6 +252,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
         reloads_ok: 0,
         reloads_failed: 0,
         last_failure: None,
+        serving_at_stop: None,
         final_status: None,
         start_failure: None,
     };
@@ -346,7 +347,6 @@ impl Supervisor {
             state: GenState::Starting,
             started: Instant::now(),
             launcher_exited: false,
-            served: false,
         });
         Ok(())
     }
@@ -465,7 +465,6 @@ impl Supervisor {
     fn promote(&mut self, idx: usize) {
         let elapsed = self.gens[idx].started.elapsed();
         self.gens[idx].state = GenState::Serving;
-        self.gens[idx].served = true;
         let label = self.gens[idx].label();
         log::info!("{label} ready after {elapsed:?}");
         let signal = self.opts.retire_signal;
@@ -507,6 +506,7 @@ impl Supervisor {
     fn begin_stop(&mut self) {
         if self.phase != Phase::Stopping {
             self.phase = Phase::Stopping;
+            self.serving_at_stop = self.serving().map(|g| g.number);
             notify::stopping();
         }
         let kill_at = Instant::now() + self.opts.stop_timeout;
@@ -569,7 +569,7 @@ impl Supervisor {
             GenState::Retiring => log::info!("{} retired: {what}", g.label()),
             GenState::Stopping { .. } => {
                 log::info!("{} stopped: {what}", g.label());
-                if g.served {
+                if self.serving_at_stop == Some(g.number) {
                     self.final_status = Some(status);
                 }
             }
@@ -713,19 +713,19 @@ impl Supervisor {
     /// left behind (they were reparented to us as subreaper).
     fn reap_orphans(&mut self) {
         let deadline = Instant::now() + self.opts.stop_timeout;
-        let mut signal = Signal::SIGTERM;
+        let mut signalled = std::collections::HashSet::new();
         loop {
             self.reap();
             let children = own_children();
             if children.is_empty() {
                 return;
             }
-            for pid in &children {
-                log::info!("orphan pid {pid} left by the daemon: {signal}");
-                let _ = kill(*pid, signal);
-            }
-            if Instant::now() >= deadline {
-                signal = Signal::SIGKILL;
+            let signal = if Instant::now() >= deadline { Signal::SIGKILL } else { Signal::SIGTERM };
+            for pid in children {
+                if signalled.insert((pid, signal)) {
+                    log::info!("orphan pid {pid} left by the daemon: {signal}");
+                    let _ = kill(pid, signal);
+                }
             }
             let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(100u16));

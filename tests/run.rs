@@ -204,11 +204,12 @@ fn delay_readiness_and_a_first_generation_that_fails() {
     let broker = Broker::start("run_delay");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
-    let mut run =
-        Run::start(&broker, &["--socket", &spec, "--ready", "delay:200ms"], &["python3", daemon.to_str().unwrap()]);
+    let command = ["python3", daemon.to_str().unwrap(), "--term-status", "7"];
+    let mut run = Run::start(&broker, &["--socket", &spec, "--ready", "delay:200ms"], &command);
     let status = run.reload();
     assert!(status.contains("serving generation 2 "), "{status}");
-    assert_eq!(run.stop().code(), Some(0));
+    // run exits with the serving generation's status.
+    assert_eq!(run.stop().code(), Some(7));
 
     // Generation 1 exiting before it is ready: run fails with a clear error.
     let out = Command::new(BIN)

@@ -50,6 +50,7 @@ def main():
     parser.add_argument("--exit-on-gen", type=int, action="append", default=[])
     parser.add_argument("--hang-on-gen", type=int, action="append", default=[])
     parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--term-status", type=int, default=0, help="exit status after SIGTERM")
     args = parser.parse_args()
 
     gen = int(os.environ.get("SOCKBROKER_GENERATION", "0"))
@@ -105,7 +106,7 @@ def main():
                     conn.sendall(response)
                 except OSError as e:
                     print(f"listen_http: connection error: {e}", file=sys.stderr)
-    sys.exit(0)
+    sys.exit(args.term_status)
 
 
 if __name__ == "__main__":
