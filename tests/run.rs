@@ -208,6 +208,13 @@ fn delay_readiness_and_a_first_generation_that_fails() {
     let mut run = Run::start(&broker, &["--socket", &spec, "--ready", "delay:200ms"], &command);
     let status = run.reload();
     assert!(status.contains("serving generation 2 "), "{status}");
+    // A delay says nothing about the daemon itself: wait until generation 2
+    // answers (so its SIGTERM handler is installed) before stopping.
+    let addr = tcp_addr(&spec);
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    while generation(&http_get(addr).unwrap()) != Some(2) {
+        assert!(std::time::Instant::now() < deadline, "generation 2 never answered");
+    }
     // run exits with the serving generation's status.
     assert_eq!(run.stop().code(), Some(7));
 
