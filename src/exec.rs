@@ -36,7 +36,7 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -264,15 +264,19 @@ pub fn seal_inherited_descriptors() -> io::Result<Vec<RawFd>> {
     let numbers: Vec<RawFd> =
         std::fs::read_dir("/proc/self/fd")?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     for raw in numbers.into_iter().filter(|&fd| fd > 2) {
-        // SAFETY: the descriptor is only borrowed for two fcntl calls; if it
-        // was the directory handle of the listing above (now closed), fcntl
-        // fails with EBADF and the error is ignored.
-        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-        if let Ok(false) = crate::fd::is_cloexec(fd) {
-            log::info!("fd {raw} was inherited without close-on-exec; closing it on exec so the child does not get it");
-            crate::fd::set_cloexec(fd, true)?;
-            fixed.push(raw);
+        // SAFETY: fcntl on a descriptor number takes no pointers. A number
+        // that is no longer open (the listing's own handle) fails with EBADF
+        // and is skipped; nothing here takes ownership of any descriptor.
+        let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+        if flags < 0 || flags & libc::FD_CLOEXEC != 0 {
+            continue;
         }
+        log::info!("fd {raw} was inherited without close-on-exec; closing it on exec so the child does not get it");
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        fixed.push(raw);
     }
     Ok(fixed)
 }
