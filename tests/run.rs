@@ -254,3 +254,24 @@ fn socket_proxyd_generations() {
     assert_eq!(status.code(), Some(0), "{status}");
     assert!(!alive(previous.unwrap()));
 }
+
+#[test]
+fn sigint_stops_everything_and_reaps_orphans() {
+    let broker = Broker::start("run_orphans");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let orphan_file = broker.dir.join("orphan.pid");
+    // The daemon leaves a child behind: `sleep` outlives the Python process
+    // that becomes its parent (sh execs python, keeping the pid run started).
+    let script = format!("sleep 1000 & echo $! > {}; exec python3 {}", orphan_file.display(), listen_http().display());
+    let mut run = Run::start(&broker, &["--socket", &spec], &["sh", "-c", &script]);
+    let orphan: i32 = std::fs::read_to_string(&orphan_file).unwrap().trim().parse().unwrap();
+    assert!(alive(orphan));
+    assert!(http_get(tcp_addr(&spec)).unwrap().contains("gen=1"));
+    run.signal(Signal::SIGINT);
+    let status = wait_timeout(&mut run.child, Duration::from_secs(20)).expect("run did not stop on SIGINT");
+    run.done = true;
+    assert_eq!(status.code(), Some(0));
+    assert!(!alive(orphan), "run exited but the daemon's orphan {orphan} lives on");
+    let log = std::fs::read_to_string(&run.log).unwrap();
+    assert!(log.contains(&format!("orphan pid {orphan}")), "{log}");
+}
