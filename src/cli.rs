@@ -1,5 +1,6 @@
 //! The command line: `clap` types and the dispatch to the library.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +10,9 @@ use clap::{Parser, Subcommand};
 use crate::client::{Client, ClientError};
 use crate::config;
 use crate::daemon::{self, ServeError, ServeOptions};
+use crate::exec::{ExecError, SocketArg};
 use crate::spec::SocketSpec;
+use crate::supervisor::{Readiness, RunError, RunOptions};
 
 /// Holds LISTEN sockets and hands them to the daemons that serve them, so
 /// old and new generations of a daemon share one kernel listen queue.
@@ -76,6 +79,50 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Run COMMAND with the broker's sockets at fds 3, 4, … (LISTEN_FDS), replacing this process.
+    Exec {
+        /// The sockets for the child.
+        #[command(flatten)]
+        sockets: SocketArgs,
+        /// The daemon and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Supervise generations of a LISTEN_FDS daemon: SIGHUP starts a new one and
+    /// retires the old one once the new one is ready (zero-downtime reload).
+    Run {
+        /// The sockets for the child.
+        #[command(flatten)]
+        sockets: SocketArgs,
+        /// When a generation counts as ready: notify (READY=1 on NOTIFY_SOCKET),
+        /// delay:DURATION, or pidfile:PATH.
+        #[arg(long, value_name = "HOW", default_value = "notify")]
+        ready: Readiness,
+        /// A new generation not ready this long after its start is stopped.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        ready_timeout: Duration,
+        /// Sent to the old generation once the new one is ready.
+        #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = crate::supervisor::parse_signal)]
+        retire_signal: nix::sys::signal::Signal,
+        /// After SIGTERM, how long a generation may take to stop before SIGKILL.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        stop_timeout: Duration,
+        /// The daemon and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+}
+
+/// The sockets handed to a child (`exec`, `run`).
+#[derive(Debug, clap::Args)]
+pub struct SocketArgs {
+    /// A socket for the child, in order from fd 3: SPEC (tcp://127.0.0.1:80, unix:/run/x.sock, …),
+    /// NAME (a socket the broker holds under that name) or NAME=SPEC; NAME goes to LISTEN_FDNAMES.
+    #[arg(long = "socket", value_name = "SPEC|NAME|NAME=SPEC")]
+    pub sockets: Vec<SocketArg>,
+    /// If the broker is unreachable, bind the sockets directly (with a warning: reloads may then drop connections).
+    #[arg(long)]
+    pub fallback_bind: bool,
 }
 
 /// Everything that can make the command fail.
@@ -90,6 +137,12 @@ pub enum CliError {
     /// The configuration is unreadable or invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// `exec` failed.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// `run` failed.
+    #[error(transparent)]
+    Run(#[from] RunError),
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -156,6 +209,20 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             };
             let inode = crate::fd::inode(std::os::fd::AsFd::as_fd(&fd))?;
             println!("{what}: received socket inode {inode}");
+        }
+        Command::Exec { sockets, command } => {
+            return Err(crate::exec::run(&sockets.sockets, sockets.fallback_bind, &command).into());
+        }
+        Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, command } => {
+            return Ok(crate::supervisor::run(RunOptions {
+                sockets: sockets.sockets,
+                fallback_bind: sockets.fallback_bind,
+                ready,
+                ready_timeout,
+                retire_signal,
+                stop_timeout,
+                command,
+            })?);
         }
     }
     Ok(ExitCode::SUCCESS)

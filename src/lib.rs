@@ -28,6 +28,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod exec;
 pub mod fd;
 pub mod introspect;
 pub mod logging;
@@ -38,6 +39,7 @@ pub mod reload;
 pub mod server;
 pub mod socket;
 pub mod spec;
+pub mod supervisor;
 pub mod systemd;
 pub mod upgrade;
 

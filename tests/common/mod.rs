@@ -2,6 +2,8 @@
 //! that talk to it the way real clients do.
 #![allow(dead_code)]
 
+pub mod daemons;
+
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -1,0 +1,782 @@
+//! `sockbroker run`: overlapping generations of a LISTEN_FDS daemon that
+//! share the broker's sockets, so a reload drops no connection.
+//!
+//! The story of one `run`:
+//! 1. **Starting**: become a child subreaper (orphans of the daemon are
+//!    reparented to us and reaped, never left behind), block the signals we
+//!    handle (read from a signalfd, with `poll`), fetch the sockets from the
+//!    broker once ([`crate::exec::fetch`]), and start generation 1 as `exec`
+//!    would ([`crate::exec::Launch::spawn`]): sockets at 3.. in the child only.
+//! 2. **Serving**: once generation 1 is ready, tell systemd `READY=1`.
+//! 3. **Reloading** (SIGHUP): `RELOADING=1` + `MONOTONIC_USEC`, start
+//!    generation N+1 with the same sockets, wait until it is ready, and only
+//!    then send the retire signal to generation N, which drains while N+1
+//!    already accepts from the same kernel queue. Then `READY=1`. If N+1 exits
+//!    or is not ready within `--ready-timeout`, it is stopped, N keeps
+//!    serving, and the failure is logged and put in `STATUS=`.
+//! 4. **Stopping** (SIGTERM, SIGINT, or the serving generation died):
+//!    `STOPPING=1`, SIGTERM to every generation (SIGKILL after the stop
+//!    timeout), reap everything, exit with the serving generation's status.
+//!
+//! Readiness ([`Readiness`]) is a signal, never a guess where the daemon can
+//! give one: `notify` gives each generation a private `NOTIFY_SOCKET` (an
+//! abstract datagram socket only `run` reads) and waits for `READY=1` sent
+//! from that generation's process tree (checked with `SCM_CREDENTIALS`);
+//! `pidfile:PATH` waits until PATH names a live process of the new
+//! generation; `delay:D` is the last resort for daemons that can do neither.
+//!
+//! `run` stays the service's main process for systemd throughout, so no
+//! `MAINPID=` handover is needed: systemd only sees `RELOADING=1`/`READY=1`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::exec::{self, ExecError, Launch, PassedSocket, SocketArg};
+use crate::systemd::notify;
+
+/// Environment variable telling each generation its number (1, 2, …).
+pub const GENERATION_ENV: &str = "SOCKBROKER_GENERATION";
+/// How often a pidfile is looked at while a generation starts.
+pub const PIDFILE_POLL: Duration = Duration::from_millis(10);
+
+/// How `run` learns that a generation is ready to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// `READY=1` on the private `NOTIFY_SOCKET` (the sd_notify protocol).
+    Notify,
+    /// A fixed time after start, for daemons that cannot signal.
+    Delay(Duration),
+    /// PATH holds the pid of a live process of the new generation.
+    PidFile(PathBuf),
+}
+
+impl FromStr for Readiness {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "notify" {
+            Ok(Readiness::Notify)
+        } else if let Some(d) = text.strip_prefix("delay:") {
+            Ok(Readiness::Delay(crate::cli::parse_duration(d)?))
+        } else if let Some(p) = text.strip_prefix("pidfile:") {
+            let path = PathBuf::from(p);
+            if !path.is_absolute() {
+                return Err(format!("'{p}': the pidfile path must be absolute"));
+            }
+            Ok(Readiness::PidFile(path))
+        } else {
+            Err(format!("'{text}': expected notify, delay:DURATION or pidfile:PATH"))
+        }
+    }
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Readiness::Notify => f.write_str("notify"),
+            Readiness::Delay(d) => write!(f, "delay:{}ms", d.as_millis()),
+            Readiness::PidFile(p) => write!(f, "pidfile:{}", p.display()),
+        }
+    }
+}
+
+/// Parses a signal name (`TERM`, `SIGTERM`, `sigusr1`) or number (`15`).
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    if let Ok(n) = text.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("{n}: not a signal number"));
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse().map_err(|_| format!("'{text}': not a signal name (e.g. TERM, QUIT, USR1)"))
+}
+
+/// How `run` was asked to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The sockets, in order from fd 3.
+    pub sockets: Vec<SocketArg>,
+    /// Bind directly when the broker is unreachable.
+    pub fallback_bind: bool,
+    /// How readiness is detected.
+    pub ready: Readiness,
+    /// How long a new generation may take to become ready.
+    pub ready_timeout: Duration,
+    /// Sent to the old generation once the new one is ready.
+    pub retire_signal: Signal,
+    /// After SIGTERM, how long a stopping generation may take before SIGKILL.
+    pub stop_timeout: Duration,
+    /// The daemon's program and arguments.
+    pub command: Vec<OsString>,
+}
+
+/// Why `run` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Getting the sockets or starting a generation failed.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// Setting up the supervisor failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Generation 1 never became ready.
+    #[error("generation 1 (pid {pid}) {reason}")]
+    FirstGeneration {
+        /// Its pid.
+        pid: Pid,
+        /// What happened.
+        reason: String,
+    },
+    /// The event loop failed.
+    #[error("supervisor loop: {0}")]
+    Loop(#[source] io::Error),
+}
+
+fn setup(what: &'static str) -> impl FnOnce(nix::Error) -> RunError {
+    move |e| RunError::Setup { what, source: e.into() }
+}
+
+/// The phases of `run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Generation 1 is starting.
+    Starting,
+    /// One generation serves.
+    Serving,
+    /// A new generation is starting next to the serving one.
+    Reloading,
+    /// Every generation is being stopped.
+    Stopping,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GenState {
+    /// Started, not ready yet.
+    Starting,
+    /// Ready and serving.
+    Serving,
+    /// Sent the retire signal; draining.
+    Retiring,
+    /// Sent SIGTERM; SIGKILL at the deadline.
+    Stopping { kill_at: Instant },
+}
+
+#[derive(Debug)]
+struct Generation {
+    number: u64,
+    /// The process we started.
+    pid: Pid,
+    /// The daemon's main process when a pidfile names another one (a daemon
+    /// that forks); signals go there.
+    main: Option<Pid>,
+    state: GenState,
+    started: Instant,
+    /// The started process exited with status 0 while a pidfile daemon forked.
+    launcher_exited: bool,
+}
+
+impl Generation {
+    fn target(&self) -> Pid {
+        self.main.unwrap_or(self.pid)
+    }
+
+    fn label(&self) -> String {
+        format!("generation {} (pid {})", self.number, self.target())
+    }
+}
+
+/// The supervisor's state: the sockets, the generations, the event sources.
+struct Supervisor {
+    opts: RunOptions,
+    sockets: Vec<PassedSocket>,
+    signals: SignalFd,
+    notify_sock: Option<(OwnedFd, String)>,
+    gens: Vec<Generation>,
+    next_number: u64,
+    phase: Phase,
+    reload_queued: bool,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_failure: Option<String>,
+    /// The generation that was serving when stopping began.
+    serving_at_stop: Option<u64>,
+    /// The exit status of the serving generation: `run`'s own.
+    final_status: Option<WaitStatus>,
+    /// Set when generation 1 fails before it is ready.
+    start_failure: Option<RunError>,
+}
+
+/// Runs the supervisor until SIGTERM/SIGINT or the daemon's end; the exit
+/// code is the serving generation's (0 when it died of our own SIGTERM).
+pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(setup("becoming a child subreaper"))?;
+    let signals = block_signals().map_err(setup("setting up signal handling"))?;
+    if let Err(e) = exec::seal_inherited_descriptors() {
+        log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
+    }
+    let sockets = exec::fetch(&opts.sockets, opts.fallback_bind)?;
+    for (i, s) in sockets.iter().enumerate() {
+        log::info!("fd {} = {} (LISTEN_FDNAMES '{}')", exec::LISTEN_FDS_START + i as RawFd, s.role, s.fdname);
+    }
+    let notify_sock = match opts.ready {
+        Readiness::Notify => Some(notify_socket().map_err(|source| RunError::Setup { what: "notify socket", source })?),
+        _ => None,
+    };
+    let mut sup = Supervisor {
+        opts,
+        sockets,
+        signals,
+        notify_sock,
+        gens: Vec::new(),
+        next_number: 1,
+        phase: Phase::Starting,
+        reload_queued: false,
+        reloads_ok: 0,
+        reloads_failed: 0,
+        last_failure: None,
+        serving_at_stop: None,
+        final_status: None,
+        start_failure: None,
+    };
+    sup.start_generation()?;
+    sup.event_loop()?;
+    sup.reap_orphans();
+    if let Some(err) = sup.start_failure.take() {
+        return Err(err);
+    }
+    Ok(sup.exit_code())
+}
+
+/// Blocks the signals `run` handles and returns a signalfd for them. Children
+/// start with an empty mask (`Command` resets it).
+fn block_signals() -> nix::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+        mask.add(sig);
+    }
+    mask.thread_block()?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+}
+
+/// Binds the private notify socket: an abstract datagram socket (no file to
+/// clean up, no permissions to get wrong for a daemon that changes user),
+/// with `SO_PASSCRED` so every message carries the sender's pid, which is
+/// how messages are attributed and strangers ignored.
+fn notify_socket() -> io::Result<(OwnedFd, String)> {
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let name = format!("@sockbroker-run/{}/{:x}", std::process::id(), nonce & 0xffff_ffff_ffff);
+    let spec = format!("unix-dgram:{name}").parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let fd = crate::socket::open(&spec).map_err(|e| io::Error::new(e.source.kind(), e))?;
+    setsockopt(&fd, sockopt::PassCred, &true)?;
+    Ok((fd, name))
+}
+
+/// The CLOCK_MONOTONIC time in microseconds, as `MONOTONIC_USEC=` wants it.
+fn monotonic_usec() -> u64 {
+    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// The parent pid of `pid`, from /proc/PID/stat.
+fn parent_of(pid: Pid) -> Option<Pid> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and ')'; fields after
+    // the last ')' are: state ppid ...
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok().map(Pid::from_raw)
+}
+
+fn describe(status: &WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Supervisor {
+    fn serving(&self) -> Option<&Generation> {
+        self.gens.iter().find(|g| g.state == GenState::Serving)
+    }
+
+    fn status_line(&self) -> String {
+        let mut line = match self.serving() {
+            Some(g) => format!("serving {}", g.label()),
+            None => "no generation serving".to_string(),
+        };
+        line.push_str(&format!("; {} reloads, {} failed", self.reloads_ok, self.reloads_failed));
+        if let Some(f) = &self.last_failure {
+            line.push_str(&format!("; last failure: {f}"));
+        }
+        line
+    }
+
+    /// Starts the next generation with the sockets at 3.. in the child.
+    fn start_generation(&mut self) -> Result<(), ExecError> {
+        let number = self.next_number;
+        self.next_number += 1;
+        let notify_env = self.notify_sock.as_ref().map(|(_, name)| OsString::from(name));
+        let env = [(GENERATION_ENV, Some(OsString::from(number.to_string()))), ("NOTIFY_SOCKET", notify_env)];
+        let launch = Launch::new(&self.opts.command, &self.sockets, &env)?;
+        let pid = launch.spawn(&self.sockets)?;
+        log::info!("generation {number} (pid {pid}) started: {}", launch.program().display());
+        self.gens.push(Generation {
+            number,
+            pid,
+            main: None,
+            state: GenState::Starting,
+            started: Instant::now(),
+            launcher_exited: false,
+        });
+        Ok(())
+    }
+
+    fn event_loop(&mut self) -> Result<(), RunError> {
+        loop {
+            if self.phase == Phase::Stopping && self.gens.is_empty() {
+                return Ok(());
+            }
+            let timeout = match self.next_deadline() {
+                None => PollTimeout::NONE,
+                Some(at) => {
+                    let ms = at.saturating_duration_since(Instant::now()).as_millis().saturating_add(1);
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            if let Some((sock, _)) = &self.notify_sock {
+                fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(RunError::Loop(e.into())),
+            }
+            self.read_signals();
+            self.read_notify();
+            self.check_timers();
+            if self.phase == Phase::Serving && self.reload_queued {
+                self.reload_queued = false;
+                self.begin_reload();
+            }
+        }
+    }
+
+    /// The earliest moment something must be checked without an event.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.gens
+            .iter()
+            .filter_map(|g| match g.state {
+                GenState::Starting => {
+                    let timeout = g.started + self.opts.ready_timeout;
+                    Some(match &self.opts.ready {
+                        Readiness::Notify => timeout,
+                        Readiness::Delay(d) => timeout.min(g.started + *d),
+                        Readiness::PidFile(_) => timeout.min(Instant::now() + PIDFILE_POLL),
+                    })
+                }
+                GenState::Stopping { kill_at } => Some(kill_at),
+                GenState::Serving | GenState::Retiring => None,
+            })
+            .min()
+    }
+
+    fn read_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => self.reap(),
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
+                    log::info!("{sig}: stopping every generation");
+                    self.begin_stop();
+                }
+                Ok(Signal::SIGHUP) => match self.phase {
+                    Phase::Serving => self.begin_reload(),
+                    Phase::Starting | Phase::Reloading => {
+                        log::info!("SIGHUP: a reload will follow the current start");
+                        self.reload_queued = true;
+                    }
+                    Phase::Stopping => log::info!("SIGHUP: ignored while stopping"),
+                },
+                Ok(sig) => log::debug!("{sig}: ignored"),
+                Err(_) => {}
+            }
+        }
+        // SIGCHLD coalesces; reaping on every wake also catches a child that
+        // exited between a read and the next poll.
+        self.reap();
+    }
+
+    fn begin_reload(&mut self) {
+        self.phase = Phase::Reloading;
+        let old = self.serving().map(Generation::label).unwrap_or_default();
+        log::info!("SIGHUP: reloading; starting generation {} next to {old}", self.next_number);
+        notify::send(&[
+            libsystemd::daemon::NotifyState::Reloading,
+            libsystemd::daemon::NotifyState::Other(format!("MONOTONIC_USEC={}", monotonic_usec())),
+            libsystemd::daemon::NotifyState::Status(format!(
+                "reloading: starting generation {}; {old} serving",
+                self.next_number
+            )),
+        ]);
+        if let Err(e) = self.start_generation() {
+            self.reload_failed(format!(
+                "generation {} could not start: {}",
+                self.next_number - 1,
+                crate::error_chain(&e)
+            ));
+        }
+    }
+
+    fn reload_failed(&mut self, reason: String) {
+        self.reloads_failed += 1;
+        let serving = self.serving().map(Generation::label).unwrap_or_else(|| "nothing".into());
+        log::error!("reload failed: {reason}; {serving} keeps serving");
+        self.last_failure = Some(reason);
+        if self.serving().is_some() {
+            self.phase = Phase::Serving;
+            notify::ready(&self.status_line());
+        } else {
+            // The old generation died during the reload and the new one failed.
+            self.begin_stop();
+        }
+    }
+
+    /// A starting generation is ready: it serves, and every other serving
+    /// generation retires.
+    fn promote(&mut self, idx: usize) {
+        let elapsed = self.gens[idx].started.elapsed();
+        self.gens[idx].state = GenState::Serving;
+        let label = self.gens[idx].label();
+        log::info!("{label} ready after {elapsed:?}");
+        let signal = self.opts.retire_signal;
+        for (i, g) in self.gens.iter_mut().enumerate() {
+            if i != idx && g.state == GenState::Serving {
+                log::info!("{} retiring with {signal}", g.label());
+                g.state = GenState::Retiring;
+                if let Err(e) = kill(g.target(), signal) {
+                    log::warn!("{}: sending {signal}: {e}", g.label());
+                }
+            }
+        }
+        if self.phase == Phase::Reloading {
+            self.reloads_ok += 1;
+            self.last_failure = None;
+        }
+        self.phase = Phase::Serving;
+        notify::ready(&self.status_line());
+    }
+
+    /// Stops a generation that failed to start (SIGTERM, SIGKILL later).
+    fn abandon(&mut self, idx: usize) {
+        let g = &mut self.gens[idx];
+        g.state = GenState::Stopping { kill_at: Instant::now() + self.opts.stop_timeout };
+        let _ = kill(g.target(), Signal::SIGTERM);
+    }
+
+    fn fail_start(&mut self, number: u64, pid: Pid, reason: String) {
+        let label = format!("generation {number} (pid {pid})");
+        if number == 1 && self.phase == Phase::Starting {
+            log::error!("{label} {reason}");
+            self.start_failure = Some(RunError::FirstGeneration { pid, reason });
+            self.begin_stop();
+        } else if self.phase != Phase::Stopping {
+            self.reload_failed(format!("{label} {reason}"));
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        if self.phase != Phase::Stopping {
+            self.phase = Phase::Stopping;
+            self.serving_at_stop = self.serving().map(|g| g.number);
+            notify::stopping();
+        }
+        let kill_at = Instant::now() + self.opts.stop_timeout;
+        for g in &mut self.gens {
+            if !matches!(g.state, GenState::Stopping { .. }) {
+                log::info!("{}: sending SIGTERM", g.label());
+                g.state = GenState::Stopping { kill_at };
+                let _ = kill(g.target(), Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// Reaps every exited child (ours or adopted) and updates the generations.
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    log::warn!("waitpid: {e}");
+                    return;
+                }
+                Ok(status) => status,
+            };
+            let Some(pid) = status.pid() else { continue };
+            self.on_exit(pid, status);
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: WaitStatus) {
+        let Some(idx) = self.gens.iter().position(|g| g.pid == pid || g.main == Some(pid)) else {
+            log::debug!("reaped pid {pid} (adopted orphan): {}", describe(&status));
+            return;
+        };
+        let g = &mut self.gens[idx];
+        if g.main.is_some_and(|m| m != pid) {
+            // The launcher of a forking daemon; the generation lives on in `main`.
+            g.launcher_exited = true;
+            return;
+        }
+        let forking = matches!(self.opts.ready, Readiness::PidFile(_)) && g.main.is_none();
+        if forking && g.state == GenState::Starting && matches!(status, WaitStatus::Exited(_, 0)) {
+            log::debug!("{}: launcher exited with status 0; waiting for the pidfile", g.label());
+            g.launcher_exited = true;
+            return;
+        }
+        let g = self.gens.remove(idx);
+        let what = describe(&status);
+        match g.state {
+            GenState::Starting => self.fail_start(g.number, g.target(), format!("{what} before it was ready")),
+            GenState::Serving => {
+                log::error!("{} {what} while serving", g.label());
+                self.final_status = Some(status);
+                if self.phase == Phase::Reloading {
+                    log::warn!("waiting for the starting generation to take over");
+                } else {
+                    self.begin_stop();
+                }
+            }
+            GenState::Retiring => log::info!("{} retired: {what}", g.label()),
+            GenState::Stopping { .. } => {
+                log::info!("{} stopped: {what}", g.label());
+                if self.serving_at_stop == Some(g.number) {
+                    self.final_status = Some(status);
+                }
+            }
+        }
+        if self.phase != Phase::Stopping {
+            notify::status(&self.status_line());
+        }
+    }
+
+    fn read_notify(&mut self) {
+        let Some((sock, _)) = &self.notify_sock else { return };
+        let raw = sock.as_raw_fd();
+        loop {
+            let mut buf = [0u8; 4096];
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+            let (len, sender) = match recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), flags) {
+                Ok(msg) => {
+                    let mut sender = None;
+                    for c in msg.cmsgs().into_iter().flatten() {
+                        match c {
+                            ControlMessageOwned::ScmCredentials(cred) => sender = Some(Pid::from_raw(cred.pid())),
+                            ControlMessageOwned::ScmRights(fds) => {
+                                // Nobody may park descriptors with us: close them.
+                                for fd in fds {
+                                    // SAFETY: the kernel just installed it for us alone.
+                                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    (msg.bytes, sender)
+                }
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    log::warn!("notify socket: {e}");
+                    return;
+                }
+            };
+            let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+            let Some(sender) = sender else { continue };
+            self.on_notify(sender, &text);
+        }
+    }
+
+    /// Which generation a process belongs to: itself, or a descendant.
+    fn generation_of(&self, pid: Pid) -> Option<usize> {
+        let mut p = pid;
+        for _ in 0..64 {
+            if let Some(i) = self.gens.iter().position(|g| g.pid == p || g.main == Some(p)) {
+                return Some(i);
+            }
+            p = parent_of(p)?;
+            if p.as_raw() <= 1 || p == nix::unistd::getpid() {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn on_notify(&mut self, sender: Pid, text: &str) {
+        let Some(idx) = self.generation_of(sender) else {
+            log::warn!("notify message from pid {sender}, which belongs to no generation: ignored");
+            return;
+        };
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("READY", "1")) if self.gens[idx].state == GenState::Starting => {
+                    log::debug!("{}: READY=1 from pid {sender}", self.gens[idx].label());
+                    self.promote(idx);
+                }
+                Some(("STATUS", status)) => log::info!("{}: {status}", self.gens[idx].label()),
+                _ => log::debug!("{}: {line}", self.gens[idx].label()),
+            }
+        }
+    }
+
+    /// Delay and pidfile readiness, readiness timeouts, stop deadlines.
+    fn check_timers(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.gens.len() {
+            let (state, started, number, target) = {
+                let g = &self.gens[i];
+                (g.state, g.started, g.number, g.target())
+            };
+            match state {
+                GenState::Starting => {
+                    let ready = match self.opts.ready.clone() {
+                        Readiness::Notify => false,
+                        Readiness::Delay(d) => now >= started + d,
+                        Readiness::PidFile(path) => self.pidfile_ready(&path, i),
+                    };
+                    if ready {
+                        self.promote(i);
+                    } else if now >= started + self.opts.ready_timeout {
+                        let timeout = self.opts.ready_timeout;
+                        self.abandon(i);
+                        self.fail_start(number, target, format!("was not ready within {timeout:?}; stopped it"));
+                    }
+                }
+                GenState::Stopping { kill_at } if now >= kill_at => {
+                    log::warn!("generation {number} (pid {target}) still running after SIGTERM: SIGKILL");
+                    let _ = kill(target, Signal::SIGKILL);
+                    self.gens[i].state = GenState::Stopping { kill_at: now + self.opts.stop_timeout };
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+
+    /// Whether the pidfile names a live process of generation `idx` (not a
+    /// stale pid left by an older generation); records it as the main pid.
+    fn pidfile_ready(&mut self, path: &std::path::Path, idx: usize) -> bool {
+        let Ok(text) = std::fs::read_to_string(path) else { return false };
+        let Ok(raw) = text.trim().parse::<i32>() else { return false };
+        if raw <= 0 {
+            return false;
+        }
+        let pid = Pid::from_raw(raw);
+        let g = &self.gens[idx];
+        let mine = pid == g.pid
+            || self.generation_of(pid) == Some(idx)
+            // A forked daemon whose launcher exited was reparented to us.
+            || (g.launcher_exited && parent_of(pid) == Some(nix::unistd::getpid())
+                && self.generation_of(pid).is_none());
+        if !mine || kill(pid, None).is_err() {
+            return false;
+        }
+        if pid != g.pid {
+            self.gens[idx].main = Some(pid);
+        }
+        true
+    }
+
+    /// After the generations are gone: stop and reap any orphans the daemon
+    /// left behind (they were reparented to us as subreaper).
+    fn reap_orphans(&mut self) {
+        let deadline = Instant::now() + self.opts.stop_timeout;
+        let mut signalled = std::collections::HashSet::new();
+        loop {
+            self.reap();
+            let children = own_children();
+            if children.is_empty() {
+                return;
+            }
+            let signal = if Instant::now() >= deadline { Signal::SIGKILL } else { Signal::SIGTERM };
+            for pid in children {
+                if signalled.insert((pid, signal)) {
+                    log::info!("orphan pid {pid} left by the daemon: {signal}");
+                    let _ = kill(pid, signal);
+                }
+            }
+            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(100u16));
+            while let Ok(Some(_)) = self.signals.read_signal() {}
+        }
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        match self.final_status {
+            Some(WaitStatus::Exited(_, code)) => ExitCode::from(code.clamp(0, 255) as u8),
+            // Death by the SIGTERM we sent is a clean stop, as systemd counts it.
+            Some(WaitStatus::Signaled(_, Signal::SIGTERM, _)) => ExitCode::SUCCESS,
+            Some(WaitStatus::Signaled(_, sig, _)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+            _ => ExitCode::SUCCESS,
+        }
+    }
+}
+
+/// Our live children, from /proc/self/task/*/children.
+fn own_children() -> Vec<Pid> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw).collect::<Vec<_>>())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_forms() {
+        assert_eq!("notify".parse::<Readiness>().unwrap(), Readiness::Notify);
+        assert_eq!("delay:250ms".parse::<Readiness>().unwrap(), Readiness::Delay(Duration::from_millis(250)));
+        assert_eq!("pidfile:/run/x.pid".parse::<Readiness>().unwrap(), Readiness::PidFile("/run/x.pid".into()));
+        assert!("pidfile:x.pid".parse::<Readiness>().is_err());
+        assert!("soon".parse::<Readiness>().is_err());
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("TERM").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("sigusr1").unwrap(), Signal::SIGUSR1);
+        assert_eq!(parse_signal("3").unwrap(), Signal::SIGQUIT);
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
+    fn parent_of_self() {
+        let me = nix::unistd::getpid();
+        assert_eq!(parent_of(me), Some(nix::unistd::getppid()));
+    }
+}
