@@ -43,6 +43,60 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// HAProxy with the broker's sockets: templates, checked zero-downtime reloads.
+    #[command(subcommand)]
+    Haproxy(HaproxyCommand),
+}
+
+/// `sockbroker haproxy …`
+#[derive(Debug, Subcommand)]
+pub enum HaproxyCommand {
+    /// Render a config template: each bind call becomes fd@N for a socket from the broker.
+    ///
+    /// The fd@N numbers are this process's descriptors: the written file is for
+    /// reading and diffing. To check or start HAProxy, use `exec` or `run`,
+    /// which render and start HAProxy in one process.
+    Render {
+        /// The template: X.cfg.erb, X.cfg.mb or X.cfg.sb.
+        template: PathBuf,
+        /// Where to write [default: the template path without .erb/.mb/.sb].
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
+        #[arg(long)]
+        fallback_bind: bool,
+    },
+    /// multibinder-haproxy-erb: render every -f template, then exec HAProxy with the sockets open.
+    ///
+    /// Takes HAProxy's own command line; with --erb-write-only among its
+    /// arguments, renders and exits. `exec -- haproxy -c -f X.cfg.erb` checks a template.
+    #[command(visible_alias = "erb")]
+    Exec {
+        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
+        #[arg(long)]
+        fallback_bind: bool,
+        /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Run HAProxy in the foreground and reload it with zero failed connections.
+    ///
+    /// Renders, checks with `haproxy -c`, starts `haproxy -Ws` and waits for
+    /// READY=1. SIGHUP or SIGUSR2 reloads: a new instance is rendered,
+    /// checked and started, and only once it is ready does the old one get
+    /// SIGUSR1 (soft stop). A config that fails the check never replaces the
+    /// running instance. SIGTERM or SIGINT soft-stop everything and exit.
+    Run {
+        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
+        #[arg(long)]
+        fallback_bind: bool,
+        /// How long a new instance may take to become ready.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        ready_timeout: Duration,
+        /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Everything that can make the command fail.
@@ -54,6 +108,9 @@ pub enum CliError {
     /// Talking to the broker failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The HAProxy commands failed.
+    #[error(transparent)]
+    Haproxy(#[from] crate::haproxy::HaproxyError),
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -78,6 +135,31 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             };
             let inode = crate::fd::inode(std::os::fd::AsFd::as_fd(&fd))?;
             println!("{what}: received socket inode {inode}");
+        }
+        Command::Haproxy(command) => return run_haproxy(command),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
+    use crate::haproxy::{self, RenderOptions};
+    match command {
+        HaproxyCommand::Render { template, output, fallback_bind } => {
+            let options = RenderOptions { control: None, fallback_bind };
+            let rendered = haproxy::render_template(&template, output.as_deref(), &options)?;
+            println!(
+                "{}: {} sockets from the broker, {} direct binds",
+                rendered.output.display(),
+                rendered.fds.len(),
+                rendered.direct_binds
+            );
+        }
+        HaproxyCommand::Exec { fallback_bind, command } => {
+            haproxy::exec(&command, &RenderOptions { control: None, fallback_bind })?;
+        }
+        HaproxyCommand::Run { fallback_bind, ready_timeout, command } => {
+            let options = RenderOptions { control: None, fallback_bind };
+            return Ok(haproxy::reload::run(&command, &options, ready_timeout).map_err(haproxy::HaproxyError::from)?);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -19,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod fd;
+pub mod haproxy;
 pub mod logging;
 pub mod protocol;
 pub mod registry;
