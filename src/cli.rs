@@ -93,6 +93,10 @@ pub enum HaproxyCommand {
         /// How long a new instance may take to become ready.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         ready_timeout: Duration,
+        /// How a new instance is known to serve: `notify` (READY=1 from `haproxy -Ws`)
+        /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
+        #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
+        ready: crate::haproxy::reload::Readiness,
         /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
         command: Vec<std::ffi::OsString>,
@@ -157,12 +161,25 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         HaproxyCommand::Exec { fallback_bind, command } => {
             haproxy::exec(&command, &RenderOptions { control: None, fallback_bind })?;
         }
-        HaproxyCommand::Run { fallback_bind, ready_timeout, command } => {
-            let options = RenderOptions { control: None, fallback_bind };
-            return Ok(haproxy::reload::run(&command, &options, ready_timeout).map_err(haproxy::HaproxyError::from)?);
+        HaproxyCommand::Run { fallback_bind, ready_timeout, ready, command } => {
+            let options = haproxy::reload::RunOptions {
+                render: RenderOptions { control: None, fallback_bind },
+                ready_timeout,
+                readiness: ready,
+            };
+            return Ok(haproxy::reload::run(&command, options).map_err(haproxy::HaproxyError::from)?);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {
+    use crate::haproxy::reload::Readiness;
+    match text {
+        "notify" => Ok(Readiness::Notify),
+        "pidfile" => Ok(Readiness::Pidfile),
+        other => Err(format!("'{other}': expected notify or pidfile")),
+    }
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
