@@ -66,7 +66,7 @@ pub enum HaproxyError {
         path: PathBuf,
         /// The call and the broker's answer.
         #[source]
-        source: ResolveError<BindError>,
+        source: Box<ResolveError<BindError>>,
     },
     /// The rendered config could not be written.
     #[error("cannot write {path}: {source}")]
@@ -151,7 +151,7 @@ pub fn render_template(
     let mut broker = BrokerResolver::new(options.clone());
     let config = parsed
         .render(|request, at| broker.resolve(request, at))
-        .map_err(|source| HaproxyError::Bind { path: template.to_path_buf(), source })?;
+        .map_err(|source| HaproxyError::Bind { path: template.to_path_buf(), source: Box::new(source) })?;
     write_atomic(&output, config.as_bytes(), CONFIG_MODE)
         .map_err(|source| HaproxyError::Write { path: output.clone(), source })?;
     Ok(Rendered { output, fds: broker.fds, direct_binds: broker.direct })

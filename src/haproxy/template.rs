@@ -115,7 +115,7 @@ pub enum TemplateError {
         closer: &'static str,
     },
     /// ERB code other than `<%= bind_tcp(…) %>` and comments.
-    #[error("{at}: unsupported ERB code '{code}': only <%= bind_tcp('ADDRESS', PORT) %> and <%# comments %> are understood (write a literal '<%' as '<%%')")]
+    #[error("{at}: unsupported ERB code {code}: only <%= bind_tcp('ADDRESS', PORT) %> and <%# comments %> are understood (write a literal '<%' as '<%%')")]
     UnsupportedErb {
         /// Where it starts.
         at: Position,
@@ -123,7 +123,7 @@ pub enum TemplateError {
         code: String,
     },
     /// A native block that is not `sockbroker "…"` or a string literal.
-    #[error("{at}: unsupported template code '{code}': expected {{{{ sockbroker \"NAME\" }}}} or {{{{ sockbroker \"SPEC\" }}}} (write a literal '{{{{' as {{{{ \"{{{{\" }}}})")]
+    #[error("{at}: unsupported template code {code}: expected {{{{ sockbroker \"NAME\" }}}} or {{{{ sockbroker \"SPEC\" }}}} (write a literal '{{{{' as {{{{ \"{{{{\" }}}})")]
     UnsupportedNative {
         /// Where it starts.
         at: Position,
@@ -289,7 +289,7 @@ fn parse_erb(inner: &str, at: Position) -> Result<Piece, TemplateError> {
     if inner.starts_with('#') {
         return Ok(Piece::Nothing);
     }
-    let unsupported = || TemplateError::UnsupportedErb { at, code: inner.trim().to_string() };
+    let unsupported = || TemplateError::UnsupportedErb { at, code: format!("<%{inner}%>") };
     let expr = inner.strip_prefix('=').ok_or_else(unsupported)?;
     let mut lex = Lexer::new(expr);
     if lex.ident() != Some("bind_tcp") {
@@ -318,7 +318,7 @@ fn parse_erb(inner: &str, at: Position) -> Result<Piece, TemplateError> {
 
 /// The inside of `{{ … }}`.
 fn parse_native(inner: &str, at: Position) -> Result<Piece, TemplateError> {
-    let unsupported = || TemplateError::UnsupportedNative { at, code: inner.trim().to_string() };
+    let unsupported = || TemplateError::UnsupportedNative { at, code: format!("{{{{{inner}}}}}") };
     let mut lex = Lexer::new(inner);
     let piece = match lex.ident() {
         Some("sockbroker") => {
@@ -499,11 +499,12 @@ mod tests {
         let e = error("global\n  x <% if true %>\n");
         assert!(matches!(e, TemplateError::UnsupportedErb { .. }), "{e}");
         assert_eq!(e.position(), Position { line: 2, column: 5 });
-        assert!(e.to_string().starts_with("2:5: unsupported ERB code 'if true'"), "{e}");
+        assert!(e.to_string().starts_with("2:5: unsupported ERB code <% if true %>:"), "{e}");
 
         let e = error("ab\ncd\n\n é {{ range .x }}");
         assert!(matches!(e, TemplateError::UnsupportedNative { .. }), "{e}");
         assert_eq!(e.position(), Position { line: 4, column: 4 });
+        assert!(e.to_string().starts_with("4:4: unsupported template code {{ range .x }}:"), "{e}");
 
         for text in [
             "<%= ENV['PORT'] %>",
