@@ -75,6 +75,9 @@ pub enum HaproxyCommand {
         /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
         #[arg(long)]
         fallback_bind: bool,
+        /// Write rendered configs into DIR instead of beside their templates.
+        #[arg(long, value_name = "DIR")]
+        rendered_dir: Option<PathBuf>,
         /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
         command: Vec<std::ffi::OsString>,
@@ -90,6 +93,9 @@ pub enum HaproxyCommand {
         /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
         #[arg(long)]
         fallback_bind: bool,
+        /// Write rendered configs into DIR instead of beside their templates.
+        #[arg(long, value_name = "DIR")]
+        rendered_dir: Option<PathBuf>,
         /// How long a new instance may take to become ready.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         ready_timeout: Duration,
@@ -149,7 +155,7 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
     use crate::haproxy::{self, RenderOptions};
     match command {
         HaproxyCommand::Render { template, output, fallback_bind } => {
-            let options = RenderOptions { control: None, fallback_bind };
+            let options = RenderOptions { control: None, fallback_bind, rendered_dir: None };
             let rendered = haproxy::render_template(&template, output.as_deref(), &options)?;
             println!(
                 "{}: {} sockets from the broker, {} direct binds",
@@ -158,12 +164,12 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
                 rendered.direct_binds
             );
         }
-        HaproxyCommand::Exec { fallback_bind, command } => {
-            haproxy::exec(&command, &RenderOptions { control: None, fallback_bind })?;
+        HaproxyCommand::Exec { fallback_bind, rendered_dir, command } => {
+            haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;
         }
-        HaproxyCommand::Run { fallback_bind, ready_timeout, ready, command } => {
+        HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, command } => {
             let options = haproxy::reload::RunOptions {
-                render: RenderOptions { control: None, fallback_bind },
+                render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,
             };

@@ -97,7 +97,7 @@ fn both_syntaxes_render_and_haproxy_accepts_them() {
 }
 
 fn control(broker: &Broker) -> RenderOptions {
-    RenderOptions { control: Some(broker.control.clone()), fallback_bind: false }
+    RenderOptions { control: Some(broker.control.clone()), fallback_bind: false, rendered_dir: None }
 }
 
 #[test]
@@ -184,13 +184,15 @@ struct Run {
 
 impl Run {
     #[track_caller]
-    fn start(broker: &Broker, name: &str, template: &Path, extra: &[&str]) -> Run {
+    fn start(broker: &Broker, name: &str, template: &Path, run_args: &[&str], haproxy_args: &[&str]) -> Run {
         let notify_path = broker.dir.join(format!("{name}-notify.sock"));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let log = broker.dir.join(format!("{name}.log"));
         let mut child = Command::new(BIN)
-            .args(["haproxy", "run", "--ready-timeout", "20s", "--", HAPROXY, "-f", template.to_str().unwrap()])
-            .args(extra)
+            .args(["haproxy", "run", "--ready-timeout", "20s"])
+            .args(run_args)
+            .args(["--", HAPROXY, "-f", template.to_str().unwrap()])
+            .args(haproxy_args)
             .env("SOCKBROKER_SOCKET", &broker.control)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")
@@ -365,7 +367,7 @@ fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
 #[test]
 fn twenty_reloads_under_load_fail_no_connection() {
     let (broker, addr, template) = web_setup("hareload");
-    let mut run = Run::start(&broker, "web", &template, &[]);
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
     let first = run.haproxy_pids();
     assert_eq!(first.len(), 1, "one HAProxy master: {first:?}");
     let load = Load::start(addr, 2);
@@ -386,7 +388,7 @@ fn twenty_reloads_under_load_fail_no_connection() {
 #[test]
 fn a_broken_config_never_replaces_the_running_instance() {
     let (broker, addr, template) = web_setup("habroken");
-    let mut run = Run::start(&broker, "web", &template, &[]);
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
     let serving = run.haproxy_pids();
     let good = std::fs::read_to_string(&template).unwrap();
     let load = Load::start(addr, 1);
@@ -418,7 +420,7 @@ fn a_broken_config_never_replaces_the_running_instance() {
 #[test]
 fn sigterm_drains_then_exits() {
     let (broker, addr, template) = web_setup("haterm");
-    let mut run = Run::start(&broker, "web", &template, &[]);
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
     let pids = run.haproxy_pids();
     // A client in the middle of a request: HAProxy has read part of it.
     let mut s = TcpStream::connect(addr).unwrap();
@@ -458,10 +460,16 @@ fn two_instances_side_by_side() {
     let (spec_b, _held) = bind_free_tcp(&mut broker.client());
     let addr_b: SocketAddr = spec_b.trim_start_matches("tcp://").parse().unwrap();
     let template_b = broker.dir.join("other.cfg.erb");
-    std::fs::write(&template_b, http_template(&format!("<%= bind_tcp('127.0.0.1', {}) %>", addr_b.port()))).unwrap();
+    // As multibinder's README writes it: `daemon` in global (the supervisor keeps HAProxy in the foreground).
+    let text = http_template(&format!("<%= bind_tcp('127.0.0.1', {}) %>", addr_b.port()));
+    std::fs::write(&template_b, text.replace("global\n", "global\n  daemon\n")).unwrap();
+    let rendered = broker.dir.join("rendered");
+    std::fs::create_dir(&rendered).unwrap();
 
-    let mut a = Run::start(&broker, "a", &template_a, &[]);
-    let b = Run::start(&broker, "b", &template_b, &["-p", "b.pid"]);
+    let mut a = Run::start(&broker, "a", &template_a, &[], &[]);
+    let b =
+        Run::start(&broker, "b", &template_b, &["--rendered-dir", rendered.to_str().unwrap()], &["-Ds", "-p", "b.pid"]);
+    assert!(rendered.join("other.cfg").exists() && !broker.dir.join("other.cfg").exists());
     one_request(addr_a).unwrap();
     one_request(addr_b).unwrap();
     let b_pids = b.haproxy_pids();

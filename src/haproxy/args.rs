@@ -54,6 +54,9 @@ pub struct HaproxyArgs {
     pub check: bool,
     /// The mode flag.
     pub mode: Mode,
+    /// Write rendered configs here instead of beside their templates (for
+    /// a HAProxy user that may not write to /etc/haproxy).
+    pub rendered_dir: Option<PathBuf>,
 }
 
 /// The argument list cannot be used.
@@ -82,6 +85,7 @@ impl HaproxyArgs {
             pidfile: None,
             check: false,
             mode: Mode::Foreground,
+            rendered_dir: None,
         };
         let mut iter = rest.iter();
         while let Some(arg) = iter.next() {
@@ -119,22 +123,31 @@ impl HaproxyArgs {
         self.templates.iter().map(|&i| Path::new(&self.args[i]))
     }
 
+    /// Where `template` (one of the `-f` templates) renders to.
+    pub fn output_for(&self, template: &Path) -> PathBuf {
+        let out = default_output(template).expect("templates have a template suffix");
+        match (&self.rendered_dir, out.file_name()) {
+            (Some(dir), Some(name)) => dir.join(name),
+            _ => out,
+        }
+    }
+
     /// The arguments with each template replaced by its rendered path.
     pub fn rendered_args(&self) -> Vec<OsString> {
         let mut args = self.args.clone();
         for &i in &self.templates {
-            let out = default_output(Path::new(&args[i])).expect("templates have a template suffix");
-            args[i] = out.into_os_string();
+            args[i] = self.output_for(Path::new(&self.args[i])).into_os_string();
         }
         args
     }
 
     /// The arguments for a supervised, foreground HAProxy: the rendered
-    /// paths, `-Ws` instead of any other mode flag (sockbroker is the
-    /// foreground process systemd watches; `-Ds`/`-D` would fork away), and
+    /// paths, `-Ws -db` instead of any other mode flag (sockbroker is the
+    /// foreground process systemd watches; `-Ds`/`-D`, or `daemon` in the
+    /// config, would fork away; `-db` overrides the `daemon` keyword), and
     /// without `-sf`/`-st` lists (the supervisor retires old instances).
     pub fn supervised_args(&self) -> Vec<OsString> {
-        let mut out = vec![OsString::from("-Ws")];
+        let mut out = vec![OsString::from("-Ws"), OsString::from("-db")];
         let mut skipping_pids = false;
         for arg in self.rendered_args() {
             let text = arg.to_str().unwrap_or("");
@@ -155,7 +168,7 @@ impl HaproxyArgs {
 
     /// The arguments for `haproxy -c` of the rendered config.
     pub fn check_args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = self.supervised_args().into_iter().filter(|a| a != "-Ws").collect();
+        let mut args: Vec<OsString> = self.supervised_args().into_iter().skip(2).collect();
         args.push("-c".into());
         args
     }
@@ -197,7 +210,10 @@ mod tests {
         assert_eq!(a.pidfile, Some(PathBuf::from("/run/haproxy-foo.pid")));
         assert_eq!(a.template_paths().collect::<Vec<_>>(), vec![Path::new("/etc/haproxy/foo.cfg.erb")]);
         assert_eq!(a.rendered_args(), argv(&["-Ds", "-f", "/etc/haproxy/foo.cfg", "-p", "/run/haproxy-foo.pid"]));
-        assert_eq!(a.supervised_args(), argv(&["-Ws", "-f", "/etc/haproxy/foo.cfg", "-p", "/run/haproxy-foo.pid"]));
+        assert_eq!(
+            a.supervised_args(),
+            argv(&["-Ws", "-db", "-f", "/etc/haproxy/foo.cfg", "-p", "/run/haproxy-foo.pid"])
+        );
         assert_eq!(a.check_args(), argv(&["-f", "/etc/haproxy/foo.cfg", "-p", "/run/haproxy-foo.pid", "-c"]));
     }
 
@@ -210,7 +226,18 @@ mod tests {
         assert!(a.check);
         assert_eq!(a.mode, Mode::Foreground);
         assert_eq!(a.templates.len(), 2);
-        assert_eq!(a.supervised_args(), argv(&["-Ws", "-f", "base.cfg", "-f", "a.cfg", "-c", "-q", "-f", "b.cfg"]));
+        assert_eq!(
+            a.supervised_args(),
+            argv(&["-Ws", "-db", "-f", "base.cfg", "-f", "a.cfg", "-c", "-q", "-f", "b.cfg"])
+        );
+    }
+
+    #[test]
+    fn rendered_dir() {
+        let mut a = HaproxyArgs::parse(&argv(&["haproxy", "-f", "/etc/haproxy/x.cfg.sb"])).unwrap();
+        a.rendered_dir = Some(PathBuf::from("/run/haproxy-x"));
+        assert_eq!(a.output_for(Path::new("/etc/haproxy/x.cfg.sb")), Path::new("/run/haproxy-x/x.cfg"));
+        assert_eq!(a.rendered_args(), argv(&["-f", "/run/haproxy-x/x.cfg"]));
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub struct RenderOptions {
     /// When the broker cannot be reached, write the plain address and warn
     /// instead of failing.
     pub fallback_bind: bool,
+    /// For `exec` and `run`: write rendered configs into this folder instead
+    /// of beside their templates.
+    pub rendered_dir: Option<PathBuf>,
 }
 
 /// A rendered config and the descriptors its `fd@N` refer to.
@@ -294,7 +297,7 @@ pub fn keep_open_in_child(cmd: &mut Command, fds: &[BorrowedFd<'_>]) {
 
 /// Renders every template among HAProxy's `-f` arguments.
 pub fn render_all(args: &HaproxyArgs, options: &RenderOptions) -> Result<Vec<Rendered>, HaproxyError> {
-    args.template_paths().map(|template| render_template(template, None, options)).collect()
+    args.template_paths().map(|template| render_template(template, Some(&args.output_for(template)), options)).collect()
 }
 
 /// multibinder-haproxy-erb: renders the templates among HAProxy's `-f`
@@ -302,7 +305,8 @@ pub fn render_all(args: &HaproxyArgs, options: &RenderOptions) -> Result<Vec<Ren
 /// the rendered paths, descriptors left open), or exits after writing with
 /// `--erb-write-only`. Returns only on failure or with `--erb-write-only`.
 pub fn exec(argv: &[OsString], options: &RenderOptions) -> Result<(), HaproxyError> {
-    let args = HaproxyArgs::parse(argv)?;
+    let mut args = HaproxyArgs::parse(argv)?;
+    args.rendered_dir = options.rendered_dir.clone();
     let rendered = render_all(&args, options)?;
     if args.write_only {
         for r in &rendered {

@@ -196,7 +196,8 @@ struct Supervisor {
 /// Runs HAProxy under the supervisor until SIGTERM/SIGINT; returns the exit
 /// code of the last serving instance.
 pub fn run(argv: &[OsString], options: RunOptions) -> Result<ExitCode, ReloadError> {
-    let args = HaproxyArgs::parse(argv)?;
+    let mut args = HaproxyArgs::parse(argv)?;
+    args.rendered_dir = options.render.rendered_dir.clone();
     if options.readiness == Readiness::Pidfile && args.pidfile.is_none() {
         return Err(ReloadError::NoPidfile);
     }
