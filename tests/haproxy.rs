@@ -481,3 +481,29 @@ fn two_instances_side_by_side() {
     let pidfile = std::fs::read_to_string(broker.dir.join("b.pid")).unwrap();
     assert_eq!(pidfile.trim().parse::<i32>().unwrap(), b_pids[0], "-p passes through to HAProxy");
 }
+
+/// `systemd-analyze verify` on an instance of units/haproxy@.service, with
+/// ExecStart pointing at the binary under test; any output fails.
+fn verify_unit(text: &str, dir: &Path) -> String {
+    std::fs::write(dir.join("haproxy@.service"), text.replace("/usr/bin/sockbroker", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "haproxy@www.service"])
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/units/haproxy@.service")).unwrap();
+    let dir = test_dir("haunit");
+    assert_eq!(verify_unit(&unit, &dir), "", "systemd-analyze verify haproxy@www.service must print nothing");
+    // The check can fail: a misspelt key is reported.
+    let broken = unit.replace("TimeoutStopSec=", "TimeoutStopSecs=");
+    assert!(verify_unit(&broken, &dir).contains("TimeoutStopSecs"), "verify must catch an unknown key");
+    // No root and no capability: the broker binds the ports.
+    assert!(unit.contains("\nUser=haproxy\n") && unit.contains("\nCapabilityBoundingSet=\n"));
+    assert!(!unit.lines().any(|l| !l.starts_with('#') && l.contains("CAP_")), "no capability granted");
+    let _ = std::fs::remove_dir_all(&dir);
+}
