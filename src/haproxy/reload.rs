@@ -11,8 +11,8 @@
 //!                → spawn haproxy -Ws, NOTIFY_SOCKET = our private socket
 //!                → wait for READY=1 (or the pid file)         (exits/times out: soft-stop it, old serves on)
 //!                → SIGUSR1 (soft stop) to the previous instance, which drains and exits
-//! SIGHUP/SIGUSR2: reload          SIGTERM/SIGINT: SIGUSR1 to every instance, wait, exit
-//!                                 (a second SIGTERM/SIGINT: SIGTERM, HAProxy's hard stop)
+//! SIGHUP/SIGUSR2: reload          SIGTERM/SIGINT/SIGUSR1: SIGUSR1 to every instance, wait, exit
+//!                                 (a second one: SIGTERM, HAProxy's hard stop)
 //! ```
 //!
 //! Every instance `accept()`s from the broker's sockets, so while the new one
@@ -33,6 +33,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -83,7 +84,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Render(Box<HaproxyError>),
     /// `haproxy -c` refused the rendered config.
-    #[error("generation {generation}: the config check failed ({status}), the running instance serves on:\n{output}")]
+    #[error("generation {generation}: haproxy -c refused the config ({status}):\n{output}")]
     Check {
         /// The generation that was refused.
         generation: u64,
@@ -261,7 +262,7 @@ impl Supervisor {
             Err(ReloadError::Interrupted(n)) => log::info!("reload of generation {n} abandoned: stopping"),
             Err(e) => {
                 let text = crate::error_chain(&e);
-                log::error!("reload failed: {text}");
+                log::error!("reload failed, the running instance serves on: {text}");
                 notify::send(&[
                     NotifyState::Ready,
                     NotifyState::Status(format!("reload failed, {}: {}", self.status(), first_line(&text))),
@@ -313,6 +314,7 @@ impl Supervisor {
             .env_remove("LISTEN_FDNAMES")
             .stdin(Stdio::null());
         keep_open_in_child(&mut cmd, &fds);
+        soft_stop_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|source| ReloadError::Spawn { generation: number, program, source })?;
         // The instance has its own copies now; ours go.
         drop(fds);
@@ -419,7 +421,9 @@ impl Supervisor {
                     log::info!("{sig}: reload");
                     self.requests.reload = true;
                 }
-                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
+                // SIGUSR1 is HAProxy's own soft stop: a script that sends it to
+                // the service's main process gets the same graceful stop.
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT | Signal::SIGUSR1)) => {
                     self.requests.stop += 1;
                     log::info!("{sig}: stopping{}", if self.requests.stop > 1 { " now (hard stop)" } else { "" });
                     if self.requests.stop > 1 {
@@ -485,6 +489,25 @@ impl Supervisor {
     }
 }
 
+/// Makes the instance soft-stop (SIGUSR1: drain, then exit) if the
+/// supervisor dies: no HAProxy is left running unmanaged, and none drops the
+/// connections it holds.
+fn soft_stop_with_parent(cmd: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: runs between fork and exec; prctl and getppid are async-signal-safe
+    // system calls and nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGUSR1)?;
+            // The supervisor may have died before the prctl took effect.
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::other("the supervisor exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Whether a notify datagram said READY=1 (reads every queued one).
 fn got_ready(sock: &UnixDatagram) -> bool {
     let mut buf = [0u8; 4096];
@@ -520,7 +543,7 @@ fn first_line(text: &str) -> &str {
 /// `std::process`) and returns a signalfd for them.
 fn block_signals() -> io::Result<SignalFd> {
     let mut mask = SigSet::empty();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR2, Signal::SIGCHLD] {
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1, Signal::SIGHUP, Signal::SIGUSR2, Signal::SIGCHLD] {
         mask.add(sig);
     }
     mask.thread_block()?;
