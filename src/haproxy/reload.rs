@@ -156,11 +156,43 @@ struct Generation {
     child: Child,
     notify: UnixDatagram,
     notify_path: PathBuf,
+    /// When SIGUSR1 was first sent, and how many times it was sent again.
+    soft_stop: Option<(Instant, usize)>,
 }
+
+/// When SIGUSR1 is sent again to an instance still running, counted from the
+/// first one. HAProxy 2.6's master sends READY=1 *before* it installs its
+/// SIGUSR1 handler (`mworker_loop`), and a SIGUSR1 that arrives in between is
+/// dropped; sending it again is harmless (a second soft stop changes nothing).
+const SOFT_STOP_RESENDS: [Duration; 3] =
+    [Duration::from_millis(100), Duration::from_millis(500), Duration::from_secs(2)];
 
 impl Generation {
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGUSR1 (HAProxy's soft stop) and schedules the resends.
+    fn soft_stop(&mut self) {
+        self.signal(Signal::SIGUSR1);
+        self.soft_stop = Some((Instant::now(), 0));
+    }
+
+    /// When the next resend is due, if one is.
+    fn resend_due(&self) -> Option<Instant> {
+        let (first, sent) = self.soft_stop?;
+        SOFT_STOP_RESENDS.get(sent).map(|after| first + *after)
+    }
+
+    /// Sends SIGUSR1 again if it is time.
+    fn resend_if_due(&mut self, now: Instant) {
+        if let (Some(due), Some((first, sent))) = (self.resend_due(), self.soft_stop) {
+            if now >= due {
+                log::debug!("generation {} (pid {}): SIGUSR1 again", self.number, self.pid());
+                self.signal(Signal::SIGUSR1);
+                self.soft_stop = Some((first, sent + 1));
+            }
+        }
     }
 
     fn signal(&self, sig: Signal) {
@@ -245,7 +277,8 @@ impl Supervisor {
                 self.stop_all();
                 return Err(failure);
             }
-            self.wait_signal(None, None);
+            let wake = self.resend_soft_stops();
+            self.wait_signal(None, wake);
         }
     }
 
@@ -265,7 +298,7 @@ impl Supervisor {
                 log::error!("reload failed, the running instance serves on: {text}");
                 notify::send(&[
                     NotifyState::Ready,
-                    NotifyState::Status(format!("reload failed, {}: {}", self.status(), first_line(&text))),
+                    NotifyState::Status(format!("reload failed, {}: {}", self.status(), summary(&e, &text))),
                 ]);
                 return;
             }
@@ -275,9 +308,9 @@ impl Supervisor {
 
     /// Makes `generation` the serving one and soft-stops the one it replaces.
     fn serving(&mut self, generation: Generation) {
-        if let Some(old) = self.current.replace(generation) {
+        if let Some(mut old) = self.current.replace(generation) {
             log::info!("generation {} (pid {}): SIGUSR1, soft stop", old.number, old.pid());
-            old.signal(Signal::SIGUSR1);
+            old.soft_stop();
             self.retiring.push(old);
         }
     }
@@ -319,7 +352,7 @@ impl Supervisor {
         // The instance has its own copies now; ours go.
         drop(fds);
         drop(rendered);
-        let mut generation = Generation { number, child, notify: notify_sock, notify_path };
+        let mut generation = Generation { number, child, notify: notify_sock, notify_path, soft_stop: None };
         log::info!("generation {number}: started haproxy pid {}", generation.pid());
         match self.wait_ready(&mut generation) {
             Ok(()) => {
@@ -330,7 +363,7 @@ impl Supervisor {
                 // It may already accept from the shared queues: a soft stop lets
                 // it finish what it took, where a kill would reset it.
                 if generation.child.try_wait().ok().flatten().is_none() {
-                    generation.signal(Signal::SIGUSR1);
+                    generation.soft_stop();
                     self.retiring.push(generation);
                 }
                 Err(e)
@@ -341,20 +374,40 @@ impl Supervisor {
     /// `haproxy -c` on the rendered config, with its descriptors open.
     fn check(&mut self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
         let program = self.args.program.to_string_lossy().into_owned();
+        let spawn_err = |source| ReloadError::Spawn { generation: number, program: program.clone(), source };
+        // Output to a file, not a pipe: nothing to drain while waiting with a deadline.
+        let log_path = self.dir.join(format!("check-{number}.log"));
+        let log = std::fs::File::create(&log_path).map_err(setup(format!("creating {}", log_path.display())))?;
         let mut cmd = Command::new(&self.args.program);
-        cmd.args(self.args.check_args()).env_remove("NOTIFY_SOCKET").stdin(Stdio::null());
+        cmd.args(self.args.check_args())
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(setup("check log"))?)
+            .stderr(log);
         keep_open_in_child(&mut cmd, fds);
         let started = Instant::now();
-        let output = cmd.output().map_err(|source| ReloadError::Spawn { generation: number, program, source })?;
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(spawn_err)? {
+                break status;
+            }
+            let Some(left) = CHECK_TIMEOUT.checked_sub(started.elapsed()) else {
+                let _ = child.kill();
+                break child.wait().map_err(spawn_err)?;
+            };
+            // SIGCHLD wakes this up as soon as the check exits.
+            self.wait_signal(None, Some(left));
+        };
         log::debug!("generation {number}: haproxy -c took {:?}", started.elapsed());
-        if !output.status.success() || started.elapsed() > CHECK_TIMEOUT {
-            let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&output.stderr));
-            return Err(ReloadError::Check {
-                generation: number,
-                status: output.status,
-                output: text.trim_end().into(),
-            });
+        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&log_path);
+        if !status.success() {
+            let output = if started.elapsed() >= CHECK_TIMEOUT {
+                format!("killed after {CHECK_TIMEOUT:?}\n{output}")
+            } else {
+                output
+            };
+            return Err(ReloadError::Check { generation: number, status, output: output.trim_end().into() });
         }
         Ok(())
     }
@@ -380,6 +433,9 @@ impl Supervisor {
                 return Err(ReloadError::NotReady { generation: number, pid, timeout });
             }
             let mut wait = deadline - now;
+            if let Some(resend) = self.resend_soft_stops() {
+                wait = wait.min(resend);
+            }
             if self.options.readiness == Readiness::Pidfile {
                 // The pid file gives no event to wait for.
                 wait = wait.min(Duration::from_millis(20));
@@ -456,33 +512,38 @@ impl Supervisor {
         Some(ReloadError::Exited { generation: g.number, pid: g.pid(), status })
     }
 
+    /// Sends the SIGUSR1s that are due again; how long until the next one.
+    fn resend_soft_stops(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        self.retiring.iter_mut().for_each(|g| g.resend_if_due(now));
+        self.retiring.iter().filter_map(Generation::resend_due).min().map(|due| due.saturating_duration_since(now))
+    }
+
     /// Soft-stops every instance and waits for all of them; the exit code of
     /// the serving one.
     fn stop_all(&mut self) -> ExitCode {
         log::info!("stopping: SIGUSR1 (soft stop) to every instance");
-        self.for_each(|g| g.signal(Signal::SIGUSR1));
+        let serving = self.current.as_ref().map(|g| g.number);
+        if let Some(current) = self.current.take() {
+            self.retiring.insert(0, current);
+        }
+        self.retiring.iter_mut().filter(|g| g.soft_stop.is_none()).for_each(Generation::soft_stop);
         let mut code = ExitCode::SUCCESS;
-        let mut all: Vec<Generation> = self.current.take().into_iter().chain(self.retiring.drain(..)).collect();
-        let serving = all.first().map(|g| g.number);
-        while !all.is_empty() {
-            let mut i = 0;
-            while i < all.len() {
-                if let Some(status) = all[i].child.try_wait().ok().flatten() {
-                    let g = all.remove(i);
+        while !self.retiring.is_empty() {
+            self.retiring.retain_mut(|g| match g.child.try_wait() {
+                Ok(Some(status)) => {
                     log::info!("generation {} (pid {}) stopped: {status}", g.number, g.pid());
                     if Some(g.number) == serving && !status.success() {
                         code = ExitCode::from(status.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1));
                     }
-                } else {
-                    i += 1;
+                    false
                 }
-            }
-            if !all.is_empty() {
-                let before = self.requests.stop;
-                self.wait_signal(None, None);
-                if self.requests.stop > before && self.requests.stop > 1 {
-                    all.iter().for_each(|g| g.signal(Signal::SIGTERM));
-                }
+                _ => true,
+            });
+            if !self.retiring.is_empty() {
+                // A second SIGTERM/SIGINT is handled in read_signals (hard stop).
+                let wake = self.resend_soft_stops();
+                self.wait_signal(None, wake);
             }
         }
         code
@@ -490,8 +551,11 @@ impl Supervisor {
 }
 
 /// Makes the instance soft-stop (SIGUSR1: drain, then exit) if the
-/// supervisor dies: no HAProxy is left running unmanaged, and none drops the
-/// connections it holds.
+/// supervisor dies, so no HAProxy is left running unmanaged and none drops
+/// the connections it holds. Best effort: HAProxy 2.6 drops a SIGUSR1 that
+/// arrives while its master is still starting (see [`SOFT_STOP_RESENDS`]),
+/// and a parent-death signal cannot be sent again; such an instance keeps
+/// serving until it is stopped (under systemd, with the unit's cgroup).
 fn soft_stop_with_parent(cmd: &mut Command) {
     let parent = nix::unistd::getpid();
     // SAFETY: runs between fork and exec; prctl and getppid are async-signal-safe
@@ -535,8 +599,14 @@ fn monotonic_usec() -> String {
     format!("MONOTONIC_USEC={now}")
 }
 
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or("")
+/// One line for STATUS=: HAProxy's first alert when the check failed, else
+/// the first line of the error.
+fn summary<'a>(e: &'a ReloadError, text: &'a str) -> &'a str {
+    let alert = match e {
+        ReloadError::Check { output, .. } => output.lines().find(|l| l.contains("[ALERT]")),
+        _ => None,
+    };
+    alert.or_else(|| text.lines().next()).unwrap_or("").trim()
 }
 
 /// Blocks the signals the supervisor handles (children get a clean mask from
