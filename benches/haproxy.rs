@@ -16,7 +16,7 @@
 //!
 //! Run: `cargo bench --bench haproxy` (needs /usr/sbin/haproxy; loopback only).
 //! `HAPROXY_BENCH_RELOADS` and `HAPROXY_BENCH_RATE` (connections/s) override
-//! the defaults (100, 1000).
+//! the defaults (100, 4000).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -42,7 +42,7 @@ fn main() {
         return;
     }
     let reloads: u64 = env_or("HAPROXY_BENCH_RELOADS", 100);
-    let rate: u64 = env_or("HAPROXY_BENCH_RATE", 1000);
+    let rate: u64 = env_or("HAPROXY_BENCH_RATE", 4000);
     let dir = std::env::temp_dir().join(format!("sb-haproxy-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -88,7 +88,7 @@ pub enum HaproxyCommand {
     /// READY=1. SIGHUP or SIGUSR2 reloads: a new instance is rendered,
     /// checked and started, and only once it is ready does the old one get
     /// SIGUSR1 (soft stop). A config that fails the check never replaces the
-    /// running instance. SIGTERM or SIGINT soft-stop everything and exit.
+    /// running instance. SIGTERM, SIGINT or SIGUSR1 soft-stop everything and exit.
     Run {
         /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
         #[arg(long)]

@@ -48,6 +48,9 @@ use super::args::{ArgsError, HaproxyArgs};
 use super::{keep_open_in_child, render_all, HaproxyError, RenderOptions};
 use crate::systemd::notify;
 
+/// The nice value of `haproxy -c`.
+const CHECK_NICE: i32 = 10;
+
 /// How long HAProxy may take to check a config.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -385,6 +388,7 @@ impl Supervisor {
             .stdout(log.try_clone().map_err(setup("check log"))?)
             .stderr(log);
         keep_open_in_child(&mut cmd, fds);
+        lower_priority(&mut cmd);
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(spawn_err)?;
         let status = loop {
@@ -566,6 +570,22 @@ fn soft_stop_with_parent(cmd: &mut Command) {
             // The supervisor may have died before the prctl took effect.
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::other("the supervisor exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs the check at a lower CPU priority (nice +10): it competes for the CPU
+/// with the instance that serves meanwhile, and a slower check costs only
+/// reload time, never a connection's latency.
+fn lower_priority(cmd: &mut Command) {
+    // SAFETY: runs between fork and exec; setpriority is an async-signal-safe
+    // system call on the calling process and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, CHECK_NICE) != 0 {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
