@@ -23,7 +23,7 @@
 //! ```
 //! use sockbroker::haproxy::template::{Template, BindRequest};
 //! let t = Template::parse("bind <%= bind_tcp('0.0.0.0', 80) %>\nbind {{ sockbroker \"https\" }}\n").unwrap();
-//! let out = t.render(|req, _| Ok::<_, String>(match req {
+//! let out = t.render(|req, _| Ok::<_, std::io::Error>(match req {
 //!     BindRequest::Tcp { .. } => "fd@3".to_string(),
 //!     _ => "fd@4".to_string(),
 //! })).unwrap();
