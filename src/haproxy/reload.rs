@@ -503,6 +503,7 @@ impl Supervisor {
 
     /// Collects exited retired instances; returns the serving one's exit as an error.
     fn reap(&mut self) -> Option<ReloadError> {
+        let draining = self.retiring.len();
         self.retiring.retain_mut(|g| match g.child.try_wait() {
             Ok(Some(status)) => {
                 log::info!("generation {} (pid {}) finished draining: {status}", g.number, g.pid());
@@ -510,6 +511,9 @@ impl Supervisor {
             }
             _ => true,
         });
+        if self.retiring.len() != draining && self.current.is_some() {
+            notify::status(&self.status());
+        }
         let current = self.current.as_mut()?;
         let status = current.child.try_wait().ok().flatten()?;
         let g = self.current.take()?;
