@@ -508,3 +508,18 @@ fn unit_passes_systemd_analyze_verify() {
     assert!(!unit.lines().any(|l| !l.starts_with('#') && l.contains("CAP_")), "no capability granted");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_reload_without_the_broker_fails_and_the_instance_serves_on() {
+    let (mut broker, addr, template) = web_setup("hanobroker");
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
+    let serving = run.haproxy_pids();
+    broker.stop();
+    // HAProxy holds its own copies of the sockets: it serves without the broker.
+    one_request(addr).unwrap();
+    let status = run.reload();
+    assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
+    assert!(status.contains("cannot connect to the broker"), "{status}");
+    assert_eq!(run.haproxy_pids(), serving);
+    one_request(addr).unwrap();
+}
