@@ -111,6 +111,70 @@ pub enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
         command: Vec<OsString>,
     },
+    /// HAProxy with the broker's sockets: templates, checked zero-downtime reloads.
+    #[command(subcommand)]
+    Haproxy(HaproxyCommand),
+}
+
+/// `sockbroker haproxy …`
+#[derive(Debug, Subcommand)]
+pub enum HaproxyCommand {
+    /// Render a config template: each bind call becomes fd@N for a socket from the broker.
+    ///
+    /// The fd@N numbers are this process's descriptors: the written file is for
+    /// reading and diffing. To check or start HAProxy, use `exec` or `run`,
+    /// which render and start HAProxy in one process.
+    Render {
+        /// The template: X.cfg.erb, X.cfg.mb or X.cfg.sb.
+        template: PathBuf,
+        /// Where to write [default: the template path without .erb/.mb/.sb].
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
+        #[arg(long)]
+        fallback_bind: bool,
+    },
+    /// multibinder-haproxy-erb: render every -f template, then exec HAProxy with the sockets open.
+    ///
+    /// Takes HAProxy's own command line; with --erb-write-only among its
+    /// arguments, renders and exits. `exec -- haproxy -c -f X.cfg.erb` checks a template.
+    #[command(visible_alias = "erb")]
+    Exec {
+        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
+        #[arg(long)]
+        fallback_bind: bool,
+        /// Write rendered configs into DIR instead of beside their templates.
+        #[arg(long, value_name = "DIR")]
+        rendered_dir: Option<PathBuf>,
+        /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Run HAProxy in the foreground and reload it with zero failed connections.
+    ///
+    /// Renders, checks with `haproxy -c`, starts `haproxy -Ws` and waits for
+    /// READY=1. SIGHUP or SIGUSR2 reloads: a new instance is rendered,
+    /// checked and started, and only once it is ready does the old one get
+    /// SIGUSR1 (soft stop). A config that fails the check never replaces the
+    /// running instance. SIGTERM, SIGINT or SIGUSR1 soft-stop everything and exit.
+    Run {
+        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
+        #[arg(long)]
+        fallback_bind: bool,
+        /// Write rendered configs into DIR instead of beside their templates.
+        #[arg(long, value_name = "DIR")]
+        rendered_dir: Option<PathBuf>,
+        /// How long a new instance may take to become ready.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        ready_timeout: Duration,
+        /// How a new instance is known to serve: `notify` (READY=1 from `haproxy -Ws`)
+        /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
+        #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
+        ready: crate::haproxy::reload::Readiness,
+        /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 /// The sockets handed to a child (`exec`, `run`).
@@ -143,6 +207,9 @@ pub enum CliError {
     /// `run` failed.
     #[error(transparent)]
     Run(#[from] RunError),
+    /// The HAProxy commands failed.
+    #[error(transparent)]
+    Haproxy(#[from] crate::haproxy::HaproxyError),
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -224,6 +291,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 command,
             })?);
         }
+        Command::Haproxy(command) => return run_haproxy(command),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -247,6 +315,43 @@ fn check(flag: Option<&std::path::Path>) -> ExitCode {
             eprintln!("sockbroker: {}", crate::error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
+    use crate::haproxy::{self, RenderOptions};
+    match command {
+        HaproxyCommand::Render { template, output, fallback_bind } => {
+            let options = RenderOptions { control: None, fallback_bind, rendered_dir: None };
+            let rendered = haproxy::render_template(&template, output.as_deref(), &options)?;
+            println!(
+                "{}: {} sockets from the broker, {} direct binds",
+                rendered.output.display(),
+                rendered.fds.len(),
+                rendered.direct_binds
+            );
+        }
+        HaproxyCommand::Exec { fallback_bind, rendered_dir, command } => {
+            haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;
+        }
+        HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, command } => {
+            let options = haproxy::reload::RunOptions {
+                render: RenderOptions { control: None, fallback_bind, rendered_dir },
+                ready_timeout,
+                readiness: ready,
+            };
+            return Ok(haproxy::reload::run(&command, options).map_err(haproxy::HaproxyError::from)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {
+    use crate::haproxy::reload::Readiness;
+    match text {
+        "notify" => Ok(Readiness::Notify),
+        "pidfile" => Ok(Readiness::Pidfile),
+        other => Err(format!("'{other}': expected notify or pidfile")),
     }
 }
 

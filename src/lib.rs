@@ -30,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod exec;
 pub mod fd;
+pub mod haproxy;
 pub mod introspect;
 pub mod logging;
 pub mod methods;

@@ -1,0 +1,450 @@
+//! HAProxy reloads under load, side by side: the same HTTP frontend, the same
+//! rate of new connections, 100 reloads each, reloaded four ways:
+//!
+//! - (a) classic: HAProxy binds the port itself; a reload starts a new process
+//!   with `-sf OLD` (the new one binds with SO_REUSEPORT, the old one closes);
+//! - (b) seamless: the old process exposes its listeners (`stats socket …
+//!   expose-fd listeners`) and the new one takes them with `-x`, then `-sf`;
+//! - (b2) master-worker: `haproxy -W`, reload by SIGUSR2 to the master;
+//! - (c) sockbroker: `sockbroker haproxy run`, reload by SIGHUP.
+//!
+//! Each response names the config generation that served it (the config is
+//! rewritten before each reload), so "reload time" is from the reload signal
+//! to the first response of the new generation. Requests are "in a reload
+//! window" from the signal until 50 ms after that first response; their p99
+//! connect+response latency is set against a steady phase before any reload.
+//!
+//! Run: `cargo bench --bench haproxy` (needs /usr/sbin/haproxy; loopback only).
+//! `HAPROXY_BENCH_RELOADS` and `HAPROXY_BENCH_RATE` (connections/s) override
+//! the defaults (100, 4000).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const HAPROXY: &str = "/usr/sbin/haproxy";
+const BIN: &str = env!("CARGO_BIN_EXE_sockbroker");
+const THREADS: usize = 4;
+const STEADY: Duration = Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_millis(50);
+
+fn main() {
+    if !Path::new(HAPROXY).exists() {
+        eprintln!("haproxy bench: {HAPROXY} not found (apt-get install haproxy); skipped");
+        return;
+    }
+    // `cargo test --all-targets` runs this binary without `--bench`: then a
+    // short smoke run checks that every scenario still works.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let reloads: u64 = env_or("HAPROXY_BENCH_RELOADS", if smoke { 3 } else { 100 });
+    let rate: u64 = env_or("HAPROXY_BENCH_RATE", if smoke { 500 } else { 4000 });
+    let steady = if smoke { Duration::from_millis(300) } else { STEADY };
+    let dir = std::env::temp_dir().join(format!("sb-haproxy-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    println!("HAProxy reload benchmark: {reloads} reloads per scenario, {rate} new connections/s ({THREADS} clients), loopback");
+    let mut rows = Vec::new();
+    let only = std::env::var("HAPROXY_BENCH_ONLY").unwrap_or_default();
+    for kind in [Kind::Classic, Kind::Seamless, Kind::MasterWorker, Kind::Sockbroker] {
+        if !only.is_empty() && !only.split(',').any(|s| s == kind.slug()) {
+            continue;
+        }
+        let sub = dir.join(kind.slug());
+        std::fs::create_dir_all(&sub).unwrap();
+        let row = run_scenario(kind, &sub, reloads, rate, steady);
+        eprintln!("{}: done", kind.label());
+        rows.push(row);
+    }
+    print_table(&rows);
+    if smoke {
+        // HAProxy's own reloads may drop a connection or a reload (that is
+        // what the figures measure); sockbroker's must do neither.
+        for r in rows.iter().filter(|r| r.label.starts_with("(c)")) {
+            assert_eq!(r.unfinished, 0, "{}: reloads never served", r.label);
+            assert_eq!(r.failed, 0, "{}: failed connections", r.label);
+        }
+    }
+    if std::env::var_os("HAPROXY_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Classic,
+    Seamless,
+    MasterWorker,
+    Sockbroker,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Classic => "(a) classic -sf",
+            Kind::Seamless => "(b) seamless -x + -sf",
+            Kind::MasterWorker => "(b2) master-worker SIGUSR2",
+            Kind::Sockbroker => "(c) sockbroker haproxy run",
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Kind::Classic => "a",
+            Kind::Seamless => "b",
+            Kind::MasterWorker => "b2",
+            Kind::Sockbroker => "c",
+        }
+    }
+}
+
+/// The config (or template) for generation `generation`.
+fn config(kind: Kind, dir: &Path, port: u16, generation: u64) -> String {
+    let bind = match kind {
+        Kind::Sockbroker => format!("{{{{ sockbroker \"tcp://127.0.0.1:{port}\" }}}}"),
+        _ => format!("127.0.0.1:{port}"),
+    };
+    let stats = match kind {
+        Kind::Seamless | Kind::MasterWorker => {
+            format!("  stats socket {}/admin.sock mode 600 level admin expose-fd listeners\n", dir.display())
+        }
+        _ => String::new(),
+    };
+    format!(
+        "global\n  maxconn 4000\n{stats}defaults\n  mode http\n  timeout client 10s\n  timeout server 10s\n  timeout connect 2s\n\
+         frontend web\n  bind {bind}\n  http-request return status 200 content-type text/plain string \"{generation}\"\n"
+    )
+}
+
+/// The HAProxy processes of one scenario and how to reload them.
+struct Instances {
+    kind: Kind,
+    dir: PathBuf,
+    config: PathBuf,
+    children: Vec<Child>,
+    broker: Option<Child>,
+}
+
+impl Instances {
+    fn start(kind: Kind, dir: &Path, port: u16) -> Instances {
+        let config = match kind {
+            Kind::Sockbroker => dir.join("web.cfg.sb"),
+            _ => dir.join("web.cfg"),
+        };
+        std::fs::write(&config, self::config(kind, dir, port, 0)).unwrap();
+        let mut me = Instances { kind, dir: dir.to_path_buf(), config, children: Vec::new(), broker: None };
+        match kind {
+            Kind::Classic | Kind::Seamless => me.spawn_haproxy(&["-db"]),
+            Kind::MasterWorker => me.spawn_haproxy(&["-W", "-db"]),
+            Kind::Sockbroker => {
+                let control = dir.join("control.sock");
+                let broker_notify = dir.join("broker-notify.sock");
+                let bn = UnixDatagram::bind(&broker_notify).unwrap();
+                let broker = Command::new(BIN)
+                    .args(["serve", "--control", control.to_str().unwrap()])
+                    .env("NOTIFY_SOCKET", &broker_notify)
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                me.broker = Some(broker);
+                wait_ready(&bn);
+                let notify_path = dir.join("run-notify.sock");
+                let notify = UnixDatagram::bind(&notify_path).unwrap();
+                let child = Command::new(BIN)
+                    .args(["haproxy", "run", "--", HAPROXY, "-f", me.config.to_str().unwrap()])
+                    .env("SOCKBROKER_SOCKET", &control)
+                    .env("NOTIFY_SOCKET", &notify_path)
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(std::fs::File::create(dir.join("run.log")).unwrap())
+                    .stderr(std::fs::File::create(dir.join("run.log")).unwrap())
+                    .spawn()
+                    .unwrap();
+                me.children.push(child);
+                wait_ready(&notify);
+                // Read what the supervisor says, as systemd would: a full
+                // datagram queue blocks the sender.
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    notify.set_read_timeout(None).unwrap();
+                    while notify.recv(&mut buf).is_ok() {}
+                });
+            }
+        }
+        me
+    }
+
+    fn spawn_haproxy(&mut self, args: &[&str]) {
+        let child = Command::new(HAPROXY)
+            .args(args)
+            .arg("-f")
+            .arg(&self.config)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    fn live_pids(&mut self) -> Vec<String> {
+        self.children.retain_mut(|c| c.try_wait().ok().flatten().is_none());
+        self.children.iter().map(|c| c.id().to_string()).collect()
+    }
+
+    /// Writes generation `generation`'s config and triggers the reload;
+    /// returns when the trigger was sent.
+    fn reload(&mut self, port: u16, generation: u64) -> Instant {
+        let text = config(self.kind, &self.dir, port, generation);
+        let tmp = self.dir.join(".next.cfg");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+        let old = self.live_pids();
+        let old: Vec<&str> = old.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
+        match self.kind {
+            Kind::Classic => {
+                let mut args = vec!["-db", "-sf"];
+                args.extend(&old);
+                self.spawn_haproxy(&args);
+            }
+            Kind::Seamless => {
+                let sock = self.dir.join("admin.sock");
+                let sock = sock.to_str().unwrap().to_string();
+                let mut args = vec!["-db", "-x", sock.as_str(), "-sf"];
+                args.extend(&old);
+                self.spawn_haproxy(&args);
+            }
+            Kind::MasterWorker | Kind::Sockbroker => {
+                let sig = if self.kind == Kind::MasterWorker { Signal::SIGUSR2 } else { Signal::SIGHUP };
+                kill(Pid::from_raw(self.children[0].id() as i32), sig).unwrap();
+            }
+        }
+        t0
+    }
+
+    fn stop(mut self) {
+        // HAProxy's soft stop is SIGUSR1; the supervisor's is SIGTERM.
+        let sig = if self.kind == Kind::Sockbroker { Signal::SIGTERM } else { Signal::SIGUSR1 };
+        for c in &self.children {
+            let _ = kill(Pid::from_raw(c.id() as i32), sig);
+        }
+        for c in &mut self.children {
+            wait_or_kill(c, Duration::from_secs(15));
+        }
+        if let Some(mut b) = self.broker.take() {
+            let _ = kill(Pid::from_raw(b.id() as i32), Signal::SIGTERM);
+            wait_or_kill(&mut b, Duration::from_secs(5));
+        }
+    }
+}
+
+fn wait_or_kill(c: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if c.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn wait_ready(notify: &UnixDatagram) {
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("no READY=1 within 30s");
+        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+            return;
+        }
+    }
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    start: Instant,
+    latency: Duration,
+    /// The generation that answered, or None on failure.
+    generation: Option<u64>,
+}
+
+fn request(addr: SocketAddr) -> Option<u64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).ok()?;
+    let text = String::from_utf8_lossy(&reply);
+    if !text.starts_with("HTTP/1.0 200") && !text.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    text.rsplit("\r\n\r\n").next()?.trim().parse().ok()
+}
+
+/// Paced clients: each thread opens `rate / THREADS` connections a second.
+struct Load {
+    stop: Arc<AtomicBool>,
+    newest: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, rate: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let newest = Arc::new(AtomicU64::new(0));
+        let interval = Duration::from_secs_f64(THREADS as f64 / rate as f64);
+        let threads = (0..THREADS)
+            .map(|i| {
+                let (stop, newest) = (stop.clone(), newest.clone());
+                std::thread::spawn(move || {
+                    let mut samples = Vec::new();
+                    let mut next = Instant::now() + interval.mul_f64(i as f64 / THREADS as f64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let now = Instant::now();
+                        if now < next {
+                            std::thread::sleep(next - now);
+                        }
+                        next += interval;
+                        let start = Instant::now();
+                        let generation = request(addr);
+                        if let Some(g) = generation {
+                            newest.fetch_max(g, Ordering::Relaxed);
+                        }
+                        samples.push(Sample { start, latency: start.elapsed(), generation });
+                    }
+                    samples
+                })
+            })
+            .collect();
+        Load { stop, newest, threads }
+    }
+
+    fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all: Vec<Sample> = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort_by_key(|s| s.start);
+        all
+    }
+}
+
+struct Row {
+    label: &'static str,
+    requests: usize,
+    failed: usize,
+    reloads: u64,
+    unfinished: u64,
+    p99_steady: Duration,
+    p99_reload: Duration,
+    reload_p50: Duration,
+    reload_max: Duration,
+}
+
+fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duration) -> Row {
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut instances = Instances::start(kind, dir, port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while request(addr).is_none() {
+        assert!(Instant::now() < deadline, "{}: never served", kind.label());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let load = Load::start(addr, rate);
+    std::thread::sleep(steady);
+    let steady_end = Instant::now();
+    let mut triggers = Vec::new();
+    let mut unfinished = 0;
+    for generation in 1..=reloads {
+        let t0 = instances.reload(port, generation);
+        let deadline = t0 + Duration::from_secs(10);
+        while load.newest.load(Ordering::Relaxed) < generation && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if load.newest.load(Ordering::Relaxed) < generation {
+            unfinished += 1;
+        }
+        triggers.push((generation, t0));
+        std::thread::sleep(SETTLE);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = load.finish();
+    instances.stop();
+
+    // Reload time: signal → first response of the new generation.
+    let mut windows = Vec::new();
+    let mut times = Vec::new();
+    for &(generation, t0) in &triggers {
+        let first = samples.iter().filter(|s| s.generation == Some(generation)).map(|s| s.start + s.latency).min();
+        if let Some(first) = first {
+            times.push(first.saturating_duration_since(t0));
+            windows.push((t0, first + SETTLE));
+        }
+    }
+    let in_window = |s: &Sample| windows.iter().any(|&(a, b)| s.start >= a && s.start <= b);
+    let steady: Vec<Duration> =
+        samples.iter().filter(|s| s.start < steady_end && s.generation.is_some()).map(|s| s.latency).collect();
+    let during: Vec<Duration> = samples.iter().filter(|s| in_window(s)).map(|s| s.latency).collect();
+    let reload_phase: Vec<&Sample> = samples.iter().filter(|s| s.start >= steady_end).collect();
+    times.sort();
+    Row {
+        label: kind.label(),
+        requests: reload_phase.len(),
+        failed: reload_phase.iter().filter(|s| s.generation.is_none()).count(),
+        reloads,
+        unfinished,
+        p99_steady: percentile(steady, 0.99),
+        p99_reload: percentile(during, 0.99),
+        reload_p50: times.get(times.len() / 2).copied().unwrap_or_default(),
+        reload_max: times.last().copied().unwrap_or_default(),
+    }
+}
+
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<28} {:>18} {:>8} {:>12} {:>15} {:>13} {:>13}",
+        "scenario", "failed / requests", "reloads", "p99 steady", "p99 in reloads", "reload p50", "reload max"
+    );
+    for r in rows {
+        let reloads =
+            if r.unfinished > 0 { format!("{} ({} stuck)", r.reloads, r.unfinished) } else { r.reloads.to_string() };
+        println!(
+            "{:<28} {:>18} {:>8} {:>12} {:>15} {:>13} {:>13}",
+            r.label,
+            format!("{} / {}", r.failed, r.requests),
+            reloads,
+            ms(r.p99_steady),
+            ms(r.p99_reload),
+            ms(r.reload_p50),
+            ms(r.reload_max)
+        );
+    }
+}

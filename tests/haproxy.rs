@@ -1,0 +1,525 @@
+//! HAProxy under the broker, with the real `haproxy` binary: templates in both
+//! syntaxes, a thousand binds, `haproxy run` reloads under load, a broken
+//! config, graceful stop, two instances side by side.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use sockbroker::haproxy::{render_template, RenderOptions};
+
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// An HTTP frontend that answers every request itself.
+fn http_template(bind: &str) -> String {
+    format!(
+        "global\n  maxconn 4000\ndefaults\n  mode http\n  timeout client 10s\n  timeout server 10s\n  timeout connect 2s\n\
+         frontend web\n  bind {bind}\n  http-request return status 200 content-type text/plain string ok\n"
+    )
+}
+
+/// `sockbroker ARGS` against `broker`, waited for.
+fn sockbroker(broker: &Broker, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("SOCKBROKER_SOCKET", &broker.control)
+        .env_remove("NOTIFY_SOCKET")
+        .current_dir(&broker.dir)
+        .output()
+        .unwrap()
+}
+
+#[track_caller]
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `fd@N` numbers in a rendered config.
+fn fd_refs(config: &str) -> Vec<u32> {
+    config
+        .split("fd@")
+        .skip(1)
+        .map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn both_syntaxes_render_and_haproxy_accepts_them() {
+    let broker = Broker::start("hasyntax");
+    let (tcp, held) = bind_free_tcp(&mut broker.client());
+    let port: u16 = tcp.rsplit(':').next().unwrap().parse().unwrap();
+    let udp = format!("udp://127.0.0.1:{}", free_port());
+    let template = broker.dir.join("site.cfg.erb");
+    let text = format!(
+        "global\n  maxconn 100\ndefaults\n  mode http\n  timeout client 1s\n  timeout server 1s\n  timeout connect 1s\n\
+         frontend web\n  bind <%= bind_tcp( '127.0.0.1' , {port} ) %>\n  bind <%= bind_tcp(\"127.0.0.1\", {port}) %>\n\
+         <%# a comment %>  bind {{{{ sockbroker \"tcp://[::1]:{port}\" }}}}\n\
+         \x20 http-request return status 200\nlog-forward syslog\n  dgram-bind {{{{ sockbroker \"{udp}\" }}}}\n\
+         \x20 log stderr format raw local0\n"
+    );
+    std::fs::write(&template, text).unwrap();
+
+    // multibinder-haproxy-erb's form: render, then exec `haproxy -c` with the descriptors open.
+    let out = sockbroker(&broker, &["haproxy", "exec", "--", HAPROXY, "-c", "-f", template.to_str().unwrap()]);
+    assert_success(&out, "haproxy exec -- haproxy -c");
+    let rendered = broker.dir.join("site.cfg");
+    let config = std::fs::read_to_string(&rendered).unwrap();
+    assert!(!config.contains("<%") && !config.contains("{{"), "{config}");
+    let fds = fd_refs(&config);
+    assert_eq!(fds.len(), 4, "{config}");
+    assert_eq!(fds.iter().collect::<HashSet<_>>().len(), 4, "each call gets its own descriptor: {config}");
+    assert_eq!(std::fs::metadata(&rendered).unwrap().permissions().mode() & 0o777, 0o640);
+
+    // The same template rendered in this process: the descriptors are the broker's sockets.
+    let r = render_template(&template, Some(&broker.dir.join("again.cfg")), &control(&broker)).unwrap();
+    assert_eq!(r.fds.len(), 4);
+    assert_eq!(inode(r.fds[0].as_fd()), inode(held.as_fd()), "bind_tcp gets the socket the broker holds");
+    assert_eq!(inode(r.fds[1].as_fd()), inode(held.as_fd()));
+    assert!(r.fds.iter().all(|fd| is_cloexec(fd.as_fd())), "renderer's copies stay close-on-exec");
+}
+
+fn control(broker: &Broker) -> RenderOptions {
+    RenderOptions { control: Some(broker.control.clone()), fallback_bind: false, rendered_dir: None }
+}
+
+#[test]
+fn erb_write_only_fallback_and_errors() {
+    let broker = Broker::start("haerb");
+    let template = broker.dir.join("a.cfg.mb");
+    std::fs::write(&template, http_template("<%= bind_tcp('127.0.0.1', 1) %>")).unwrap();
+
+    // --erb-write-only: render and exit, HAProxy is not run (it would fail: -c is not given, and no config -f).
+    let out =
+        sockbroker(&broker, &["haproxy", "erb", "--", "/nonexistent/haproxy", "-f", "a.cfg.mb", "--erb-write-only"]);
+    assert_success(&out, "--erb-write-only");
+    assert_eq!(fd_refs(&std::fs::read_to_string(broker.dir.join("a.cfg")).unwrap()).len(), 1);
+
+    // Broker unreachable: an error naming the call, or with --fallback-bind the plain address.
+    let gone = Command::new(BIN)
+        .args(["haproxy", "render", template.to_str().unwrap(), "-o", "direct.cfg"])
+        .env("SOCKBROKER_SOCKET", broker.dir.join("nobody.sock"))
+        .current_dir(&broker.dir)
+        .output()
+        .unwrap();
+    assert!(!gone.status.success());
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert!(err.contains("a.cfg.mb:9:8: bind_tcp('127.0.0.1', 1): cannot connect to the broker"), "{err}");
+    let fallback = Command::new(BIN)
+        .args(["haproxy", "render", "--fallback-bind", template.to_str().unwrap(), "-o", "direct.cfg"])
+        .env("SOCKBROKER_SOCKET", broker.dir.join("nobody.sock"))
+        .current_dir(&broker.dir)
+        .output()
+        .unwrap();
+    assert_success(&fallback, "--fallback-bind");
+    assert!(String::from_utf8_lossy(&fallback.stderr).contains("reloads may drop connections"));
+    assert!(std::fs::read_to_string(broker.dir.join("direct.cfg")).unwrap().contains("  bind 127.0.0.1:1\n"));
+
+    // Template code we do not understand: file, line and column, and nothing is written.
+    std::fs::write(broker.dir.join("b.cfg.erb"), "global\n  maxconn <%= ENV['MAX'] %>\n").unwrap();
+    let out = sockbroker(&broker, &["haproxy", "render", "b.cfg.erb"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b.cfg.erb:2:11: unsupported ERB code <%= ENV['MAX'] %>"), "{err}");
+    assert!(!broker.dir.join("b.cfg").exists());
+}
+
+#[test]
+fn a_thousand_binds_render_to_a_thousand_descriptors() {
+    const N: usize = 1000;
+    let broker = Broker::start("ha1000");
+    let mut client = broker.client();
+    // One port on a thousand loopback addresses (127.1.x.y are all local).
+    let addresses: Vec<String> = (0..N).map(|i| format!("127.1.{}.{}", i / 250, i % 250 + 1)).collect();
+    let mut port = 0;
+    'retry: for _ in 0..10 {
+        port = free_port();
+        for a in &addresses {
+            if let Err(e) = client.bind(&format!("tcp://{a}:{port}").parse().unwrap()) {
+                assert_eq!(e.code(), Some(10000), "{e}");
+                continue 'retry;
+            }
+        }
+        break;
+    }
+    let binds: Vec<String> = addresses.iter().map(|a| format!("<%= bind_tcp('{a}', {port}) %>")).collect();
+    let template = broker.dir.join("big.cfg.erb");
+    std::fs::write(&template, http_template(&binds.join("\n  bind "))).unwrap();
+
+    let r = render_template(&template, None, &control(&broker)).unwrap();
+    assert_eq!(r.fds.len(), N);
+    let inodes: HashSet<u64> = r.fds.iter().map(|fd| inode(fd.as_fd())).collect();
+    assert_eq!(inodes.len(), N, "a thousand distinct sockets");
+    let config = std::fs::read_to_string(&r.output).unwrap();
+    assert_eq!(fd_refs(&config).into_iter().collect::<HashSet<_>>().len(), N);
+    drop(r);
+
+    let out = sockbroker(&broker, &["haproxy", "exec", "--", HAPROXY, "-c", "-f", template.to_str().unwrap()]);
+    assert_success(&out, "haproxy -c with 1000 fd@ binds");
+}
+
+/// `sockbroker haproxy run` under test, with its own NOTIFY_SOCKET.
+struct Run {
+    child: Child,
+    notify: UnixDatagram,
+    log: PathBuf,
+}
+
+impl Run {
+    #[track_caller]
+    fn start(broker: &Broker, name: &str, template: &Path, run_args: &[&str], haproxy_args: &[&str]) -> Run {
+        let notify_path = broker.dir.join(format!("{name}-notify.sock"));
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let log = broker.dir.join(format!("{name}.log"));
+        let mut child = Command::new(BIN)
+            .args(["haproxy", "run", "--ready-timeout", "20s"])
+            .args(run_args)
+            .args(["--", HAPROXY, "-f", template.to_str().unwrap()])
+            .args(haproxy_args)
+            .env("SOCKBROKER_SOCKET", &broker.control)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "debug")
+            .current_dir(&broker.dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let status = next_ready(&notify, &mut child);
+        assert!(status.contains("STATUS=serving: generation 1"), "{status}");
+        Run { child, notify, log }
+    }
+
+    /// SIGHUP, then the READY=1 message that ends the reload.
+    #[track_caller]
+    fn reload(&mut self) -> String {
+        self.signal(Signal::SIGHUP);
+        next_ready(&self.notify, &mut self.child)
+    }
+
+    fn signal(&self, sig: Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// The HAProxy masters this supervisor runs.
+    fn haproxy_pids(&self) -> Vec<i32> {
+        children(self.child.id() as i32)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- haproxy run log:\n{}", self.log_text());
+        }
+        if self.child.try_wait().ok().flatten().is_none() {
+            let pids = self.haproxy_pids();
+            self.signal(Signal::SIGTERM);
+            if wait_timeout(&mut self.child, Duration::from_secs(10)).is_some() {
+                return;
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Waits for a notify message holding READY=1 and returns it whole.
+#[track_caller]
+fn next_ready(notify: &UnixDatagram, child: &mut Child) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Ok(n) = notify.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.lines().any(|l| l == "READY=1") {
+                return text;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("haproxy run exited before READY=1: {status}");
+        }
+        assert!(Instant::now() < deadline, "no READY=1 within 30s");
+    }
+}
+
+/// Processes whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // pid (comm) state ppid …: comm may hold spaces, so split after the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One HTTP/1.0 request on a new connection; Ok when the answer is 200.
+fn one_request(addr: SocketAddr) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
+    if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("reply: {:?}", String::from_utf8_lossy(&reply)))
+    }
+}
+
+/// Clients opening new connections in a loop until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, threads: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match one_request(addr) {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                errors.lock().unwrap().push(e);
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failed, errors, threads }
+    }
+
+    /// Waits (bounded) until `n` more requests succeeded.
+    #[track_caller]
+    fn wait_for(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.ok.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors.lock().unwrap());
+            std::thread::yield_now();
+        }
+    }
+
+    /// Stops the clients; (succeeded, failed, first errors).
+    fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        let errors = self.errors.lock().unwrap().iter().take(5).cloned().collect();
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// A broker holding a fresh loopback port, and an HTTP template for it.
+fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
+    let broker = Broker::start(name);
+    let (spec, _held) = bind_free_tcp(&mut broker.client());
+    let addr: SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
+    let template = broker.dir.join("web.cfg.sb");
+    std::fs::write(&template, http_template(&format!("{{{{ sockbroker \"{spec}\" }}}}"))).unwrap();
+    (broker, addr, template)
+}
+
+#[test]
+fn twenty_reloads_under_load_fail_no_connection() {
+    let (broker, addr, template) = web_setup("hareload");
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
+    let first = run.haproxy_pids();
+    assert_eq!(first.len(), 1, "one HAProxy master: {first:?}");
+    let load = Load::start(addr, 2);
+    load.wait_for(50);
+    for i in 0..20 {
+        let status = run.reload();
+        assert!(status.contains(&format!("STATUS=serving: generation {}", i + 2)), "reload {i}: {status}");
+        load.wait_for(20);
+    }
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} failed connections out of {} during 20 reloads: {errors:?}", ok + failed);
+    assert!(!run.haproxy_pids().contains(&first[0]), "the first instance was retired");
+    run.signal(Signal::SIGTERM);
+    let status = wait_timeout(&mut run.child, Duration::from_secs(20)).expect("run did not stop");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_broken_config_never_replaces_the_running_instance() {
+    let (broker, addr, template) = web_setup("habroken");
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
+    let serving = run.haproxy_pids();
+    let good = std::fs::read_to_string(&template).unwrap();
+    let load = Load::start(addr, 1);
+    load.wait_for(20);
+
+    // HAProxy rejects this one: the check fails, generation 1 serves on.
+    std::fs::write(&template, good.replace("mode http", "mode http\n  no-such-keyword on")).unwrap();
+    let status = run.reload();
+    assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
+    assert!(status.contains("[ALERT]") && status.contains("no-such-keyword"), "HAProxy's alert in STATUS=: {status}");
+    assert!(run.log_text().contains("no-such-keyword"), "the check's output is logged");
+    load.wait_for(20);
+    assert_eq!(run.haproxy_pids(), serving);
+
+    // A template error is caught before HAProxy is even asked.
+    std::fs::write(&template, good.replace("frontend", "<% oops %>\nfrontend")).unwrap();
+    let status = run.reload();
+    assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
+    assert_eq!(run.haproxy_pids(), serving);
+
+    // Fixed: the next reload goes through.
+    std::fs::write(&template, &good).unwrap();
+    let status = run.reload();
+    assert!(status.contains("STATUS=serving: generation 4"), "{status}");
+    load.wait_for(20);
+    let (_, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{errors:?}");
+}
+
+#[test]
+fn sigterm_drains_then_exits() {
+    let (broker, addr, template) = web_setup("haterm");
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
+    let pids = run.haproxy_pids();
+    // A client in the middle of a request: HAProxy has read part of it.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+
+    run.signal(Signal::SIGTERM);
+    // HAProxy's master logs when it got the soft stop and passed it on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run.log_text().contains("Exiting Master process") {
+        assert!(Instant::now() < deadline, "HAProxy never soft-stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(run.child.try_wait().unwrap().is_none(), "run must wait for the draining instance");
+    s.write_all(b"\r\n").unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "the request in flight is served: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    let status = wait_timeout(&mut run.child, Duration::from_secs(10)).expect("run did not exit after draining");
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "haproxy {pid} left behind");
+    }
+}
+
+#[test]
+fn two_instances_side_by_side() {
+    let (broker, addr_a, template_a) = web_setup("hatwo");
+    let (spec_b, _held) = bind_free_tcp(&mut broker.client());
+    let addr_b: SocketAddr = spec_b.trim_start_matches("tcp://").parse().unwrap();
+    let template_b = broker.dir.join("other.cfg.erb");
+    // As multibinder's README writes it: `daemon` in global (the supervisor keeps HAProxy in the foreground).
+    let text = http_template(&format!("<%= bind_tcp('127.0.0.1', {}) %>", addr_b.port()));
+    std::fs::write(&template_b, text.replace("global\n", "global\n  daemon\n")).unwrap();
+    let rendered = broker.dir.join("rendered");
+    std::fs::create_dir(&rendered).unwrap();
+
+    let mut a = Run::start(&broker, "a", &template_a, &[], &[]);
+    let b =
+        Run::start(&broker, "b", &template_b, &["--rendered-dir", rendered.to_str().unwrap()], &["-Ds", "-p", "b.pid"]);
+    assert!(rendered.join("other.cfg").exists() && !broker.dir.join("other.cfg").exists());
+    one_request(addr_a).unwrap();
+    one_request(addr_b).unwrap();
+    let b_pids = b.haproxy_pids();
+    let status = a.reload();
+    assert!(status.contains("generation 2"), "{status}");
+    one_request(addr_a).unwrap();
+    one_request(addr_b).unwrap();
+    assert_eq!(b.haproxy_pids(), b_pids, "reloading one instance leaves the other alone");
+    let pidfile = std::fs::read_to_string(broker.dir.join("b.pid")).unwrap();
+    assert_eq!(pidfile.trim().parse::<i32>().unwrap(), b_pids[0], "-p passes through to HAProxy");
+}
+
+/// `systemd-analyze verify` on an instance of units/haproxy@.service, with
+/// ExecStart pointing at the binary under test; any output fails.
+fn verify_unit(text: &str, dir: &Path) -> String {
+    std::fs::write(dir.join("haproxy@.service"), text.replace("/usr/local/bin/sockbroker", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "haproxy@www.service"])
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/units/haproxy@.service")).unwrap();
+    let dir = test_dir("haunit");
+    assert_eq!(verify_unit(&unit, &dir), "", "systemd-analyze verify haproxy@www.service must print nothing");
+    // The check can fail: a misspelt key is reported.
+    let broken = unit.replace("TimeoutStopSec=", "TimeoutStopSecs=");
+    assert!(verify_unit(&broken, &dir).contains("TimeoutStopSecs"), "verify must catch an unknown key");
+    // No root and no capability: the broker binds the ports.
+    assert!(unit.contains("\nUser=haproxy\n") && unit.contains("\nCapabilityBoundingSet=\n"));
+    assert!(!unit.lines().any(|l| !l.starts_with('#') && l.contains("CAP_")), "no capability granted");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_reload_without_the_broker_fails_and_the_instance_serves_on() {
+    let (mut broker, addr, template) = web_setup("hanobroker");
+    let mut run = Run::start(&broker, "web", &template, &[], &[]);
+    let serving = run.haproxy_pids();
+    broker.stop();
+    // HAProxy holds its own copies of the sockets: it serves without the broker.
+    one_request(addr).unwrap();
+    let status = run.reload();
+    assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
+    assert!(status.contains("cannot connect to the broker"), "{status}");
+    assert_eq!(run.haproxy_pids(), serving);
+    one_request(addr).unwrap();
+}
