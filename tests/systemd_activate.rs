@@ -227,6 +227,92 @@ fn own_sockets_go_to_the_fd_store_and_come_back() {
     assert!(!log.contains("kept in systemd's fd store"), "{log}");
 }
 
+/// Every notify message up to and including the first with a line starting
+/// with `line`: each message's text and how many descriptors came with it.
+#[track_caller]
+fn notify_until(notify: &UnixDatagram, line: &str) -> Vec<(String, usize)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut seen = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "no notify message with {line:?} within 10s; got {seen:?}");
+        let mut buf = vec![0u8; 4096];
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let Ok(msg) = recvmsg::<()>(notify.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) else {
+            continue;
+        };
+        let n = msg.bytes;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just gave us these descriptors.
+                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = text.lines().any(|l| l.starts_with(line));
+        seen.push((text, fds.len()));
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// The FDNAME= value of a notify message.
+fn fdname_of(msg: &str) -> Option<&str> {
+    msg.lines().find_map(|l| l.strip_prefix("FDNAME="))
+}
+
+/// A released socket leaves the fd store: `FDSTOREREMOVE=1` with the very
+/// FDNAME it was stored under (and no descriptor), through the client API
+/// and through `sockbroker release`. A socket still held stays stored, even
+/// when the broker stops: systemd must keep it for the next broker.
+#[test]
+fn released_sockets_leave_the_fd_store() {
+    let mut broker = Broker::start("act-storerm");
+    let mut client = broker.client();
+    let (tcp, _tcp_fd) = bind_free_tcp(&mut client);
+    let (tcp_stored, _) = wait_notify(&broker.notify, "FDSTORE=1");
+    // A key whose FDNAME needs escaping (`:` and `%`), released by the CLI.
+    let unix = format!("unix:@sbt-storerm:{}%x", std::process::id());
+    let _unix_fd = client.bind(&unix.parse().unwrap()).unwrap();
+    let (unix_stored, _) = wait_notify(&broker.notify, "FDSTORE=1");
+    let (kept, _kept_fd) = bind_free_tcp(&mut client);
+    let (kept_stored, _) = wait_notify(&broker.notify, "FDSTORE=1");
+    let tcp_name = fdname_of(&tcp_stored).unwrap().to_string();
+    let unix_name = fdname_of(&unix_stored).unwrap().to_string();
+    let kept_name = fdname_of(&kept_stored).unwrap().to_string();
+    assert_eq!(tcp_name, sockbroker::systemd::fdstore::encode(&tcp.parse().unwrap(), None).unwrap());
+    assert!(unix_name.contains("%3A") && unix_name.contains("%25"), "{unix_name}");
+
+    client.release(&tcp.parse().unwrap()).unwrap();
+    let seen = notify_until(&broker.notify, "FDSTOREREMOVE=1");
+    let (removal, fds) = seen.last().unwrap();
+    assert_eq!(fdname_of(removal), Some(tcp_name.as_str()), "{removal}");
+    assert_eq!(*fds, 0, "a removal carries no descriptor: {removal}");
+
+    let out = broker.cli(&["release", &unix]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let seen = notify_until(&broker.notify, "FDSTOREREMOVE=1");
+    let (removal, fds) = seen.last().unwrap();
+    assert_eq!(fdname_of(removal), Some(unix_name.as_str()), "{removal}");
+    assert_eq!(*fds, 0, "{removal}");
+
+    // Releasing what is no longer held is refused and removes nothing; nor
+    // does stopping: the kept socket stays in the store.
+    assert!(client.release(&tcp.parse().unwrap()).is_err());
+    drop(client);
+    broker.signal(nix::sys::signal::Signal::SIGTERM);
+    let seen = notify_until(&broker.notify, "STOPPING=1");
+    assert!(seen.iter().all(|(m, _)| !m.contains("FDSTOREREMOVE")), "{seen:?} (kept: {kept} as {kept_name})");
+    let status = wait_timeout(&mut broker.child, Duration::from_secs(10)).expect("no exit within 10s of SIGTERM");
+    assert!(status.success());
+    // Once each: the log says what went and when.
+    let log = broker.log_text();
+    assert_eq!(log.matches("removed from systemd's fd store").count(), 2, "{log}");
+}
+
 /// WATCHDOG=1 keeps coming while the broker serves, when systemd asks for it
 /// (WATCHDOG_USEC); STOPPING=1 comes on SIGTERM.
 #[test]
