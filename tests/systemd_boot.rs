@@ -15,14 +15,21 @@
 //! 2. after `systemctl restart sockbroker` and after `kill -9` of the broker
 //!    (Restart=always), clients get the same kernel sockets (same inodes);
 //! 3. a client connecting to the consumer all along, through both restarts
-//!    and a restart of the consumer itself, sees zero failed connections.
+//!    and a restart of the consumer itself, sees zero failed connections;
+//! 4. `units/sockbroker-run@.service`, with its instance file in
+//!    /etc/sockbroker/run/, fronts a LISTEN_FDS daemon: `systemctl reload`
+//!    under a client load fails no connection and keeps the socket (inode);
+//! 5. `units/haproxy@.service` (user haproxy, template in /etc/haproxy/,
+//!    the control socket's group set up as docs/haproxy.md says) serves,
+//!    reloads under load with zero failed connections, and a broken template
+//!    fails `systemctl reload` while the running instance serves on.
 //!
 //! Runs as root (CI); skipped otherwise, or with SOCKBROKER_TEST_SYSTEMD=0.
 //! The container is stopped on every path: on drop, on panic, and by the
 //! kernel (PR_SET_PDEATHSIG) if this process dies; the suite has a deadline.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -34,10 +41,12 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sockbroker");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-/// Where the Debian tree is cached between runs (override: SOCKBROKER_TEST_TREE).
-const TREE: &str = "/var/cache/sockbroker-test/bookworm";
+/// Where the Debian trees are cached between runs, one folder per package
+/// list (override: SOCKBROKER_TEST_TREE), so branches with other lists on one
+/// machine do not rebuild each other's tree.
+const TREES: &str = "/var/cache/sockbroker-test";
 /// What the tree holds; a tree made with another list is made again.
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,python3,curl,iproute2,procps";
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,python3,curl,iproute2,procps,haproxy";
 const STAMP: &str = ".sockbroker-test-tree";
 /// The whole suite, tree building included (about a minute the first time).
 const SUITE_DEADLINE: Duration = Duration::from_secs(600);
@@ -77,7 +86,7 @@ fn main() {
         eprintln!("systemd_boot: FAILED: not done after {SUITE_DEADLINE:?}");
         std::process::exit(1);
     });
-    let tree = std::env::var_os("SOCKBROKER_TEST_TREE").map(PathBuf::from).unwrap_or_else(|| TREE.into());
+    let tree = std::env::var_os("SOCKBROKER_TEST_TREE").map(PathBuf::from).unwrap_or_else(default_tree);
     ensure_tree(&tree);
     println!("systemd_boot: tree ready after {:.1?}", started.elapsed());
     let machine = Machine::boot(&tree);
@@ -85,7 +94,9 @@ fn main() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| suite(&machine)));
     if result.is_err() {
         eprintln!("--- journal of sockbroker in the container:");
-        eprintln!("{}", machine.run(&["journalctl", "--no-pager", "-u", "sockbroker", "-u", "sbtest-consumer"]).1);
+        let units = ["sockbroker", "sbtest-consumer", "sockbroker-run@web", "haproxy@web"];
+        let args: Vec<&str> = units.iter().flat_map(|u| ["-u", *u]).collect();
+        eprintln!("{}", machine.run(&[&["journalctl", "--no-pager"], &args[..]].concat()).1);
     }
     drop(machine);
     match result {
@@ -98,7 +109,49 @@ fn main() {
 }
 
 fn suite(m: &Machine) {
+    setup(m);
+    restarts(m);
+    run_unit(m);
+    haproxy_unit(m);
+}
+
+/// What an administrator sets up before starting anything, as the docs say:
+/// a group that may reach the control socket (docs/haproxy.md), an allow rule
+/// for user haproxy, the run@ instance file and the HAProxy template.
+fn setup(m: &Machine) {
+    // Debian's own haproxy.service (its default config): not under test, and
+    // its processes would mix with the instance's.
+    m.ok(&["systemctl", "disable", "--now", "haproxy.service"]);
+    m.ok(&["groupadd", "--system", "sockbroker"]);
+    m.write("/etc/systemd/system/sockbroker.socket.d/sbtest.conf", "[Socket]\nSocketGroup=sockbroker\n");
+    m.write(
+        "/etc/systemd/system/haproxy@.service.d/sbtest.conf",
+        "[Service]\nSupplementaryGroups=sockbroker\nEnvironment=CONFIG=/etc/haproxy/%i.cfg.erb\n",
+    );
+    m.write(
+        "/etc/sockbroker/sockbroker.toml",
+        "[[allow]]\nuser = \"haproxy\"\non_demand = [\"tcp://127.0.0.1:8095\"]\n",
+    );
+    m.write(
+        "/etc/sockbroker/run/web.env",
+        "SOCKETS=--socket http=tcp://127.0.0.1:8090\nCOMMAND=/usr/bin/python3 /opt/sbdaemons/listen_http.py\n",
+    );
+    m.write("/etc/haproxy/web.cfg.erb", HAPROXY_TEMPLATE);
+    m.ok(&["systemctl", "daemon-reload"]);
+}
+
+/// An HTTP frontend that answers every request itself with its worker's pid,
+/// on a socket from the broker (multibinder's ERB form).
+const HAPROXY_TEMPLATE: &str = "global\n  maxconn 1000\n\
+defaults\n  mode http\n  timeout client 10s\n  timeout server 10s\n  timeout connect 2s\n\
+frontend web\n  bind <%= bind_tcp('127.0.0.1', 8095) %>\n\
+  http-request return status 200 content-type text/plain lf-string \"haproxy %pid\"\n";
+
+/// The broker's own restarts, with a consumer of its sockets serving all along.
+fn restarts(m: &Machine) {
     m.ok(&["systemctl", "start", "sockbroker.socket", "sockbroker-http.socket"]);
+    let mode = m.ok(&["stat", "-c", "%a %G", "/run/sockbroker/control.sock"]);
+    assert_eq!(mode.trim(), "660 sockbroker", "the drop-in's SocketGroup=");
     let link = m.ok(&["readlink", "/run/multibinder.sock"]);
     assert_eq!(link.trim(), "/run/sockbroker/control.sock");
 
@@ -126,7 +179,7 @@ fn suite(m: &Machine) {
     assert!(via_link.contains(&format!("inode {}", before["tcp://127.0.0.1:8080"])), "{via_link}");
 
     m.ok(&["systemctl", "start", "sbtest-consumer"]);
-    let client = Client::start(m.leader);
+    let client = Client::start(m.leader, &[(8080, Proto::Line), (8081, Proto::Line)]);
     client.wait_for(20);
 
     let t = Instant::now();
@@ -167,6 +220,107 @@ fn suite(m: &Machine) {
          kill -9 to answered request {recovery:.1?}"
     );
     assert_eq!(failed, 0, "failed connections: {errors:?}");
+}
+
+/// How many `systemctl reload`s each unit gets under load.
+const RELOADS: u64 = 5;
+
+/// `sockbroker-run@web` fronting tests/daemons/listen_http.py.
+fn run_unit(m: &Machine) {
+    let unit = "sockbroker-run@web";
+    m.ok(&["systemctl", "start", unit]);
+    let inode = m.inode("tcp://127.0.0.1:8090");
+    let main_pid = m.ok(&["systemctl", "show", "-p", "MainPID", "--value", unit]);
+    let client = Client::start(m.leader, &[(8090, Proto::Http)]);
+    client.wait_for(20);
+    let t = Instant::now();
+    for n in 2..RELOADS + 2 {
+        m.ok(&["systemctl", "reload", unit]);
+        // The old generation may still win a few accepts from the shared
+        // queue while it retires; the new one answers soon after.
+        let gen = format!("gen={n}");
+        client.wait_for_server(|s| s.ends_with(&gen));
+    }
+    let per_reload = t.elapsed() / RELOADS as u32;
+    client.wait_for(client.ok() + 20);
+    let answered = client.servers();
+    let (ok, failed, errors) = client.stop();
+    assert_eq!(failed, 0, "{unit}: failed connections over {RELOADS} reloads: {errors:?}");
+    let last = format!("gen={}", RELOADS + 1);
+    // A reload, not a restart: the same `run`, the same kernel socket, and
+    // the serving generation holds it at fd 3.
+    assert_eq!(m.ok(&["systemctl", "show", "-p", "MainPID", "--value", unit]), main_pid);
+    assert_eq!(m.inode("tcp://127.0.0.1:8090"), inode, "another socket after the reloads");
+    let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", unit]);
+    assert!(status.contains(&format!("serving generation {}", RELOADS + 1)), "{status}");
+    let pid = answered.iter().find(|s| s.ends_with(&last)).and_then(|s| s.strip_prefix("pid=")?.split(' ').next());
+    let fd3 = m.ok(&["readlink", &format!("/proc/{}/fd/3", pid.unwrap())]);
+    assert_eq!(fd3.trim(), format!("socket:[{inode}]"), "the serving generation's fd 3");
+    println!(
+        "systemd_boot: {unit}: {RELOADS} reloads, {ok} connections answered, {failed} failed, \
+         {per_reload:.1?} per systemctl reload"
+    );
+    m.ok(&["systemctl", "stop", unit]);
+}
+
+/// `haproxy@web`: HAProxy as user haproxy, its socket from the broker.
+fn haproxy_unit(m: &Machine) {
+    let unit = "haproxy@web";
+    m.ok(&["systemctl", "start", unit]);
+    let inode = m.inode("tcp://127.0.0.1:8095");
+    let main_pid = m.ok(&["systemctl", "show", "-p", "MainPID", "--value", unit]);
+    // The supervisor and every HAProxy process run as haproxy, not root.
+    let users = m.ok(&["ps", "-o", "user=,pid=,args=", "-p", main_pid.trim(), "-C", "haproxy"]);
+    assert!(users.lines().count() >= 3, "the supervisor, HAProxy's master and worker: {users}");
+    assert!(users.lines().all(|l| l.starts_with("haproxy ")), "{users}");
+    let client = Client::start(m.leader, &[(8095, Proto::Http)]);
+    client.wait_for(20);
+    let t = Instant::now();
+    for _ in 0..RELOADS {
+        let before = client.servers();
+        m.ok(&["systemctl", "reload", unit]);
+        // Each reload starts a new HAProxy, whose worker answers: the only
+        // new pid there can be, since retired workers accept no more.
+        client.wait_for_server(|s| !before.contains(s));
+    }
+    let per_reload = t.elapsed() / RELOADS as u32;
+    client.wait_for(client.ok() + 20);
+    let workers = client.servers();
+    assert_eq!(workers.len() as u64, RELOADS + 1, "one worker per instance: {workers:?}");
+
+    // A template HAProxy refuses: the reload fails loudly, nothing new starts,
+    // and the running instance serves on.
+    m.write("/etc/haproxy/web.cfg.erb", &HAPROXY_TEMPLATE.replace("mode http", "mode http\n  no-such-keyword on"));
+    let (reloaded, out) = m.run(&["systemctl", "reload", unit]);
+    assert!(!reloaded, "a broken template was reloaded: {out}");
+    client.wait_for(client.ok() + 50);
+    assert_eq!(client.servers(), workers, "a new HAProxy answered after a failed reload");
+    let journal = m.ok(&["journalctl", "--no-pager", "-o", "cat", "-u", unit]);
+    assert!(journal.contains("unknown keyword 'no-such-keyword'"), "HAProxy's alert in the journal: {journal}");
+    assert_eq!(m.ok(&["systemctl", "is-active", unit]).trim(), "active");
+
+    // Fixed: the next reload goes through.
+    m.write("/etc/haproxy/web.cfg.erb", HAPROXY_TEMPLATE);
+    m.ok(&["systemctl", "reload", unit]);
+    client.wait_for_server(|s| !workers.contains(s));
+    client.wait_for(client.ok() + 20);
+    let (ok, failed, errors) = client.stop();
+    assert_eq!(failed, 0, "{unit}: failed connections over {} reloads: {errors:?}", RELOADS + 2);
+    assert_eq!(m.ok(&["systemctl", "show", "-p", "MainPID", "--value", unit]), main_pid);
+    assert_eq!(m.inode("tcp://127.0.0.1:8095"), inode, "another socket after the reloads");
+    println!(
+        "systemd_boot: {unit}: {} reloads (one refused), {ok} connections answered, {failed} failed, \
+         {per_reload:.1?} per systemctl reload",
+        RELOADS + 2
+    );
+    m.ok(&["systemctl", "stop", unit]);
+}
+
+/// The cached tree for PACKAGES: its folder is named by a hash of the list.
+fn default_tree() -> PathBuf {
+    // FNV-1a: stable across Rust releases, unlike DefaultHasher.
+    let hash = PACKAGES.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    Path::new(TREES).join(format!("bookworm-{hash:08x}"))
 }
 
 /// Makes the Debian tree once (`debootstrap`, about a minute), under a lock
@@ -220,6 +374,12 @@ impl Machine {
             .arg(bind(&format!("{ROOT}/units/sockbroker.socket"), "/etc/systemd/system/sockbroker.socket"))
             .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
             .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
+            .arg(bind(&format!("{ROOT}/tests/daemons"), "/opt/sbdaemons"))
+            .arg(bind(
+                &format!("{ROOT}/units/sockbroker-run@.service"),
+                "/etc/systemd/system/sockbroker-run@.service",
+            ))
+            .arg(bind(&format!("{ROOT}/units/haproxy@.service"), "/etc/systemd/system/haproxy@.service"))
             .arg(bind(
                 &format!("{ROOT}/tests/systemd/sockbroker-http.socket"),
                 "/etc/systemd/system/sockbroker-http.socket",
@@ -320,17 +480,26 @@ impl Machine {
         out
     }
 
+    /// Writes a file inside the container (through its root as the host sees
+    /// it: the volatile overlay, so the tree stays pristine).
+    fn write(&self, path: &str, text: &str) {
+        let host = PathBuf::from(format!("/proc/{}/root{path}", self.leader));
+        std::fs::create_dir_all(host.parent().unwrap()).unwrap();
+        std::fs::write(&host, text).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+    }
+
+    /// The inode of one socket, as a client receives it.
+    #[track_caller]
+    fn inode(&self, what: &str) -> u64 {
+        let out = self.ok(&["sockbroker", "bind", what]);
+        let inode = out.rsplit("inode ").next().and_then(|n| n.trim().parse().ok());
+        inode.unwrap_or_else(|| panic!("bind {what}: {out}"))
+    }
+
     /// The inode of each of SOCKETS, as a client receives it.
     #[track_caller]
     fn inodes(&self) -> BTreeMap<&'static str, u64> {
-        SOCKETS
-            .iter()
-            .map(|what| {
-                let out = self.ok(&["sockbroker", "bind", what]);
-                let inode = out.rsplit("inode ").next().and_then(|n| n.trim().parse().ok());
-                (*what, inode.unwrap_or_else(|| panic!("bind {what}: {out}")))
-            })
-            .collect()
+        SOCKETS.iter().map(|what| (*what, self.inode(what))).collect()
     }
 
     /// Socket inodes held by the container's systemd (its fd store and
@@ -364,9 +533,18 @@ fn tempfile_path(what: &str) -> PathBuf {
     std::env::temp_dir().join(format!("sbt7-{}-{what}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)))
 }
 
-/// Connects to the consumer, alternately on the on-demand socket (8080, kept
-/// in the fd store) and the declared one (8081), from inside the container's
-/// network, until stopped.
+/// What a server on a port speaks.
+#[derive(Clone, Copy, Debug)]
+enum Proto {
+    /// tests/systemd/consumer.py: "ok PID" on connect, nothing read.
+    Line,
+    /// HTTP/1.0: one GET, a 200 whose body names the server.
+    Http,
+}
+
+/// Connects to servers in turn (for the consumer: the on-demand socket 8080,
+/// kept in the fd store, and the declared one 8081), from inside the
+/// container's network, until stopped.
 struct Client {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
@@ -383,7 +561,8 @@ struct ClientState {
 }
 
 impl Client {
-    fn start(leader: i32) -> Client {
+    fn start(leader: i32, targets: &[(u16, Proto)]) -> Client {
+        let targets = targets.to_vec();
         let netns = std::fs::File::open(format!("/proc/{leader}/ns/net")).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
@@ -394,11 +573,11 @@ impl Client {
             // thread); `netns` is an open namespace file.
             let rc = unsafe { nix::libc::setns(netns.as_raw_fd(), nix::libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let mut n = 0u64;
+            let mut n = 0usize;
             while !s.load(Ordering::SeqCst) {
-                let port = if n % 2 == 0 { 8080 } else { 8081 };
+                let (port, proto) = targets[n % targets.len()];
                 n += 1;
-                match request(port) {
+                match request(port, proto) {
                     Ok(reply) => {
                         o.fetch_add(1, Ordering::SeqCst);
                         st.lock().unwrap().servers.insert(reply);
@@ -436,6 +615,19 @@ impl Client {
         }
     }
 
+    /// Waits until a server whose answer satisfies `want` has answered
+    /// (bounded).
+    #[track_caller]
+    fn wait_for_server(&self, want: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        while !self.servers().iter().any(|s| want(s)) {
+            let st = self.state.lock().unwrap();
+            assert!(Instant::now() < deadline, "not answered; answered: {:?}, {} failed", st.servers, st.failed);
+            drop(st);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn stop(mut self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.take().unwrap().join().unwrap();
@@ -453,15 +645,26 @@ impl Drop for Client {
     }
 }
 
-/// One connection: the consumer answers "ok PID" and closes.
-fn request(port: u16) -> std::io::Result<String> {
+/// One connection; what the server says about itself ("ok PID", or the
+/// HTTP body).
+fn request(port: u16, proto: Proto) -> std::io::Result<String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    if let Proto::Http = proto {
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: sbtest\r\n\r\n")?;
+    }
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
-    if !reply.starts_with("ok ") {
-        return Err(std::io::Error::other(format!("unexpected reply {reply:?}")));
-    }
-    Ok(reply.trim().to_string())
+    let answer = match proto {
+        Proto::Line => reply.starts_with("ok ").then(|| reply.trim()),
+        Proto::Http => reply
+            .starts_with("HTTP/1.")
+            .then(|| reply.split_once("\r\n\r\n"))
+            .flatten()
+            .filter(|_| reply.lines().next().is_some_and(|l| l.contains(" 200 ")))
+            .map(|(_, body)| body.trim()),
+    };
+    answer.map(String::from).ok_or_else(|| std::io::Error::other(format!("unexpected reply {reply:?}")))
 }
