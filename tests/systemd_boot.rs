@@ -375,10 +375,7 @@ impl Machine {
             .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
             .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
             .arg(bind(&format!("{ROOT}/tests/daemons"), "/opt/sbdaemons"))
-            .arg(bind(
-                &format!("{ROOT}/units/sockbroker-run@.service"),
-                "/etc/systemd/system/sockbroker-run@.service",
-            ))
+            .arg(bind(&format!("{ROOT}/units/sockbroker-run@.service"), "/etc/systemd/system/sockbroker-run@.service"))
             .arg(bind(&format!("{ROOT}/units/haproxy@.service"), "/etc/systemd/system/haproxy@.service"))
             .arg(bind(
                 &format!("{ROOT}/tests/systemd/sockbroker-http.socket"),
