@@ -69,7 +69,16 @@ impl Server {
             log::warn!("{peer} release {key}: refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
-        if held.origin != Origin::OnDemand {
+        // Sockets made on demand come back from the fd store after a broker
+        // restart (or from multibinder's environment after an upgrade from
+        // it) with that origin; they stay releasable unless declared.
+        let declared = self.live.config.sockets.iter().any(|d| d.spec.key == key);
+        let releasable = match held.origin {
+            Origin::OnDemand => true,
+            Origin::FdStore | Origin::Upgrade => !declared,
+            Origin::Systemd | Origin::Config => false,
+        };
+        if !releasable {
             let message = format!(
                 "{key}: only sockets created on demand can be released (this one comes from {})",
                 introspect::origin_name(held.origin)

@@ -225,6 +225,12 @@ fn own_sockets_go_to_the_fd_store_and_come_back() {
     assert_eq!(inode(again.as_fd()), inode(fd.as_fd()), "a new socket instead of the stored one");
     // Not stored a second time: systemd still has it.
     assert!(!log.contains("kept in systemd's fd store"), "{log}");
+    // Still releasable: it was made on demand, and releasing it takes it out
+    // of the store under the same FDNAME.
+    second.client().release(&spec.parse().unwrap()).unwrap();
+    let (msg, fds) = wait_notify(&second.notify, "FDSTOREREMOVE=1");
+    assert!(msg.lines().any(|l| l == format!("FDNAME={fdname}")), "{msg}");
+    assert!(fds.is_empty());
 }
 
 /// Every notify message up to and including the first with a line starting
