@@ -139,7 +139,7 @@ fn failed_reloads_leave_the_old_generation_serving() {
     let daemon = listen_http();
     let mut run = Run::start(
         &broker,
-        &["--socket", &spec, "--ready-timeout", "1s"],
+        &["--socket", &spec, "--ready-timeout", "5s"],
         &["python3", daemon.to_str().unwrap(), "--exit-on-gen", "2", "--hang-on-gen", "3"],
     );
     let addr = tcp_addr(&spec);
