@@ -78,8 +78,18 @@ impl Broker {
     }
 
     fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// Private memory only: VmRSS also counts the pages of the binary and of
+    /// libc mapped from files, which are shared and do not grow with sockets.
+    fn anon_kib(&self) -> u64 {
+        self.status_kib("RssAnon:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 }
@@ -241,6 +251,7 @@ fn main() {
     // Memory: a fresh broker idle, then holding many sockets.
     let broker = Broker::start("rss");
     let idle_fresh = broker.rss_kib();
+    let idle_anon = broker.anon_kib();
     let port = free_port();
     let stream = UnixStream::connect(&broker.control).unwrap();
     let mut framer = Framer::default();
@@ -255,6 +266,12 @@ fn main() {
         sizes.held,
         broker.rss_kib() as f64 / 1024.0,
         busy_rss as f64 / 1024.0
+    );
+    println!(
+        "rss anonymous (private): idle {:.2} MiB; holding {} sockets {:.2} MiB",
+        idle_anon as f64 / 1024.0,
+        sizes.held,
+        broker.anon_kib() as f64 / 1024.0
     );
     if !full {
         println!("(smoke run with small counts; `cargo bench --bench broker` for the figures)");
