@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::signalfd::SignalFd;
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -228,7 +228,7 @@ struct Supervisor {
 /// code is the serving generation's (0 when it died of our own SIGTERM).
 pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
     nix::sys::prctl::set_child_subreaper(true).map_err(setup("becoming a child subreaper"))?;
-    let signals = block_signals().map_err(setup("setting up signal handling"))?;
+    let signals = crate::signals::block_into_signalfd(&SIGNALS).map_err(setup("setting up signal handling"))?;
     if let Err(e) = exec::seal_inherited_descriptors() {
         log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
     }
@@ -265,16 +265,9 @@ pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
     Ok(sup.exit_code())
 }
 
-/// Blocks the signals `run` handles and returns a signalfd for them. Children
-/// start with an empty mask (`Command` resets it).
-fn block_signals() -> nix::Result<SignalFd> {
-    let mut mask = SigSet::empty();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
-        mask.add(sig);
-    }
-    mask.thread_block()?;
-    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-}
+/// The signals `run` handles, read from a signalfd. Generations start with
+/// an empty mask (see [`crate::exec`]).
+const SIGNALS: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD];
 
 /// Binds the private notify socket: an abstract datagram socket (no file to
 /// clean up, no permissions to get wrong for a daemon that changes user),
@@ -287,14 +280,6 @@ fn notify_socket() -> io::Result<(OwnedFd, String)> {
     let fd = crate::socket::open(&spec).map_err(|e| io::Error::new(e.source.kind(), e))?;
     setsockopt(&fd, sockopt::PassCred, &true)?;
     Ok((fd, name))
-}
-
-/// The CLOCK_MONOTONIC time in microseconds, as `MONOTONIC_USEC=` wants it.
-fn monotonic_usec() -> u64 {
-    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// The parent pid of `pid`, from /proc/PID/stat.
@@ -356,13 +341,9 @@ impl Supervisor {
             if self.phase == Phase::Stopping && self.gens.is_empty() {
                 return Ok(());
             }
-            let timeout = match self.next_deadline() {
-                None => PollTimeout::NONE,
-                Some(at) => {
-                    let ms = at.saturating_duration_since(Instant::now()).as_millis().saturating_add(1);
-                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
-                }
-            };
+            let timeout = crate::signals::poll_timeout(
+                self.next_deadline().map(|at| at.saturating_duration_since(Instant::now())),
+            );
             let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
             if let Some((sock, _)) = &self.notify_sock {
                 fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
@@ -429,14 +410,7 @@ impl Supervisor {
         self.phase = Phase::Reloading;
         let old = self.serving().map(Generation::label).unwrap_or_default();
         log::info!("SIGHUP: reloading; starting generation {} next to {old}", self.next_number);
-        notify::send(&[
-            libsystemd::daemon::NotifyState::Reloading,
-            libsystemd::daemon::NotifyState::Other(format!("MONOTONIC_USEC={}", monotonic_usec())),
-            libsystemd::daemon::NotifyState::Status(format!(
-                "reloading: starting generation {}; {old} serving",
-                self.next_number
-            )),
-        ]);
+        notify::reload_started(Some(format!("reloading: starting generation {}; {old} serving", self.next_number)));
         if let Err(e) = self.start_generation() {
             self.reload_failed(format!(
                 "generation {} could not start: {}",

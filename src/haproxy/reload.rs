@@ -39,9 +39,9 @@ use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use libsystemd::daemon::NotifyState;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::poll::{poll, PollFd, PollFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::signalfd::SignalFd;
 use nix::unistd::Pid;
 
 use super::args::{ArgsError, HaproxyArgs};
@@ -237,7 +237,7 @@ pub fn run(argv: &[OsString], options: RunOptions) -> Result<ExitCode, ReloadErr
     if options.readiness == Readiness::Pidfile && args.pidfile.is_none() {
         return Err(ReloadError::NoPidfile);
     }
-    let signals = block_signals().map_err(setup("blocking signals"))?;
+    let signals = crate::signals::block_into_signalfd(&SIGNALS).map_err(|e| setup("blocking signals")(e.into()))?;
     let dir = private_dir()?;
     let mut sup = Supervisor {
         args,
@@ -288,7 +288,7 @@ impl Supervisor {
     /// One reload: start the next generation; on success retire the current one.
     fn reload(&mut self) {
         log::info!("reload requested");
-        notify::send(&[NotifyState::Reloading, NotifyState::Other(monotonic_usec())]);
+        notify::reload_started(None);
         match self.start() {
             Ok(generation) => {
                 let number = generation.number;
@@ -457,11 +457,7 @@ impl Supervisor {
         if let Some(fd) = extra {
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
-        let timeout = match timeout {
-            Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
-        };
-        match poll(&mut fds, timeout) {
+        match poll(&mut fds, crate::signals::poll_timeout(timeout)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => log::warn!("poll: {e}"),
         }
@@ -615,14 +611,6 @@ fn pidfile_names(path: Option<&Path>, pid: u32) -> bool {
         == Some(pid)
 }
 
-/// `MONOTONIC_USEC=…` for RELOADING=1.
-fn monotonic_usec() -> String {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-        .unwrap_or(0);
-    format!("MONOTONIC_USEC={now}")
-}
-
 /// One line for STATUS=: HAProxy's first alert when the check failed, else
 /// the first line of the error.
 fn summary<'a>(e: &'a ReloadError, text: &'a str) -> &'a str {
@@ -633,16 +621,9 @@ fn summary<'a>(e: &'a ReloadError, text: &'a str) -> &'a str {
     alert.or_else(|| text.lines().next()).unwrap_or("").trim()
 }
 
-/// Blocks the signals the supervisor handles (children get a clean mask from
-/// `std::process`) and returns a signalfd for them.
-fn block_signals() -> io::Result<SignalFd> {
-    let mut mask = SigSet::empty();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1, Signal::SIGHUP, Signal::SIGUSR2, Signal::SIGCHLD] {
-        mask.add(sig);
-    }
-    mask.thread_block()?;
-    Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
-}
+/// The signals the supervisor handles, read from a signalfd.
+const SIGNALS: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1, Signal::SIGHUP, Signal::SIGUSR2, Signal::SIGCHLD];
 
 /// A folder only this process can enter, for the private notify sockets:
 /// under `$RUNTIME_DIRECTORY` (systemd's RuntimeDirectory=) or the temp folder.
