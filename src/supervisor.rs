@@ -27,6 +27,18 @@
 //!
 //! `run` stays the service's main process for systemd throughout, so no
 //! `MAINPID=` handover is needed: systemd only sees `RELOADING=1`/`READY=1`.
+//!
+//! This is the one generation supervisor of the project. What differs
+//! between daemons is split out: a [`Daemon`] prepares and starts one
+//! generation and words the STATUS= line ([`ListenFdsDaemon`] for `run`:
+//! sockets fetched once and placed at 3..; `haproxy::reload::Haproxy` for
+//! `haproxy run`: render, `haproxy -c`, start `haproxy -Ws`), and a
+//! [`Supervision`] says which signals reload and stop, which signal retires
+//! and stops a generation (SIGTERM by default; SIGUSR1, HAProxy's soft stop),
+//! whether it is sent again (HAProxy 2.6 can drop one), whether a second stop
+//! request is a hard stop, and whether a stopping generation is killed after
+//! a timeout. [`Daemon::start`] runs inside the loop: signals that arrive
+//! meanwhile wait in the signalfd and are handled as soon as it returns.
 
 use std::ffi::OsString;
 use std::fmt;
