@@ -230,11 +230,11 @@ impl Daemon for Haproxy {
         self.check(number, &fds)?;
 
         let mut cmd = Command::new(&self.args.program);
-        cmd.args(self.args.supervised_args())
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .stdin(Stdio::null());
+        cmd.args(self.args.supervised_args()).stdin(Stdio::null());
+        // HAProxy takes its sockets as fd@N, never by LISTEN_FDS.
+        for key in crate::exec::LISTEN_ENV {
+            cmd.env_remove(key);
+        }
         for (key, value) in env {
             match value {
                 Some(value) => cmd.env(key, value),
