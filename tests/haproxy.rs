@@ -523,3 +523,40 @@ fn a_reload_without_the_broker_fails_and_the_instance_serves_on() {
     assert_eq!(run.haproxy_pids(), serving);
     one_request(addr).unwrap();
 }
+
+#[test]
+fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
+    let (broker, addr, template) = web_setup("hapidfile");
+    let pidfile = broker.dir.join("web.pid");
+    let mut run = Run::start(&broker, "web", &template, &["--ready", "pidfile"], &["-p", pidfile.to_str().unwrap()]);
+    let read_pid = || std::fs::read_to_string(&pidfile).unwrap().trim().parse::<i32>().unwrap();
+    assert_eq!(run.haproxy_pids(), vec![read_pid()], "ready once -p names generation 1's master");
+
+    // SIGUSR2 reloads, as multibinder's wrapper did; the pid file then names the new master.
+    run.signal(Signal::SIGUSR2);
+    let status = next_ready(&run.notify, &mut run.child);
+    assert!(status.contains("STATUS=serving: generation 2"), "{status}");
+    let second = read_pid();
+    one_request(addr).unwrap();
+
+    // A request in flight keeps the soft-stopped instance draining (up to
+    // `timeout client 10s`); a second SIGTERM is HAProxy's hard stop.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    run.signal(Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run.log_text().contains(&format!("({second}) : Exiting Master process")) {
+        assert!(Instant::now() < deadline, "HAProxy never soft-stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(run.child.try_wait().unwrap().is_none(), "run waits for the draining instance");
+    run.signal(Signal::SIGTERM);
+    wait_timeout(&mut run.child, Duration::from_secs(5)).expect("the hard stop did not end run");
+    assert!(run.log_text().contains("hard stop"), "{}", run.log_text());
+    assert!(!Path::new(&format!("/proc/{second}")).exists(), "haproxy {second} left behind");
+}
