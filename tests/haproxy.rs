@@ -532,22 +532,41 @@ fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
     let read_pid = || std::fs::read_to_string(&pidfile).unwrap().trim().parse::<i32>().unwrap();
     assert_eq!(run.haproxy_pids(), vec![read_pid()], "ready once -p names generation 1's master");
 
-    // SIGUSR2 reloads, as multibinder's wrapper did; the pid file then names the new master.
+    // SIGUSR2 reloads, as multibinder's wrapper did; the pid file then names
+    // the new master. The new config forwards to a backend this test holds.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = std::fs::read_to_string(&template).unwrap().replace(
+        "  http-request return status 200 content-type text/plain string ok\n",
+        &format!("  default_backend slow\nbackend slow\n  server s1 {}\n", backend.local_addr().unwrap()),
+    );
+    std::fs::write(&template, text).unwrap();
     run.signal(Signal::SIGUSR2);
     let status = next_ready(&run.notify, &mut run.child);
     assert!(status.contains("STATUS=serving: generation 2"), "{status}");
     let second = read_pid();
-    one_request(addr).unwrap();
+    assert!(run.haproxy_pids().contains(&second), "-p names generation 2's master");
 
-    // A request in flight keeps the soft-stopped instance draining (up to
-    // `timeout client 10s`); a second SIGTERM is HAProxy's hard stop.
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // A request in progress (the backend has it and does not answer) keeps
+    // the soft-stopped instance draining; a second SIGTERM is the hard stop.
+    // Generation 1 may still accept for a moment (it answers by itself):
+    // retry until a request reaches the backend.
+    let retry_until = Instant::now() + Duration::from_secs(10);
+    let (client, mut upstream) = loop {
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut fds = [
+            nix::poll::PollFd::new(backend.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(client.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        assert!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).unwrap() > 0, "no answer");
+        if fds[0].any().unwrap_or(false) {
+            break (client, backend.accept().unwrap().0);
+        }
+        assert!(Instant::now() < retry_until, "generation 1 kept accepting for 10s");
+    };
+    upstream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 4096];
-    let n = s.read(&mut buf).unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
-    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    assert!(upstream.read(&mut buf).unwrap() > 0, "the backend got the request");
     run.signal(Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !run.log_text().contains(&format!("({second}) : Exiting Master process")) {
@@ -559,4 +578,5 @@ fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
     wait_timeout(&mut run.child, Duration::from_secs(5)).expect("the hard stop did not end run");
     assert!(run.log_text().contains("hard stop"), "{}", run.log_text());
     assert!(!Path::new(&format!("/proc/{second}")).exists(), "haproxy {second} left behind");
+    drop((client, upstream));
 }
