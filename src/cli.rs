@@ -340,7 +340,7 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
                 ready_timeout,
                 readiness: ready,
             };
-            return Ok(haproxy::reload::run(&command, options).map_err(haproxy::HaproxyError::from)?);
+            return Ok(haproxy::reload::run(&command, options)?);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -39,8 +39,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::Signal;
 
 use crate::config::ControlConfig;
 use crate::registry::{Origin, Registry};
@@ -122,7 +121,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
     let passed = listen::take_from_env();
     // Read before anything else: later, the path may hold a newer binary.
     let exec_target = ExecTarget::at_start();
-    let signals = block_signals().map_err(ServeError::Signals)?;
+    let signals = crate::signals::block_into_signalfd(&SIGNALS).map_err(ServeError::Signals)?;
     raise_nofile_limit();
 
     phase = Phase::Adopting;
@@ -311,15 +310,8 @@ fn chown_control(path: &std::path::Path, control: &ControlConfig) -> Result<(), 
         .map_err(|source| ServeError::ControlOwner { path: path.to_path_buf(), source })
 }
 
-/// Blocks the signals the broker handles and returns a signalfd for them.
-fn block_signals() -> nix::Result<SignalFd> {
-    let mut mask = SigSet::empty();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2] {
-        mask.add(sig);
-    }
-    mask.thread_block()?;
-    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-}
+/// The signals the broker handles, read from a signalfd.
+const SIGNALS: [Signal; 5] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2];
 
 /// Raises the soft limit on open descriptors to the hard limit: the broker
 /// holds one descriptor per socket, and the default soft limit (1024) is far

@@ -38,6 +38,7 @@ pub mod protocol;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod signals;
 pub mod socket;
 pub mod spec;
 pub mod supervisor;

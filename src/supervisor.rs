@@ -27,6 +27,18 @@
 //!
 //! `run` stays the service's main process for systemd throughout, so no
 //! `MAINPID=` handover is needed: systemd only sees `RELOADING=1`/`READY=1`.
+//!
+//! This is the one generation supervisor of the project. What differs
+//! between daemons is split out: a [`Daemon`] prepares and starts one
+//! generation and words the STATUS= line ([`ListenFdsDaemon`] for `run`:
+//! sockets fetched once and placed at 3..; `haproxy::reload::Haproxy` for
+//! `haproxy run`: render, `haproxy -c`, start `haproxy -Ws`), and a
+//! [`Supervision`] says which signals reload and stop, which signal retires
+//! and stops a generation (SIGTERM by default; SIGUSR1, HAProxy's soft stop),
+//! whether it is sent again (HAProxy 2.6 can drop one), whether a second stop
+//! request is a hard stop, and whether a stopping generation is killed after
+//! a timeout. [`Daemon::start`] runs inside the loop: signals that arrive
+//! meanwhile wait in the signalfd and are handled as soon as it returns.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -39,8 +51,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::signalfd::SignalFd;
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -122,12 +134,87 @@ pub struct RunOptions {
     pub command: Vec<OsString>,
 }
 
+/// How generations are supervised, whatever the daemon: which signals ask
+/// for what, how readiness is seen, how old generations are made to leave.
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// How readiness is detected.
+    pub ready: Readiness,
+    /// How long a new generation may take to become ready.
+    pub ready_timeout: Duration,
+    /// Signals that start a reload.
+    pub reload_signals: &'static [Signal],
+    /// Signals that stop every generation and end the supervisor.
+    pub stop_signals: &'static [Signal],
+    /// Sent to the old generation once the new one is ready.
+    pub retire_signal: Signal,
+    /// Sent to every generation on stop, and to one that failed to start.
+    pub stop_signal: Signal,
+    /// Sent to every generation when a stop is asked for again while stopping.
+    pub hard_stop_signal: Option<Signal>,
+    /// When the retire or stop signal is sent again to a generation still
+    /// running, counted from the first one (a daemon may drop a signal that
+    /// arrives while it starts; see `haproxy::reload`).
+    pub resend_after: &'static [Duration],
+    /// How long a stopping generation may take before SIGKILL; `None`: as
+    /// long as it needs to drain.
+    pub stop_timeout: Option<Duration>,
+}
+
+/// What a STATUS= line is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusView<'a> {
+    /// The serving generation's number and (main) pid.
+    pub serving: Option<(u64, Pid)>,
+    /// Generations retiring or stopping.
+    pub draining: usize,
+    /// Reloads that succeeded.
+    pub reloads_ok: u64,
+    /// Reloads that failed.
+    pub reloads_failed: u64,
+    /// The last failed reload, until one succeeds.
+    pub last_failure: Option<&'a str>,
+    /// This line reports the reload that just failed.
+    pub failed_now: bool,
+}
+
+/// What differs between the daemons the supervisor runs: how one generation
+/// is prepared and started, and how the service's status reads.
+pub trait Daemon {
+    /// Why a generation could not be started.
+    type Error: std::error::Error + 'static;
+
+    /// Prepares and starts generation `number` with `env` added to (`Some`) or
+    /// removed from (`None`) its environment; returns the started process's
+    /// pid. The supervisor reaps it (`waitpid(-1)`); this must reap whatever
+    /// else it starts (a config check) before it returns.
+    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, Self::Error>;
+
+    /// One line about a start failure, for STATUS=.
+    fn summary(&self, err: &Self::Error) -> String {
+        crate::error_chain(err)
+    }
+
+    /// The STATUS= line.
+    fn status_line(&self, view: &StatusView<'_>) -> String {
+        let mut line = match view.serving {
+            Some((number, pid)) => format!("serving generation {number} (pid {pid})"),
+            None => "no generation serving".to_string(),
+        };
+        line.push_str(&format!("; {} reloads, {} failed", view.reloads_ok, view.reloads_failed));
+        if let Some(f) = view.last_failure {
+            line.push_str(&format!("; last failure: {f}"));
+        }
+        line
+    }
+}
+
 /// Why `run` failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Getting the sockets or starting a generation failed.
+pub enum RunError<E: std::error::Error + 'static = ExecError> {
+    /// Preparing the daemon or starting generation 1 failed.
     #[error(transparent)]
-    Exec(#[from] ExecError),
+    Start(E),
     /// Setting up the supervisor failed.
     #[error("{what}: {source}")]
     Setup {
@@ -150,7 +237,7 @@ pub enum RunError {
     Loop(#[source] io::Error),
 }
 
-fn setup(what: &'static str) -> impl FnOnce(nix::Error) -> RunError {
+fn setup<E: std::error::Error>(what: &'static str) -> impl FnOnce(nix::Error) -> RunError<E> {
     move |e| RunError::Setup { what, source: e.into() }
 }
 
@@ -175,8 +262,17 @@ enum GenState {
     Serving,
     /// Sent the retire signal; draining.
     Retiring,
-    /// Sent SIGTERM; SIGKILL at the deadline.
-    Stopping { kill_at: Instant },
+    /// Sent the stop signal; SIGKILL at the deadline, if there is one.
+    Stopping { kill_at: Option<Instant> },
+}
+
+/// The last signal sent to make a generation leave.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    signal: Signal,
+    first: Instant,
+    /// How many times it was sent again.
+    resent: usize,
 }
 
 #[derive(Debug)]
@@ -191,6 +287,7 @@ struct Generation {
     started: Instant,
     /// The started process exited with status 0 while a pidfile daemon forked.
     launcher_exited: bool,
+    sent: Option<Sent>,
 }
 
 impl Generation {
@@ -201,18 +298,35 @@ impl Generation {
     fn label(&self) -> String {
         format!("generation {} (pid {})", self.number, self.target())
     }
+
+    /// Sends `signal` now; the retire and stop signals are sent again on schedule.
+    fn send(&mut self, signal: Signal) {
+        if let Err(e) = kill(self.target(), signal) {
+            log::warn!("{}: sending {signal}: {e}", self.label());
+        }
+        self.sent = Some(Sent { signal, first: Instant::now(), resent: 0 });
+    }
+
+    fn resend_due(&self, schedule: &[Duration]) -> Option<Instant> {
+        if !matches!(self.state, GenState::Retiring | GenState::Stopping { .. }) {
+            return None;
+        }
+        let sent = self.sent?;
+        schedule.get(sent.resent).map(|after| sent.first + *after)
+    }
 }
 
-/// The supervisor's state: the sockets, the generations, the event sources.
-struct Supervisor {
-    opts: RunOptions,
-    sockets: Vec<PassedSocket>,
+/// The supervisor's state: the daemon, the generations, the event sources.
+struct Supervisor<D: Daemon> {
+    how: Supervision,
+    daemon: D,
     signals: SignalFd,
     notify_sock: Option<(OwnedFd, String)>,
     gens: Vec<Generation>,
     next_number: u64,
     phase: Phase,
     reload_queued: bool,
+    stop_requests: u32,
     reloads_ok: u64,
     reloads_failed: u64,
     last_failure: Option<String>,
@@ -221,34 +335,87 @@ struct Supervisor {
     /// The exit status of the serving generation: `run`'s own.
     final_status: Option<WaitStatus>,
     /// Set when generation 1 fails before it is ready.
-    start_failure: Option<RunError>,
+    start_failure: Option<RunError<D::Error>>,
 }
 
-/// Runs the supervisor until SIGTERM/SIGINT or the daemon's end; the exit
-/// code is the serving generation's (0 when it died of our own SIGTERM).
+/// Runs a LISTEN_FDS daemon under the supervisor until SIGTERM/SIGINT or the
+/// daemon's end; the exit code is the serving generation's (0 when it died of
+/// our own SIGTERM).
 pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
+    let how = Supervision {
+        ready: opts.ready.clone(),
+        ready_timeout: opts.ready_timeout,
+        reload_signals: &[Signal::SIGHUP],
+        stop_signals: &[Signal::SIGTERM, Signal::SIGINT],
+        retire_signal: opts.retire_signal,
+        stop_signal: Signal::SIGTERM,
+        hard_stop_signal: None,
+        resend_after: &[],
+        stop_timeout: Some(opts.stop_timeout),
+    };
+    supervise(how, || ListenFdsDaemon::fetch(&opts.sockets, opts.fallback_bind, opts.command.clone()))
+}
+
+/// A daemon that takes its sockets by `LISTEN_FDS`: the sockets are fetched
+/// from the broker once and placed at 3.. in every generation, as `exec`
+/// would ([`crate::exec::Launch::spawn`]).
+#[derive(Debug)]
+pub struct ListenFdsDaemon {
+    sockets: Vec<PassedSocket>,
+    command: Vec<OsString>,
+}
+
+impl ListenFdsDaemon {
+    /// Gets the sockets from the broker (see [`crate::exec::fetch`]).
+    pub fn fetch(args: &[SocketArg], fallback_bind: bool, command: Vec<OsString>) -> Result<Self, ExecError> {
+        if let Err(e) = exec::seal_inherited_descriptors() {
+            log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
+        }
+        let sockets = exec::fetch(args, fallback_bind)?;
+        for (i, s) in sockets.iter().enumerate() {
+            log::info!("fd {} = {} (LISTEN_FDNAMES '{}')", exec::LISTEN_FDS_START + i as RawFd, s.role, s.fdname);
+        }
+        Ok(ListenFdsDaemon { sockets, command })
+    }
+}
+
+impl Daemon for ListenFdsDaemon {
+    type Error = ExecError;
+
+    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, ExecError> {
+        let launch = Launch::new(&self.command, &self.sockets, env)?;
+        let pid = launch.spawn(&self.sockets)?;
+        log::info!("generation {number} (pid {pid}) started: {}", launch.program().display());
+        Ok(pid)
+    }
+}
+
+/// Runs generations of `daemon` (made by `prepare` once signals are routed
+/// to the supervisor) until a stop signal or the daemon's end; the exit code
+/// is the serving generation's (0 when it died of our own stop signal).
+pub fn supervise<D: Daemon>(
+    how: Supervision,
+    prepare: impl FnOnce() -> Result<D, D::Error>,
+) -> Result<ExitCode, RunError<D::Error>> {
     nix::sys::prctl::set_child_subreaper(true).map_err(setup("becoming a child subreaper"))?;
-    let signals = block_signals().map_err(setup("setting up signal handling"))?;
-    if let Err(e) = exec::seal_inherited_descriptors() {
-        log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
-    }
-    let sockets = exec::fetch(&opts.sockets, opts.fallback_bind)?;
-    for (i, s) in sockets.iter().enumerate() {
-        log::info!("fd {} = {} (LISTEN_FDNAMES '{}')", exec::LISTEN_FDS_START + i as RawFd, s.role, s.fdname);
-    }
-    let notify_sock = match opts.ready {
+    let mut handled = vec![Signal::SIGCHLD];
+    handled.extend(how.reload_signals.iter().chain(how.stop_signals));
+    let signals = crate::signals::block_into_signalfd(&handled).map_err(setup("setting up signal handling"))?;
+    let daemon = prepare().map_err(RunError::Start)?;
+    let notify_sock = match how.ready {
         Readiness::Notify => Some(notify_socket().map_err(|source| RunError::Setup { what: "notify socket", source })?),
         _ => None,
     };
     let mut sup = Supervisor {
-        opts,
-        sockets,
+        how,
+        daemon,
         signals,
         notify_sock,
         gens: Vec::new(),
         next_number: 1,
         phase: Phase::Starting,
         reload_queued: false,
+        stop_requests: 0,
         reloads_ok: 0,
         reloads_failed: 0,
         last_failure: None,
@@ -256,24 +423,13 @@ pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
         final_status: None,
         start_failure: None,
     };
-    sup.start_generation()?;
+    sup.start_generation().map_err(RunError::Start)?;
     sup.event_loop()?;
     sup.reap_orphans();
     if let Some(err) = sup.start_failure.take() {
         return Err(err);
     }
     Ok(sup.exit_code())
-}
-
-/// Blocks the signals `run` handles and returns a signalfd for them. Children
-/// start with an empty mask (`Command` resets it).
-fn block_signals() -> nix::Result<SignalFd> {
-    let mut mask = SigSet::empty();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
-        mask.add(sig);
-    }
-    mask.thread_block()?;
-    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
 }
 
 /// Binds the private notify socket: an abstract datagram socket (no file to
@@ -287,14 +443,6 @@ fn notify_socket() -> io::Result<(OwnedFd, String)> {
     let fd = crate::socket::open(&spec).map_err(|e| io::Error::new(e.source.kind(), e))?;
     setsockopt(&fd, sockopt::PassCred, &true)?;
     Ok((fd, name))
-}
-
-/// The CLOCK_MONOTONIC time in microseconds, as `MONOTONIC_USEC=` wants it.
-fn monotonic_usec() -> u64 {
-    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// The parent pid of `pid`, from /proc/PID/stat.
@@ -314,32 +462,31 @@ fn describe(status: &WaitStatus) -> String {
     }
 }
 
-impl Supervisor {
+impl<D: Daemon> Supervisor<D> {
     fn serving(&self) -> Option<&Generation> {
         self.gens.iter().find(|g| g.state == GenState::Serving)
     }
 
-    fn status_line(&self) -> String {
-        let mut line = match self.serving() {
-            Some(g) => format!("serving {}", g.label()),
-            None => "no generation serving".to_string(),
-        };
-        line.push_str(&format!("; {} reloads, {} failed", self.reloads_ok, self.reloads_failed));
-        if let Some(f) = &self.last_failure {
-            line.push_str(&format!("; last failure: {f}"));
-        }
-        line
+    fn status_line(&self, failed_now: bool) -> String {
+        let draining =
+            self.gens.iter().filter(|g| matches!(g.state, GenState::Retiring | GenState::Stopping { .. })).count();
+        self.daemon.status_line(&StatusView {
+            serving: self.serving().map(|g| (g.number, g.target())),
+            draining,
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            last_failure: self.last_failure.as_deref(),
+            failed_now,
+        })
     }
 
-    /// Starts the next generation with the sockets at 3.. in the child.
-    fn start_generation(&mut self) -> Result<(), ExecError> {
+    /// Starts the next generation with its own `NOTIFY_SOCKET` and number.
+    fn start_generation(&mut self) -> Result<(), D::Error> {
         let number = self.next_number;
         self.next_number += 1;
         let notify_env = self.notify_sock.as_ref().map(|(_, name)| OsString::from(name));
         let env = [(GENERATION_ENV, Some(OsString::from(number.to_string()))), ("NOTIFY_SOCKET", notify_env)];
-        let launch = Launch::new(&self.opts.command, &self.sockets, &env)?;
-        let pid = launch.spawn(&self.sockets)?;
-        log::info!("generation {number} (pid {pid}) started: {}", launch.program().display());
+        let pid = self.daemon.start(number, &env)?;
         self.gens.push(Generation {
             number,
             pid,
@@ -347,22 +494,19 @@ impl Supervisor {
             state: GenState::Starting,
             started: Instant::now(),
             launcher_exited: false,
+            sent: None,
         });
         Ok(())
     }
 
-    fn event_loop(&mut self) -> Result<(), RunError> {
+    fn event_loop(&mut self) -> Result<(), RunError<D::Error>> {
         loop {
             if self.phase == Phase::Stopping && self.gens.is_empty() {
                 return Ok(());
             }
-            let timeout = match self.next_deadline() {
-                None => PollTimeout::NONE,
-                Some(at) => {
-                    let ms = at.saturating_duration_since(Instant::now()).as_millis().saturating_add(1);
-                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
-                }
-            };
+            let timeout = crate::signals::poll_timeout(
+                self.next_deadline().map(|at| at.saturating_duration_since(Instant::now())),
+            );
             let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
             if let Some((sock, _)) = &self.notify_sock {
                 fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
@@ -385,39 +529,52 @@ impl Supervisor {
     fn next_deadline(&self) -> Option<Instant> {
         self.gens
             .iter()
-            .filter_map(|g| match g.state {
-                GenState::Starting => {
-                    let timeout = g.started + self.opts.ready_timeout;
-                    Some(match &self.opts.ready {
-                        Readiness::Notify => timeout,
-                        Readiness::Delay(d) => timeout.min(g.started + *d),
-                        Readiness::PidFile(_) => timeout.min(Instant::now() + PIDFILE_POLL),
-                    })
-                }
-                GenState::Stopping { kill_at } => Some(kill_at),
-                GenState::Serving | GenState::Retiring => None,
+            .filter_map(|g| {
+                let own = match g.state {
+                    GenState::Starting => {
+                        let timeout = g.started + self.how.ready_timeout;
+                        Some(match &self.how.ready {
+                            Readiness::Notify => timeout,
+                            Readiness::Delay(d) => timeout.min(g.started + *d),
+                            Readiness::PidFile(_) => timeout.min(Instant::now() + PIDFILE_POLL),
+                        })
+                    }
+                    GenState::Stopping { kill_at } => kill_at,
+                    GenState::Serving | GenState::Retiring => None,
+                };
+                own.into_iter().chain(g.resend_due(self.how.resend_after)).min()
             })
             .min()
     }
 
     fn read_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
-            match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) => self.reap(),
-                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
-                    log::info!("{sig}: stopping every generation");
-                    self.begin_stop();
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
+            if sig == Signal::SIGCHLD {
+                self.reap();
+            } else if self.how.stop_signals.contains(&sig) {
+                self.stop_requests += 1;
+                match self.how.hard_stop_signal {
+                    Some(hard) if self.stop_requests > 1 => {
+                        log::info!("{sig}: stopping now (hard stop: {hard} to every generation)");
+                        self.gens.iter_mut().for_each(|g| g.send(hard));
+                    }
+                    _ => {
+                        log::info!("{sig}: stopping every generation");
+                        self.begin_stop();
+                    }
                 }
-                Ok(Signal::SIGHUP) => match self.phase {
-                    Phase::Serving => self.begin_reload(),
+            } else if self.how.reload_signals.contains(&sig) {
+                match self.phase {
+                    Phase::Serving => self.begin_reload_by(sig),
                     Phase::Starting | Phase::Reloading => {
-                        log::info!("SIGHUP: a reload will follow the current start");
+                        log::info!("{sig}: a reload will follow the current start");
                         self.reload_queued = true;
                     }
-                    Phase::Stopping => log::info!("SIGHUP: ignored while stopping"),
-                },
-                Ok(sig) => log::debug!("{sig}: ignored"),
-                Err(_) => {}
+                    Phase::Stopping => log::info!("{sig}: ignored while stopping"),
+                }
+            } else {
+                log::debug!("{sig}: ignored");
             }
         }
         // SIGCHLD coalesces; reaping on every wake also catches a child that
@@ -426,23 +583,18 @@ impl Supervisor {
     }
 
     fn begin_reload(&mut self) {
+        self.begin_reload_by(Signal::SIGHUP);
+    }
+
+    fn begin_reload_by(&mut self, sig: Signal) {
         self.phase = Phase::Reloading;
         let old = self.serving().map(Generation::label).unwrap_or_default();
-        log::info!("SIGHUP: reloading; starting generation {} next to {old}", self.next_number);
-        notify::send(&[
-            libsystemd::daemon::NotifyState::Reloading,
-            libsystemd::daemon::NotifyState::Other(format!("MONOTONIC_USEC={}", monotonic_usec())),
-            libsystemd::daemon::NotifyState::Status(format!(
-                "reloading: starting generation {}; {old} serving",
-                self.next_number
-            )),
-        ]);
+        log::info!("{sig}: reloading; starting generation {} next to {old}", self.next_number);
+        notify::reload_started(Some(format!("reloading: starting generation {}; {old} serving", self.next_number)));
         if let Err(e) = self.start_generation() {
-            self.reload_failed(format!(
-                "generation {} could not start: {}",
-                self.next_number - 1,
-                crate::error_chain(&e)
-            ));
+            let number = self.next_number - 1;
+            log::error!("generation {number} could not start: {}", crate::error_chain(&e));
+            self.reload_failed(format!("generation {number} could not start: {}", self.daemon.summary(&e)));
         }
     }
 
@@ -453,7 +605,7 @@ impl Supervisor {
         self.last_failure = Some(reason);
         if self.serving().is_some() {
             self.phase = Phase::Serving;
-            notify::ready(&self.status_line());
+            notify::ready(&self.status_line(true));
         } else {
             // The old generation died during the reload and the new one failed.
             self.begin_stop();
@@ -467,14 +619,12 @@ impl Supervisor {
         self.gens[idx].state = GenState::Serving;
         let label = self.gens[idx].label();
         log::info!("{label} ready after {elapsed:?}");
-        let signal = self.opts.retire_signal;
+        let signal = self.how.retire_signal;
         for (i, g) in self.gens.iter_mut().enumerate() {
             if i != idx && g.state == GenState::Serving {
                 log::info!("{} retiring with {signal}", g.label());
                 g.state = GenState::Retiring;
-                if let Err(e) = kill(g.target(), signal) {
-                    log::warn!("{}: sending {signal}: {e}", g.label());
-                }
+                g.send(signal);
             }
         }
         if self.phase == Phase::Reloading {
@@ -482,14 +632,17 @@ impl Supervisor {
             self.last_failure = None;
         }
         self.phase = Phase::Serving;
-        notify::ready(&self.status_line());
+        notify::ready(&self.status_line(false));
     }
 
-    /// Stops a generation that failed to start (SIGTERM, SIGKILL later).
+    /// Stops a generation that failed to start with the stop signal: it may
+    /// already accept from the shared queues, and a graceful stop lets it
+    /// finish what it took.
     fn abandon(&mut self, idx: usize) {
+        let kill_at = self.how.stop_timeout.map(|t| Instant::now() + t);
         let g = &mut self.gens[idx];
-        g.state = GenState::Stopping { kill_at: Instant::now() + self.opts.stop_timeout };
-        let _ = kill(g.target(), Signal::SIGTERM);
+        g.state = GenState::Stopping { kill_at };
+        g.send(self.how.stop_signal);
     }
 
     fn fail_start(&mut self, number: u64, pid: Pid, reason: String) {
@@ -509,12 +662,13 @@ impl Supervisor {
             self.serving_at_stop = self.serving().map(|g| g.number);
             notify::stopping();
         }
-        let kill_at = Instant::now() + self.opts.stop_timeout;
+        let kill_at = self.how.stop_timeout.map(|t| Instant::now() + t);
+        let signal = self.how.stop_signal;
         for g in &mut self.gens {
             if !matches!(g.state, GenState::Stopping { .. }) {
-                log::info!("{}: sending SIGTERM", g.label());
+                log::info!("{}: sending {signal}", g.label());
                 g.state = GenState::Stopping { kill_at };
-                let _ = kill(g.target(), Signal::SIGTERM);
+                g.send(signal);
             }
         }
     }
@@ -547,7 +701,7 @@ impl Supervisor {
             g.launcher_exited = true;
             return;
         }
-        let forking = matches!(self.opts.ready, Readiness::PidFile(_)) && g.main.is_none();
+        let forking = matches!(self.how.ready, Readiness::PidFile(_)) && g.main.is_none();
         if forking && g.state == GenState::Starting && matches!(status, WaitStatus::Exited(_, 0)) {
             log::debug!("{}: launcher exited with status 0; waiting for the pidfile", g.label());
             g.launcher_exited = true;
@@ -575,7 +729,7 @@ impl Supervisor {
             }
         }
         if self.phase != Phase::Stopping {
-            notify::status(&self.status_line());
+            notify::status(&self.status_line(false));
         }
     }
 
@@ -650,7 +804,8 @@ impl Supervisor {
         }
     }
 
-    /// Delay and pidfile readiness, readiness timeouts, stop deadlines.
+    /// Delay and pidfile readiness, readiness timeouts, signals sent again,
+    /// stop deadlines.
     fn check_timers(&mut self) {
         let now = Instant::now();
         let mut i = 0;
@@ -659,25 +814,36 @@ impl Supervisor {
                 let g = &self.gens[i];
                 (g.state, g.started, g.number, g.target())
             };
+            if self.gens[i].resend_due(self.how.resend_after).is_some_and(|due| now >= due) {
+                let g = &mut self.gens[i];
+                if let Some(sent) = g.sent.as_mut() {
+                    log::debug!("generation {number} (pid {target}): {} again", sent.signal);
+                    let _ = kill(target, sent.signal);
+                    sent.resent += 1;
+                }
+            }
             match state {
                 GenState::Starting => {
-                    let ready = match self.opts.ready.clone() {
+                    let ready = match self.how.ready.clone() {
                         Readiness::Notify => false,
                         Readiness::Delay(d) => now >= started + d,
                         Readiness::PidFile(path) => self.pidfile_ready(&path, i),
                     };
                     if ready {
                         self.promote(i);
-                    } else if now >= started + self.opts.ready_timeout {
-                        let timeout = self.opts.ready_timeout;
+                    } else if now >= started + self.how.ready_timeout {
+                        let timeout = self.how.ready_timeout;
                         self.abandon(i);
                         self.fail_start(number, target, format!("was not ready within {timeout:?}; stopped it"));
                     }
                 }
-                GenState::Stopping { kill_at } if now >= kill_at => {
-                    log::warn!("generation {number} (pid {target}) still running after SIGTERM: SIGKILL");
+                GenState::Stopping { kill_at: Some(kill_at) } if now >= kill_at => {
+                    log::warn!(
+                        "generation {number} (pid {target}) still running after {}: SIGKILL",
+                        self.how.stop_signal
+                    );
                     let _ = kill(target, Signal::SIGKILL);
-                    self.gens[i].state = GenState::Stopping { kill_at: now + self.opts.stop_timeout };
+                    self.gens[i].state = GenState::Stopping { kill_at: self.how.stop_timeout.map(|t| now + t) };
                 }
                 _ => {}
             }
@@ -710,9 +876,10 @@ impl Supervisor {
     }
 
     /// After the generations are gone: stop and reap any orphans the daemon
-    /// left behind (they were reparented to us as subreaper).
+    /// left behind (they were reparented to us as subreaper): the stop
+    /// signal, then SIGKILL after the stop timeout, if there is one.
     fn reap_orphans(&mut self) {
-        let deadline = Instant::now() + self.opts.stop_timeout;
+        let deadline = self.how.stop_timeout.map(|t| Instant::now() + t);
         let mut signalled = std::collections::HashSet::new();
         loop {
             self.reap();
@@ -720,7 +887,8 @@ impl Supervisor {
             if children.is_empty() {
                 return;
             }
-            let signal = if Instant::now() >= deadline { Signal::SIGKILL } else { Signal::SIGTERM };
+            let late = deadline.is_some_and(|d| Instant::now() >= d);
+            let signal = if late { Signal::SIGKILL } else { self.how.stop_signal };
             for pid in children {
                 if signalled.insert((pid, signal)) {
                     log::info!("orphan pid {pid} left by the daemon: {signal}");
@@ -736,8 +904,10 @@ impl Supervisor {
     fn exit_code(&self) -> ExitCode {
         match self.final_status {
             Some(WaitStatus::Exited(_, code)) => ExitCode::from(code.clamp(0, 255) as u8),
-            // Death by the SIGTERM we sent is a clean stop, as systemd counts it.
-            Some(WaitStatus::Signaled(_, Signal::SIGTERM, _)) => ExitCode::SUCCESS,
+            // Death by the signal we sent to stop it is a clean stop, as systemd counts it.
+            Some(WaitStatus::Signaled(_, sig, _)) if sig == Signal::SIGTERM || sig == self.how.stop_signal => {
+                ExitCode::SUCCESS
+            }
             Some(WaitStatus::Signaled(_, sig, _)) => ExitCode::from(128u8.saturating_add(sig as u8)),
             _ => ExitCode::SUCCESS,
         }

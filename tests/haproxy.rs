@@ -523,3 +523,60 @@ fn a_reload_without_the_broker_fails_and_the_instance_serves_on() {
     assert_eq!(run.haproxy_pids(), serving);
     one_request(addr).unwrap();
 }
+
+#[test]
+fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
+    let (broker, addr, template) = web_setup("hapidfile");
+    let pidfile = broker.dir.join("web.pid");
+    let mut run = Run::start(&broker, "web", &template, &["--ready", "pidfile"], &["-p", pidfile.to_str().unwrap()]);
+    let read_pid = || std::fs::read_to_string(&pidfile).unwrap().trim().parse::<i32>().unwrap();
+    assert_eq!(run.haproxy_pids(), vec![read_pid()], "ready once -p names generation 1's master");
+
+    // SIGUSR2 reloads, as multibinder's wrapper did; the pid file then names
+    // the new master. The new config forwards to a backend this test holds.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = std::fs::read_to_string(&template).unwrap().replace(
+        "  http-request return status 200 content-type text/plain string ok\n",
+        &format!("  default_backend slow\nbackend slow\n  server s1 {}\n", backend.local_addr().unwrap()),
+    );
+    std::fs::write(&template, text).unwrap();
+    run.signal(Signal::SIGUSR2);
+    let status = next_ready(&run.notify, &mut run.child);
+    assert!(status.contains("STATUS=serving: generation 2"), "{status}");
+    let second = read_pid();
+    assert!(run.haproxy_pids().contains(&second), "-p names generation 2's master");
+
+    // A request in progress (the backend has it and does not answer) keeps
+    // the soft-stopped instance draining; a second SIGTERM is the hard stop.
+    // Generation 1 may still accept for a moment (it answers by itself):
+    // retry until a request reaches the backend.
+    let retry_until = Instant::now() + Duration::from_secs(10);
+    let (client, mut upstream) = loop {
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut fds = [
+            nix::poll::PollFd::new(backend.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(client.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        assert!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).unwrap() > 0, "no answer");
+        if fds[0].any().unwrap_or(false) {
+            break (client, backend.accept().unwrap().0);
+        }
+        assert!(Instant::now() < retry_until, "generation 1 kept accepting for 10s");
+    };
+    upstream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(upstream.read(&mut buf).unwrap() > 0, "the backend got the request");
+    run.signal(Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run.log_text().contains(&format!("({second}) : Exiting Master process")) {
+        assert!(Instant::now() < deadline, "HAProxy never soft-stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(run.child.try_wait().unwrap().is_none(), "run waits for the draining instance");
+    run.signal(Signal::SIGTERM);
+    wait_timeout(&mut run.child, Duration::from_secs(5)).expect("the hard stop did not end run");
+    assert!(run.log_text().contains("hard stop"), "{}", run.log_text());
+    assert!(!Path::new(&format!("/proc/{second}")).exists(), "haproxy {second} left behind");
+    drop((client, upstream));
+}

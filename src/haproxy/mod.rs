@@ -92,9 +92,18 @@ pub enum HaproxyError {
         #[source]
         source: io::Error,
     },
-    /// The supervisor failed.
+    /// A generation could not be prepared.
     #[error(transparent)]
     Reload(#[from] reload::ReloadError),
+    /// The supervisor failed.
+    #[error(transparent)]
+    Run(#[from] Box<crate::supervisor::RunError<reload::ReloadError>>),
+}
+
+impl From<crate::supervisor::RunError<reload::ReloadError>> for HaproxyError {
+    fn from(e: crate::supervisor::RunError<reload::ReloadError>) -> Self {
+        HaproxyError::Run(Box::new(e))
+    }
 }
 
 /// Why one bind call could not be resolved.

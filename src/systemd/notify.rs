@@ -90,6 +90,21 @@ pub fn watchdog_interval() -> Option<std::time::Duration> {
     daemon::watchdog_enabled(false).map(|timeout| (timeout / 2).max(std::time::Duration::from_millis(10)))
 }
 
+/// The CLOCK_MONOTONIC time in microseconds, as `MONOTONIC_USEC=` wants it.
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+/// RELOADING=1 with `MONOTONIC_USEC=` (what `Type=notify-reload` requires)
+/// and, if given, a status line: a supervisor starts a reload.
+pub fn reload_started(status: Option<String>) {
+    let mut states = vec![NotifyState::Reloading, NotifyState::Other(format!("MONOTONIC_USEC={}", monotonic_usec()))];
+    states.extend(status.map(NotifyState::Status));
+    send(&states);
+}
+
 /// RELOADING=1: the broker is re-executing itself; READY=1 follows from the
 /// new image (or from this one, if the re-exec fails).
 pub fn reloading(status: &str) {
