@@ -487,12 +487,7 @@ fn two_instances_side_by_side() {
 /// ExecStart pointing at the binary under test; any output fails.
 fn verify_unit(text: &str, dir: &Path) -> String {
     std::fs::write(dir.join("haproxy@.service"), text.replace("/usr/local/bin/sockbroker", BIN)).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "haproxy@www.service"])
-        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
-        .output()
-        .expect("systemd-analyze (Debian package systemd) is needed");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    systemd_analyze_verify(dir, &["haproxy@www.service"])
 }
 
 #[test]

@@ -184,15 +184,8 @@ fn clients_find_the_broker_from_the_environment() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     wait_ready(&notify, &mut child, "broker");
-    let _guard = Kill(child);
+    let _guard = KillOnDrop(child);
     assert!(std::fs::symlink_metadata(&control).unwrap().file_type().is_socket());
 
     let mut client = sockbroker::client::Client::connect(&control).unwrap();
@@ -381,15 +374,8 @@ fn default_path_for_a_user_is_under_xdg_runtime_dir() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     wait_ready(&notify, &mut child, "broker as nobody");
-    let _guard = Kill(child);
+    let _guard = KillOnDrop(child);
     let control = runtime.join("sockbroker/control.sock");
     assert!(std::fs::symlink_metadata(&control).unwrap().file_type().is_socket());
 

@@ -5,19 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
-
-fn verify(dir: &Path, unit: &str) -> String {
-    let out = Command::new("systemd-analyze")
-        .args(["verify", unit])
-        .current_dir(dir)
-        // Only this folder (plus the built-in path, for the targets it names).
-        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
-        .env("SYSTEMD_LOG_COLOR", "0")
-        .output()
-        .expect("systemd-analyze (Debian package systemd) must be installed");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 #[test]
 fn run_template_instance_verifies_cleanly() {
@@ -30,12 +17,12 @@ fn run_template_instance_verifies_cleanly() {
     // ExecStart= pointing at the binary under test, so the executable check passes too.
     std::fs::write(dir.join("sockbroker-run@.service"), template.replace("/usr/local/bin/sockbroker", common::BIN))
         .unwrap();
-    let output = verify(&dir, "sockbroker-run@myapp.service");
+    let output = common::systemd_analyze_verify(&dir, &["sockbroker-run@myapp.service"]);
     assert!(output.trim().is_empty(), "systemd-analyze verify:\n{output}");
 
     // The check itself can fail: a bad key is reported.
     std::fs::write(dir.join("sockbroker-run@.service"), format!("{template}\n[Service]\nNoSuchKey=1\n")).unwrap();
-    let output = verify(&dir, "sockbroker-run@myapp.service");
+    let output = common::systemd_analyze_verify(&dir, &["sockbroker-run@myapp.service"]);
     assert!(output.contains("NoSuchKey"), "systemd-analyze verify did not report a bad key:\n{output}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -35,26 +35,30 @@ fn socket_fds(pid: i32) -> Vec<(RawFd, u64)> {
 
 /// Reads notify messages until one contains `line`; returns it and its fds.
 #[track_caller]
+/// One notify message and the descriptors that came with it; `None` when
+/// nothing arrived within the socket's read timeout.
+fn recv_notify(notify: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(notify.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC).ok()?;
+    let n = msg.bytes;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just gave us these descriptors.
+            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    Some((String::from_utf8_lossy(&buf[..n]).into_owned(), fds))
+}
+
 fn wait_notify(notify: &UnixDatagram, line: &str) -> (String, Vec<OwnedFd>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     loop {
         assert!(Instant::now() < deadline, "no notify message with {line:?} within 10s");
-        let mut buf = vec![0u8; 4096];
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let Ok(msg) = recvmsg::<()>(notify.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) else {
-            continue;
-        };
-        let n = msg.bytes;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().unwrap() {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: the kernel just gave us these descriptors.
-                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
-            }
-        }
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let Some((text, fds)) = recv_notify(notify) else { continue };
         if text.lines().any(|l| l == line || l.starts_with(line)) {
             return (text, fds);
         }
@@ -242,21 +246,7 @@ fn notify_until(notify: &UnixDatagram, line: &str) -> Vec<(String, usize)> {
     let mut seen = Vec::new();
     loop {
         assert!(Instant::now() < deadline, "no notify message with {line:?} within 10s; got {seen:?}");
-        let mut buf = vec![0u8; 4096];
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let Ok(msg) = recvmsg::<()>(notify.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) else {
-            continue;
-        };
-        let n = msg.bytes;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().unwrap() {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: the kernel just gave us these descriptors.
-                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
-            }
-        }
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let Some((text, fds)) = recv_notify(notify) else { continue };
         let done = text.lines().any(|l| l.starts_with(line));
         seen.push((text, fds.len()));
         if done {

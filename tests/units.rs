@@ -4,17 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
-
-fn verify(dir: &Path) -> String {
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "sockbroker.socket", "sockbroker.service"])
-        .current_dir(dir)
-        .env("SYSTEMD_LOG_COLOR", "0")
-        .output()
-        .expect("systemd-analyze (Debian package systemd) must be installed");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 /// The shipped units, with ExecStart= pointing at the binary under test, so
 /// the executable check passes too.
@@ -26,7 +15,7 @@ fn units_verify_cleanly() {
     assert!(service.contains("ExecStart=/usr/local/bin/sockbroker serve"), "ExecStart changed: update this test");
     std::fs::write(dir.join("sockbroker.service"), service.replace("/usr/local/bin/sockbroker", common::BIN)).unwrap();
     std::fs::copy(units.join("sockbroker.socket"), dir.join("sockbroker.socket")).unwrap();
-    let output = verify(&dir);
+    let output = common::systemd_analyze_verify(&dir, &["sockbroker.socket", "sockbroker.service"]);
     assert!(output.trim().is_empty(), "systemd-analyze verify:\n{output}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -36,7 +25,7 @@ fn units_verify_cleanly() {
 #[test]
 fn shipped_units_verify() {
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("units");
-    let output = verify(&units);
+    let output = common::systemd_analyze_verify(&units, &["sockbroker.socket", "sockbroker.service"]);
     let installed = Path::new("/usr/local/bin/sockbroker").exists();
     let unexpected: Vec<&str> = output
         .lines()

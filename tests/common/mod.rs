@@ -437,6 +437,31 @@ pub fn check(dir: &Path, toml: &str) -> Output {
     Command::new(BIN).args(["check", "--config", file.to_str().unwrap()]).output().unwrap()
 }
 
+/// `systemd-analyze verify UNITS…` run in `dir`, with `dir` first on the unit
+/// path (templates are verified through an instance name): its whole output,
+/// since it exits 0 on warnings such as unknown keys.
+pub fn systemd_analyze_verify(dir: &Path, units: &[&str]) -> String {
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(units)
+        .current_dir(dir)
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .expect("systemd-analyze (Debian package systemd) must be installed");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Kills and reaps a child when dropped, so a failing test leaves no process.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits for a child to exit, at most `timeout`.
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
