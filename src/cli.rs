@@ -43,6 +43,33 @@ pub enum Command {
         /// Configuration file [default: /etc/sockbroker/sockbroker.toml if it exists, else the built-in default]
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Before opening a declared socket, look for a process that still holds it (after a
+        /// kill -9 without systemd's fd store) and copy it from there: same socket, no
+        /// "Address already in use". Needs CAP_SYS_PTRACE (see docs/adopt.md).
+        #[arg(long)]
+        adopt_orphans: bool,
+    },
+    /// Copy the live listening sockets of a running process (or a multibinder) into the
+    /// broker: the same kernel sockets, so nothing is refused while the old holder stops.
+    ///
+    /// With --pid (run as root: copying another process's descriptors needs
+    /// CAP_SYS_PTRACE), every listening TCP/UNIX socket and bound UDP/UNIX datagram
+    /// socket of PID, or only those named with --socket. With --multibinder, the
+    /// socket of every bind_tcp(...) in the templates, asked of multibinder itself
+    /// (no privilege needed). Only root or the broker's user may hand sockets to the broker.
+    Adopt {
+        /// The process to copy sockets from.
+        #[arg(long, value_name = "PID", required_unless_present = "multibinder", conflicts_with = "multibinder")]
+        pid: Option<i32>,
+        /// Only this socket (repeatable), optionally held under NAME.
+        #[arg(long = "socket", value_name = "SPEC|NAME=SPEC", requires = "pid")]
+        sockets: Vec<crate::adopt::Wanted>,
+        /// The control socket of a running multibinder.
+        #[arg(long, value_name = "SOCK", requires = "from_templates")]
+        multibinder: Option<PathBuf>,
+        /// HAProxy ERB templates whose bind_tcp(...) calls name the sockets to copy.
+        #[arg(long, value_name = "FILE", num_args = 1.., requires = "multibinder")]
+        from_templates: Vec<PathBuf>,
     },
     /// Validate a configuration file; print every problem with FILE:LINE:COLUMN and exit non-zero.
     Check {
@@ -210,6 +237,9 @@ pub enum CliError {
     /// The HAProxy commands failed.
     #[error(transparent)]
     Haproxy(#[from] crate::haproxy::HaproxyError),
+    /// `adopt` could not copy the sockets.
+    #[error(transparent)]
+    Adopt(#[from] crate::adopt::AdoptError),
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -218,7 +248,7 @@ pub enum CliError {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Serve { control, idle_timeout, takeover, config } => {
+        Command::Serve { control, idle_timeout, takeover, config, adopt_orphans } => {
             let source = config::Source::resolve(config.as_deref());
             let loaded = source.load()?;
             let control_config = loaded.control.clone();
@@ -228,7 +258,26 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 idle_timeout,
                 takeover,
                 config: crate::reload::Live::new(source, loaded),
+                adopt_orphans,
             })?;
+        }
+        Command::Adopt { pid, sockets, multibinder, from_templates } => {
+            // Connect first: no copying when the broker is not there.
+            let mut client = Client::connect_default()?;
+            let copied = match (pid, multibinder) {
+                (Some(pid), _) => crate::adopt::copy_from_pid(pid, &sockets)?,
+                (None, Some(sock)) => crate::adopt::copy_from_multibinder(&sock, &from_templates)?,
+                (None, None) => unreachable!("clap requires --pid or --multibinder"),
+            };
+            let from: Vec<String> = copied.iter().map(|c| c.from.clone()).collect();
+            for (a, from) in client.adopt(&copied)?.iter().zip(from) {
+                match a.outcome {
+                    crate::adopt::Outcome::Adopted => println!("{}: adopted from {from} (inode {})", a.key, a.inode),
+                    crate::adopt::Outcome::AlreadyHeld => {
+                        println!("{}: already held by the broker (the same socket, inode {})", a.key, a.inode)
+                    }
+                }
+            }
         }
         Command::Check { config } => return Ok(check(config.as_deref())),
         Command::Reload => {

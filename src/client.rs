@@ -19,7 +19,7 @@
 //! again (asking twice for one socket yields the same socket).
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -194,12 +194,39 @@ impl Client {
         }
     }
 
+    /// Like [`Client::call`], with descriptors attached to the request (for
+    /// `adopt`); never sent twice.
+    pub fn call_with_fds(
+        &mut self,
+        method: &str,
+        params: Value,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Value, Vec<OwnedFd>), ClientError> {
+        self.call_inner(method, params, fds)
+    }
+
     fn call_once(&mut self, method: &str, params: Value) -> Result<(Value, Vec<OwnedFd>), ClientError> {
+        self.call_inner(method, params, &[])
+    }
+
+    fn call_inner(
+        &mut self,
+        method: &str,
+        params: Value,
+        attach: &[BorrowedFd<'_>],
+    ) -> Result<(Value, Vec<OwnedFd>), ClientError> {
         let id = Value::from(self.next_id);
         self.next_id += 1;
         let request = Request { id: id.clone(), method: method.to_string(), params };
         let io_err = |source| ClientError::Io { path: self.path.clone(), source };
-        (&self.stream).write_all(request.to_json().as_bytes()).map_err(io_err)?;
+        let bytes = request.to_json().into_bytes();
+        // The descriptors travel with the first byte; the rest follows plainly.
+        let first = if attach.is_empty() {
+            0
+        } else {
+            fd::send_with_fds(self.stream.as_fd(), &bytes, attach).map_err(io_err)?
+        };
+        (&self.stream).write_all(&bytes[first..]).map_err(io_err)?;
 
         let mut fds = Vec::new();
         let value = loop {

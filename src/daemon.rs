@@ -13,7 +13,9 @@
 //! 3. **Control socket**: carried over, passed by systemd, or created at the
 //!    path (refusing to start when another broker is live on it), with the
 //!    owner and group the configuration names.
-//! 4. **Declared sockets**: open every `[[socket]]` of the configuration that
+//! 4. **Declared sockets**: with `--adopt-orphans`, first copy each declared
+//!    socket that another process still holds out of it ([`crate::adopt`]);
+//!    then open every `[[socket]]` of the configuration that
 //!    is not held yet and register it under its name and key
 //!    ([`reload::apply`]); adopted sockets with the same address get the
 //!    declared name. A socket that cannot be opened stops the start, as a
@@ -61,6 +63,9 @@ pub struct ServeOptions {
     pub takeover: bool,
     /// The configuration, loaded and validated; applied by `serve`.
     pub config: Live,
+    /// Before opening declared sockets, copy those another process still
+    /// holds out of it ([`crate::adopt::adopt_orphans`]).
+    pub adopt_orphans: bool,
 }
 
 /// The shortest time between two STATUS= updates.
@@ -169,6 +174,10 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
             server
         }
     };
+    if options.adopt_orphans {
+        let n = crate::adopt::adopt_orphans(&mut server.registry, &options.config.config.sockets);
+        log::info!("--adopt-orphans: {n} declared sockets copied from the processes that held them");
+    }
     put_in_force(&mut server, options.config)?;
 
     phase = Phase::Serving;

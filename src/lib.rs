@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod acl;
+pub mod adopt;
 pub mod cli;
 pub mod client;
 pub mod config;

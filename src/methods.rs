@@ -1,10 +1,10 @@
 //! The control methods beyond `bind`, as an extension of [`Server`]:
-//! `bind_many`, `release`, `reload` and `status` (`list` is
+//! `bind_many`, `release`, `reload`, `status` and `adopt` (`list` is
 //! [`introspect::list`] directly). The server's dispatch calls them; each
 //! judges the peer with the same rules as `bind` ([`crate::acl`]).
 //! `docs/control.md` is the reference for users.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use serde_json::{json, Value};
 
@@ -16,6 +16,7 @@ use crate::protocol::{code, RpcError};
 use crate::registry::Origin;
 use crate::reload;
 use crate::server::{invalid, Server, MAX_BATCH};
+use crate::spec::SocketKey;
 
 impl Server {
     /// Many sockets in one round trip. Params: an array of `bind` objects.
@@ -75,7 +76,7 @@ impl Server {
         let declared = self.live.config.sockets.iter().any(|d| d.spec.key == key);
         let releasable = match held.origin {
             Origin::OnDemand => true,
-            Origin::FdStore | Origin::Upgrade => !declared,
+            Origin::FdStore | Origin::Upgrade | Origin::Adopted => !declared,
             Origin::Systemd | Origin::Config => false,
         };
         if !releasable {
@@ -89,6 +90,95 @@ impl Server {
         self.registry.release(&key);
         log::info!("{peer} release {key}: closed the broker's copy");
         Ok((json!(true), Vec::new()))
+    }
+
+    /// Takes sockets copied out of another process (`sockbroker adopt`).
+    /// Params: `{"sockets": [{"name": …, "from": …}, …]}`, one entry per
+    /// descriptor attached to the request, in order. Root or the broker's
+    /// user only. Every descriptor is checked first (a socket of a supported
+    /// kind, listening where it must be; its key free or held as this very
+    /// socket, by inode); only when all pass is any adopted, under its key
+    /// read from the socket, origin `adopted`, into the fd store like any
+    /// other. The result has one `{key, inode, outcome}` per socket.
+    pub(crate) fn adopt(
+        &mut self,
+        peer: PeerCred,
+        params: &Value,
+        received: &mut std::collections::VecDeque<OwnedFd>,
+    ) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        use crate::adopt::{Adopted, Outcome};
+        // The descriptors that came with this request are taken whatever
+        // happens next: a refused request leaves none behind for the next.
+        let items = crate::adopt::parse_params(params);
+        let n = items.as_ref().map_or(received.len(), |i| i.len().min(received.len()));
+        let fds: Vec<OwnedFd> = received.drain(..n).collect();
+        self.live.policy.check_admin(&peer, "adopt").map_err(|denied| {
+            log::warn!("{peer} adopt: refused: {denied}");
+            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+        })?;
+        let items = items.map_err(|e| invalid(peer, "adopt", "params".into(), &e))?;
+        if fds.len() != items.len() || items.is_empty() {
+            return Err(invalid(
+                peer,
+                "adopt",
+                format!("{} sockets listed", items.len()),
+                &format!("{} descriptors attached; one per socket is required", fds.len()),
+            ));
+        }
+        let refuse = |what: String| {
+            log::warn!("{peer} adopt: refused: {what}");
+            RpcError::new(code::ADOPT_REFUSED, what)
+        };
+        // 1. Check everything; nothing changes on error.
+        let mut plan: Vec<(SocketKey, u64, Outcome)> = Vec::with_capacity(items.len());
+        for (item, fd) in items.iter().zip(&fds) {
+            let from = item.from.as_deref().unwrap_or("the client");
+            let key = crate::adopt::adoptable(fd.as_fd()).map_err(|e| refuse(format!("{from}: {e}")))?;
+            let inode = crate::fd::inode(fd.as_fd()).map_err(|e| refuse(format!("{from}: fstat: {e}")))?;
+            let held = self.registry.get(&key).map(|h| (crate::fd::inode(h.fd()).ok(), h.origin));
+            let earlier = plan.iter().find(|(k, _, _)| *k == key).map(|(_, i, _)| *i);
+            let outcome = match (held, earlier) {
+                (Some((Some(i), _)), _) | (None, Some(i)) if i == inode => Outcome::AlreadyHeld,
+                (Some((held_inode, origin)), _) => {
+                    return Err(refuse(format!(
+                        "{key} ({from}, inode {inode}): the broker already holds a different socket under this key                          (inode {}, {}); it is never swapped silently: release it first, or adopt another address",
+                        held_inode.map_or("?".to_string(), |i| i.to_string()),
+                        crate::systemd::activation::origin_text(origin)
+                    )))
+                }
+                (None, Some(other)) => {
+                    return Err(refuse(format!(
+                        "{key}: two different sockets (inodes {other} and {inode}) were sent for one key"
+                    )))
+                }
+                (None, None) => Outcome::Adopted,
+            };
+            if let Some(name) = &item.name {
+                if self.registry.named(name).is_some_and(|h| h.key() != &key) {
+                    return Err(refuse(format!("{key}: the name '{name}' is already taken by another socket")));
+                }
+            }
+            plan.push((key, inode, outcome));
+        }
+        // 2. Commit.
+        let mut result = Vec::with_capacity(plan.len());
+        for ((item, fd), (key, inode, outcome)) in items.into_iter().zip(fds).zip(plan) {
+            let from = item.from.unwrap_or_else(|| "the client".into());
+            result.push(Adopted { key: key.clone(), inode, outcome });
+            if outcome == Outcome::Adopted {
+                let spec = crate::spec::SocketSpec { options: crate::socket::read_options(fd.as_fd(), &key), key };
+                match self.registry.adopt(fd, spec, item.name, Origin::Adopted) {
+                    Ok(held) => {
+                        crate::systemd::fdstore::store(held);
+                        log::info!("{peer} adopt {}: ok, copied from {from} (inode {inode})", held.key());
+                    }
+                    Err((_, e)) => return Err(refuse(format!("{e}"))),
+                }
+            } else {
+                log::info!("{peer} adopt {key}: already held (same socket, inode {inode}); nothing to do");
+            }
+        }
+        Ok((json!(result), Vec::new()))
     }
 
     pub(crate) fn reload(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {

@@ -35,6 +35,9 @@ pub enum Origin {
     FdStore,
     /// Carried over from the previous broker by a re-exec or takeover.
     Upgrade,
+    /// Copied out of another process that held it (`sockbroker adopt`, or
+    /// `serve --adopt-orphans`): the same kernel socket that process has.
+    Adopted,
 }
 
 /// A socket the broker holds.

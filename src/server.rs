@@ -14,15 +14,17 @@
 //!    ([`fd::send_with_fds`]); the duplicate is closed once sent.
 //!
 //! Besides `bind`: `bind_many` (descriptors split under [`SCM_MAX_FD`] per
-//! message), `release`, `list`, `status` ([`crate::introspect`]) and `reload`
-//! ([`crate::reload`]); `docs/control.md` describes them.
+//! message), `release`, `list`, `status` ([`crate::introspect`]), `reload`
+//! ([`crate::reload`]) and `adopt` (the one request that carries descriptors
+//! *to* the broker: read with `recvmsg`, kept per connection until an
+//! `adopt` takes them); `docs/control.md` describes them.
 //!
 //! Errors become JSON-RPC errors and never carry a descriptor. The peer's
 //! credentials are read once, at accept, and travel with every request of the
 //! connection.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -249,6 +251,9 @@ struct Conn {
     /// The id of an accepted `takeover` request: the connection leaves the
     /// loop for [`crate::upgrade::hand_over`].
     takeover: Option<Value>,
+    /// Descriptors the peer attached to its requests (SCM_RIGHTS), in order,
+    /// until an `adopt` request takes them; at most [`SCM_MAX_FD`].
+    received: VecDeque<OwnedFd>,
 }
 
 /// What woke the loop, when it is not client traffic.
@@ -458,6 +463,7 @@ impl Server {
                     read_closed: false,
                     closing: false,
                     takeover: None,
+                    received: VecDeque::new(),
                 },
             );
         }
@@ -481,11 +487,21 @@ impl Server {
     fn service_conn(&mut self, conn: &mut Conn, events: PollFlags) -> bool {
         if events.contains(PollFlags::POLLIN) || events.contains(PollFlags::POLLHUP) {
             let mut buf = [0u8; READ_CHUNK];
-            match (&conn.stream).read(&mut buf) {
-                Ok(0) => conn.read_closed = true,
-                Ok(n) => {
-                    conn.framer.push(&buf[..n]);
+            // recvmsg rather than read: `adopt` requests carry descriptors.
+            match fd::recv_with_fds(conn.stream.as_fd(), &mut buf) {
+                Ok(got) if got.len == 0 => conn.read_closed = true,
+                Ok(got) => {
+                    conn.framer.push(&buf[..got.len]);
+                    conn.received.extend(got.fds);
                     conn.last_active = Instant::now();
+                    if conn.received.len() > SCM_MAX_FD {
+                        log::warn!(
+                            "{}: sent {} descriptors not taken by an adopt request (at most {SCM_MAX_FD}); closing",
+                            conn.peer,
+                            conn.received.len()
+                        );
+                        return false;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -545,6 +561,13 @@ impl Server {
                                 conn.takeover = Some(req.id);
                                 return false;
                             }
+                            Err(e) => (Response::err(req.id, e), Vec::new()),
+                        }
+                    }
+                    Ok(req) if req.method == crate::adopt::METHOD => {
+                        let result = self.adopt(conn.peer, &req.params, &mut conn.received);
+                        match result {
+                            Ok((value, fds)) => (Response::ok(req.id, value), fds),
                             Err(e) => (Response::err(req.id, e), Vec::new()),
                         }
                     }
@@ -755,6 +778,7 @@ impl Server {
             read_closed: false,
             closing: false,
             takeover: None,
+            received: VecDeque::new(),
         };
         if self.service_conn(&mut conn, PollFlags::empty()) {
             let id = self.next_conn;

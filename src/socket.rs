@@ -447,6 +447,73 @@ pub fn inspect(fd: BorrowedFd<'_>) -> Result<SocketKey, InspectError> {
     Ok(key)
 }
 
+/// Whether a socket is connected to a peer (`getpeername` succeeds): a
+/// connected datagram socket is a client's, not a service's, and is never
+/// adopted.
+pub fn is_connected(fd: BorrowedFd<'_>) -> bool {
+    nix::sys::socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok()
+}
+
+/// The options an existing socket has, read back from the kernel (for a
+/// socket the broker adopts and did not make). Nothing is set: the socket
+/// keeps exactly what its maker gave it. An option the kernel will not
+/// report keeps its default here.
+pub fn read_options(fd: BorrowedFd<'_>, key: &SocketKey) -> SocketOptions {
+    use nix::libc;
+    use nix::sys::socket::getsockopt;
+    let int = |level, name| get_int_option(fd, level, name).ok();
+    let flag = |level, name| int(level, name).is_some_and(|v| v != 0);
+    let positive = |level, name| int(level, name).filter(|v| *v > 0).map(|v| v as u32);
+    let mut o = SocketOptions { backlog: 0, ..SocketOptions::default() };
+    // The kernel reports buffer sizes doubled (see socket(7)); halve them so
+    // the figure matches what a configuration would have asked for.
+    o.receive_buffer = getsockopt(&fd, sockopt::RcvBuf).ok().map(|v| (v / 2) as u32);
+    o.send_buffer = getsockopt(&fd, sockopt::SndBuf).ok().map(|v| (v / 2) as u32);
+    if let SocketKey::Inet { transport, addr } = key {
+        o.reuse_addr = Some(flag(libc::SOL_SOCKET, libc::SO_REUSEADDR));
+        o.reuse_port = flag(libc::SOL_SOCKET, libc::SO_REUSEPORT);
+        o.keepalive = flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE);
+        o.broadcast = flag(libc::SOL_SOCKET, libc::SO_BROADCAST);
+        o.mark = positive(libc::SOL_SOCKET, libc::SO_MARK);
+        if addr.is_ipv6() {
+            o.ipv6_only = Some(flag(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+            o.freebind = flag(libc::IPPROTO_IPV6, libc::IPV6_FREEBIND);
+            o.transparent = flag(libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT);
+        } else {
+            o.freebind = flag(libc::IPPROTO_IP, libc::IP_FREEBIND);
+            o.transparent = flag(libc::IPPROTO_IP, libc::IP_TRANSPARENT);
+        }
+        o.bind_to_device = getsockopt(&fd, sockopt::BindToDevice)
+            .ok()
+            .map(|d| d.to_string_lossy().trim_end_matches('\0').to_string())
+            .filter(|d| !d.is_empty());
+        if *transport == Transport::Tcp {
+            o.no_delay = flag(libc::IPPROTO_TCP, libc::TCP_NODELAY);
+            o.defer_accept = positive(libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT);
+            o.fast_open = positive(libc::IPPROTO_TCP, libc::TCP_FASTOPEN);
+            o.keepalive_idle = positive(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE).filter(|_| o.keepalive);
+            o.keepalive_interval = positive(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL).filter(|_| o.keepalive);
+            o.keepalive_count = positive(libc::IPPROTO_TCP, libc::TCP_KEEPCNT).filter(|_| o.keepalive);
+            if let Ok((_, backlog)) = accept_queue(fd) {
+                o.backlog = backlog;
+            }
+        }
+    }
+    if let SocketKey::Unix { address: UnixAddress::Path(path), .. } = key {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            o.mode = Some(meta.mode() & 0o7777);
+            o.user = Some(meta.uid());
+            o.group = Some(meta.gid());
+        }
+    }
+    if o.backlog == 0 {
+        // Only a TCP listener reports its backlog; 0 reads as "unknown".
+        o.backlog = crate::spec::DEFAULT_BACKLOG;
+    }
+    o
+}
+
 fn inet_key(ty: SockType, addr: std::net::SocketAddr) -> Result<(SocketKey, &'static str), InspectError> {
     let (transport, name) = match ty {
         SockType::Stream => (Transport::Tcp, "TCP"),

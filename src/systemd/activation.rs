@@ -117,5 +117,6 @@ pub fn origin_text(origin: Origin) -> &'static str {
         Origin::OnDemand => "on demand",
         Origin::FdStore => "from the fd store",
         Origin::Upgrade => "from the previous broker",
+        Origin::Adopted => "copied from another process",
     }
 }
