@@ -1,0 +1,752 @@
+//! `sockbroker adopt` and `serve --adopt-orphans` against real processes:
+//! a HAProxy that bound its port itself, a LISTEN_FDS daemon, UDP and UNIX
+//! sockets, a multibinder, a broker killed with SIGKILL; each moved under the
+//! broker under a loopback load with no failed request and no new inode. And
+//! the refusals: a non-root caller, a missing pid, a process without sockets,
+//! a key held by another socket.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::daemons::*;
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+fn echo_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/daemons/echo.py")
+}
+
+/// `sockbroker ARGS` against `broker`, waited for (bounded).
+fn sockbroker(broker: &Broker, args: &[&str]) -> Output {
+    run_cli(&broker.control, None, args)
+}
+
+#[track_caller]
+fn assert_success(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", output_text(out));
+}
+
+/// `sockbroker adopt ARGS`, which must succeed; (key, inode) per line.
+#[track_caller]
+fn adopt(broker: &Broker, args: &[&str]) -> Vec<(String, u64)> {
+    let mut all = vec!["adopt"];
+    all.extend_from_slice(args);
+    let out = sockbroker(broker, &all);
+    assert_success(&out, "adopt");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (key, rest) = l.split_once(": ").unwrap();
+            let inode = rest.rsplit("inode ").next().unwrap().trim_end_matches(')').parse().unwrap();
+            (key.to_string(), inode)
+        })
+        .collect()
+}
+
+/// The inode of the socket bound at `key` now, from the kernel's tables.
+fn bound_inode(key: &str) -> Option<u64> {
+    sockbroker::adopt::bound_sockets().into_iter().find(|(k, _)| k.to_string() == key).map(|(_, i)| i)
+}
+
+/// Whether process `pid` has socket `inode` open.
+fn holds(pid: i32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_str() == Some(&want))))
+        .unwrap_or(false)
+}
+
+/// Processes whose parent is `pid`, and theirs.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+            let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid == Some(parent) {
+                out.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until `child` exits.
+#[track_caller]
+fn wait_exit(child: &mut Child, what: &str) {
+    assert!(wait_timeout(child, Duration::from_secs(30)).is_some(), "{what} did not exit within 30s");
+}
+
+/// Clients each running `request` in a loop until stopped: counts and the
+/// first errors.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(threads: usize, request: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Load {
+        let request = Arc::new(request);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, ok, failed, errors, request) =
+                    (stop.clone(), ok.clone(), failed.clone(), errors.clone(), request.clone());
+                std::thread::spawn(move || {
+                    let end = Instant::now() + Duration::from_secs(300);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                        match request() {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                errors.lock().unwrap().push(e);
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failed, errors, threads }
+    }
+
+    /// Waits (bounded) until `n` more requests succeeded.
+    #[track_caller]
+    fn wait_for(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.ok.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Stops the clients; (succeeded, failed, first errors).
+    fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        let errors = self.errors.lock().unwrap().iter().take(5).cloned().collect();
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// One HTTP/1.0 request on a new connection; Ok on a 200.
+fn http_ok(addr: SocketAddr) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
+    if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("reply: {:?}", String::from_utf8_lossy(&reply)))
+    }
+}
+
+/// An HTTP frontend answering every request itself, bound at `bind`.
+fn haproxy_config(bind: &str) -> String {
+    format!(
+        "global\n  maxconn 4000\ndefaults\n  mode http\n  timeout client 10s\n  timeout server 10s\n  timeout connect 2s\n\
+         frontend web\n  bind {bind}\n  http-request return status 200 content-type text/plain string ok\n"
+    )
+}
+
+/// A plain HAProxy (`-db`, no master) that binds 127.0.0.1:PORT itself,
+/// serving; retried on a port taken meanwhile.
+fn plain_haproxy(dir: &Path) -> (Reaped, u16) {
+    for _ in 0..10 {
+        let port = free_port();
+        let cfg = dir.join("plain.cfg");
+        std::fs::write(&cfg, haproxy_config(&format!("127.0.0.1:{port}"))).unwrap();
+        let log = std::fs::File::create(dir.join("plain-haproxy.log")).unwrap();
+        let mut child = Command::new(HAPROXY)
+            .args(["-db", "-f", cfg.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break; // the port was taken: try another
+            }
+            if http_ok(addr).is_ok() {
+                return (Reaped(child), port);
+            }
+            assert!(Instant::now() < deadline, "HAProxy did not serve on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("no free port for HAProxy after 10 tries");
+}
+
+/// `sockbroker haproxy run` (or `run`) with its own NOTIFY_SOCKET, ready.
+struct Supervisor {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Supervisor {
+    #[track_caller]
+    fn start(broker: &Broker, name: &str, args: &[&str]) -> Supervisor {
+        let notify = Notify::bind(&broker.dir, &format!("{name}-notify.sock"));
+        let log = broker.dir.join(format!("{name}.log"));
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("SOCKBROKER_SOCKET", &broker.control)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("RUST_LOG", "debug")
+            .current_dir(&broker.dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        notify.wait_line(&mut child, "READY=1", Duration::from_secs(30));
+        Supervisor { child, log }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+        let pids = descendants(self.child.id() as i32);
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// docs/adopt.md, "A HAProxy that binds its ports itself": adopt, `haproxy
+/// run` from an ERB template, soft-stop the old HAProxy.
+#[test]
+fn haproxy_that_bound_its_port_moves_under_the_broker_with_no_failed_request() {
+    let broker = Broker::start("adopt-haproxy");
+    let (mut old, port) = plain_haproxy(&broker.dir);
+    let old_pid = old.0.id() as i32;
+    let key = format!("tcp://127.0.0.1:{port}");
+    let inode = bound_inode(&key).expect("HAProxy's socket is in the kernel's table");
+    assert!(holds(old_pid, inode));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::start(2, move || http_ok(addr));
+    load.wait_for(50);
+
+    // 1. The broker copies HAProxy's socket: the same kernel socket.
+    assert_eq!(adopt(&broker, &["--pid", &old_pid.to_string()]), vec![(key.clone(), inode)]);
+    assert!(holds(broker.pid(), inode), "the broker holds the very socket HAProxy bound");
+    let list = String::from_utf8_lossy(&sockbroker(&broker, &["list"]).stdout).into_owned();
+    assert!(list.lines().any(|l| l.contains(&key) && l.contains("adopted")), "{list}");
+    load.wait_for(50);
+
+    // 2. HAProxy under the broker, from a multibinder ERB template.
+    let template = broker.dir.join("web.cfg.erb");
+    std::fs::write(&template, haproxy_config(&format!("<%= bind_tcp('127.0.0.1', {port}) %>"))).unwrap();
+    let run = Supervisor::start(
+        &broker,
+        "haproxy-run",
+        &["haproxy", "run", "--ready-timeout", "20s", "--", HAPROXY, "-f", template.to_str().unwrap()],
+    );
+    let new_pids = descendants(run.child.id() as i32);
+    assert!(new_pids.iter().any(|p| holds(*p, inode)), "the new HAProxy serves the adopted socket");
+    load.wait_for(50);
+
+    // 3. Soft-stop the old HAProxy.
+    kill(Pid::from_raw(old_pid), Signal::SIGUSR1).unwrap();
+    wait_exit(&mut old.0, "the old HAProxy");
+    load.wait_for(200);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
+    assert_eq!(bound_inode(&key), Some(inode), "the listening socket never changed");
+}
+
+/// docs/adopt.md, "A daemon with LISTEN_FDS": a daemon started by
+/// systemd-socket-activate (it alone holds its socket) moved under `run`.
+#[test]
+fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
+    let broker = Broker::start("adopt-run");
+    let mut old = None;
+    let mut port = 0;
+    for _ in 0..10 {
+        port = free_port();
+        let mut child = Command::new("systemd-socket-activate")
+            .args(["-l", &format!("127.0.0.1:{port}"), "python3", listen_http().to_str().unwrap()])
+            .env_remove("NOTIFY_SOCKET")
+            .env("SOCKBROKER_GENERATION", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let served = loop {
+            if child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            if http_get(addr).is_ok() {
+                break true;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not serve");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if served {
+            old = Some(Reaped(child));
+            break;
+        }
+    }
+    let mut old = old.expect("no free port after 10 tries");
+    let key = format!("tcp://127.0.0.1:{port}");
+    let inode = bound_inode(&key).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let seen = gens.clone();
+    let load = Load::start(2, move || {
+        let body = http_get(addr).map_err(|e| e.to_string())?;
+        seen.lock().unwrap().extend(generation(&body));
+        Ok(())
+    });
+    load.wait_for(50);
+
+    adopt(&broker, &["--pid", &old.0.id().to_string(), "--socket", &format!("http={key}")]);
+    let _run = Supervisor::start(
+        &broker,
+        "run",
+        &["run", "--socket", "http", "--", "python3", listen_http().to_str().unwrap()],
+    );
+    load.wait_for(50);
+    kill(Pid::from_raw(old.0.id() as i32), Signal::SIGTERM).unwrap();
+    wait_exit(&mut old.0, "the old daemon");
+    load.wait_for(200);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
+    assert_eq!(bound_inode(&key), Some(inode));
+    let gens = gens.lock().unwrap();
+    assert!(gens.contains(&0) && gens.contains(&1), "both the old and the new daemon answered: {gens:?}");
+}
+
+/// A UDP request: one datagram out, the echo back within 5 s.
+fn udp_echo(addr: SocketAddr) -> Result<u32, String> {
+    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.send_to(b"ping\n", addr).map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).map_err(|e| format!("no echo: {e}"))?;
+    echo_pid(&buf[..n])
+}
+
+/// A UNIX stream request on a new connection.
+fn unix_echo(path: &Path) -> Result<u32, String> {
+    let mut s = UnixStream::connect(path).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"ping\n").map_err(|e| format!("write: {e}"))?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
+    echo_pid(&reply)
+}
+
+fn echo_pid(reply: &[u8]) -> Result<u32, String> {
+    let text = String::from_utf8_lossy(reply);
+    text.strip_prefix("pid=")
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|_| text.ends_with("ping\n"))
+        .ok_or_else(|| format!("bad reply {text:?}"))
+}
+
+/// UDP, UNIX stream and UNIX datagram sockets a daemon bound itself, moved
+/// to a new daemon under `run`: every request answered, same inodes.
+#[test]
+fn udp_and_unix_sockets_move_with_no_lost_request() {
+    let broker = Broker::start("adopt-udp-unix");
+    let port = free_port();
+    let udp = format!("udp://127.0.0.1:{port}");
+    let path = broker.dir.join("echo.sock");
+    let unix = format!("unix:{}", path.display());
+    let dgram = format!("unix-dgram:{}", broker.dir.join("echo.dgram").display());
+    let notify = Notify::bind(&broker.dir, "old-notify.sock");
+    let mut old = Reaped(
+        Command::new("python3")
+            .arg(echo_py())
+            .args(["--bind", &udp, "--bind", &unix, "--bind", &dgram])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    notify.wait_line(&mut old.0, "READY=1", Duration::from_secs(20));
+    let old_pid = old.0.id();
+    let inodes: Vec<u64> = [&udp, &unix, &dgram].iter().map(|k| bound_inode(k).unwrap()).collect();
+
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let pids = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let (p1, p2) = (pids.clone(), pids.clone());
+    let udp_load = Load::start(1, move || {
+        udp_echo(addr).map(|p| {
+            p1.lock().unwrap().insert(p);
+        })
+    });
+    let unix_path = path.clone();
+    let unix_load = Load::start(1, move || {
+        unix_echo(&unix_path).map(|p| {
+            p2.lock().unwrap().insert(p);
+        })
+    });
+    udp_load.wait_for(20);
+    unix_load.wait_for(20);
+
+    let adopted = adopt(&broker, &["--pid", &old_pid.to_string()]);
+    let mut keys: Vec<&str> = adopted.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    let mut want = vec![udp.as_str(), unix.as_str(), dgram.as_str()];
+    want.sort();
+    assert_eq!(keys, want);
+    for (k, i) in [&udp, &unix, &dgram].iter().zip(&inodes) {
+        assert!(adopted.contains(&(k.to_string(), *i)), "{k}: {adopted:?}");
+    }
+    let _run = Supervisor::start(
+        &broker,
+        "run",
+        &["run", "--socket", &udp, "--socket", &unix, "--socket", &dgram, "--", "python3", echo_py().to_str().unwrap()],
+    );
+    udp_load.wait_for(20);
+    kill(Pid::from_raw(old_pid as i32), Signal::SIGTERM).unwrap();
+    wait_exit(&mut old.0, "the old daemon");
+    udp_load.wait_for(50);
+    unix_load.wait_for(50);
+    for (load, what) in [(udp_load, "UDP"), (unix_load, "UNIX")] {
+        let (ok, failed, errors) = load.finish();
+        assert_eq!(failed, 0, "{what}: {failed} failed of {}: {errors:?}", ok + failed);
+    }
+    let pids = pids.lock().unwrap();
+    assert!(pids.len() >= 2 && pids.contains(&old_pid), "old and new daemon answered: {pids:?}");
+    for (k, i) in [&udp, &unix, &dgram].iter().zip(&inodes) {
+        assert_eq!(bound_inode(k), Some(*i), "{k}");
+    }
+}
+
+/// docs/adopt.md, "Recovery": a broker killed with SIGKILL outside systemd
+/// (no fd store) while a daemon holds its declared sockets comes back with
+/// `--adopt-orphans` holding the same sockets; without it, it cannot start.
+#[test]
+fn a_killed_broker_takes_its_declared_sockets_back_from_the_daemon() {
+    let (mut broker, port) = Broker::start_with_config_port("adopt-orphans", |port| {
+        format!(
+            "[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\n\n\
+             [[socket]]\nname = \"dns\"\nlisten = \"udp://127.0.0.1:{port}\"\n\n\
+             [[socket]]\nname = \"app\"\nlisten = \"unix:/tmp/sbt-orphan-{}-{port}.sock\"\n",
+            std::process::id()
+        )
+    });
+    let path = format!("/tmp/sbt-orphan-{}-{port}.sock", std::process::id());
+    let keys = [format!("tcp://127.0.0.1:{port}"), format!("udp://127.0.0.1:{port}"), format!("unix:{path}")];
+    let inodes: Vec<u64> = keys.iter().map(|k| bound_inode(k).unwrap()).collect();
+    for i in &inodes {
+        assert!(holds(broker.pid(), *i));
+    }
+    // A daemon holding all three (the echo server, through `exec`).
+    let notify = Notify::bind(&broker.dir, "daemon-notify.sock");
+    let mut daemon = Reaped(
+        Command::new(BIN)
+            .args(["exec", "--socket", "web", "--socket", "dns", "--socket", "app", "--", "python3"])
+            .arg(echo_py())
+            .env("SOCKBROKER_SOCKET", &broker.control)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    notify.wait_line(&mut daemon.0, "READY=1", Duration::from_secs(20));
+    let daemon_pid = daemon.0.id() as i32;
+
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+    let config = broker.config_path();
+    let args = ["--config", config.to_str().unwrap()];
+    // Without --adopt-orphans: the declared sockets are in use.
+    let refused = Broker::try_start_in(broker.dir.clone(), broker.control.clone(), &args, &[]).err();
+    let log = refused.expect("a broker without --adopt-orphans cannot open sockets a daemon holds");
+    assert!(log.contains("in use") || log.contains("already listening"), "{log}");
+
+    let mut with = args.to_vec();
+    with.push("--adopt-orphans");
+    let back = Broker::start_in(broker.dir.clone(), broker.control.clone(), &with, &[]);
+    for (k, i) in keys.iter().zip(&inodes) {
+        assert!(holds(back.pid(), *i), "{k}: the restarted broker holds the same socket (inode {i})");
+        assert!(holds(daemon_pid, *i));
+        assert_eq!(bound_inode(k), Some(*i));
+    }
+    let log = back.log_text();
+    assert!(log.contains(&format!("adopted from pid {daemon_pid}")), "{log}");
+    // The daemon still serves, and a client gets the same socket by name.
+    assert!(udp_echo(format!("127.0.0.1:{port}").parse().unwrap()).is_ok());
+    let fd = back.client().bind_name("web").unwrap();
+    assert_eq!(inode(fd.as_fd()), inodes[0]);
+    let list = String::from_utf8_lossy(&sockbroker(&back, &["list"]).stdout).into_owned();
+    assert!(list.lines().filter(|l| l.contains("adopted")).count() == 3, "{list}");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A minimal multibinder per /work/shared/multibinder-compat.md (the Ruby gem
+/// cannot be installed here): binds on `bind`, same socket for the same key.
+const MULTIBINDER_PY: &str = r#"
+import json, os, socket, array, sys
+path = sys.argv[1]
+held = {}
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(16)
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            req = json.loads(data)
+            p = req["params"][0]
+            key = ("tcp", p["address"], p["port"])
+            if key not in held:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((p["address"], p["port"]))
+                s.listen(p.get("backlog", 1000))
+                held[key] = s
+            reply = json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": True}).encode()
+            conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [held[key].fileno()]))])
+"#;
+
+/// docs/adopt.md, "A multibinder host": the sockets of the templates'
+/// bind_tcp calls, copied out of multibinder through its own protocol.
+#[test]
+fn sockets_are_copied_out_of_a_multibinder_through_its_protocol() {
+    let broker = Broker::start("adopt-mb");
+    let mb_sock = broker.dir.join("multibinder.sock");
+    let mut mb = Reaped(
+        Command::new("python3")
+            .args(["-c", MULTIBINDER_PY, mb_sock.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = [0u8; 6];
+    mb.0.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"ready\n");
+    let ports = [free_port(), free_port()];
+    // What multibinder-haproxy-erb did on this host: the sockets exist in multibinder.
+    let mut mb_client = sockbroker::client::Client::connect(&mb_sock).unwrap();
+    let mut inodes = Vec::new();
+    for port in ports {
+        let params = serde_json::json!([{"address": "127.0.0.1", "port": port, "backlog": 10240}]);
+        let (_, fds) = mb_client.call("bind", params).unwrap();
+        inodes.push(inode(fds[0].as_fd()));
+    }
+    drop(mb_client);
+    let template = broker.dir.join("site.cfg.erb");
+    std::fs::write(
+        &template,
+        haproxy_config(&format!(
+            "<%= bind_tcp('127.0.0.1', {}) %>\n  bind <%= bind_tcp('127.0.0.1', {}) %>",
+            ports[0], ports[1]
+        )),
+    )
+    .unwrap();
+    let adopted =
+        adopt(&broker, &["--multibinder", mb_sock.to_str().unwrap(), "--from-templates", template.to_str().unwrap()]);
+    let want: Vec<(String, u64)> =
+        ports.iter().zip(&inodes).map(|(p, i)| (format!("tcp://127.0.0.1:{p}"), *i)).collect();
+    assert_eq!(adopted, want);
+    // multibinder can go: the broker holds the sockets; `haproxy run` gets them.
+    mb.0.kill().unwrap();
+    let _ = mb.0.wait();
+    let mut c = broker.client();
+    for (p, i) in ports.iter().zip(&inodes) {
+        let fd = c.bind(&format!("tcp://127.0.0.1:{p}").parse().unwrap()).unwrap();
+        assert_eq!(inode(fd.as_fd()), *i);
+    }
+}
+
+/// The user tests run the refused caller as, made with useradd.
+fn test_user() -> &'static str {
+    const USER: &str = "sbadopt";
+    let exists = Command::new("id").arg(USER).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
+    if !exists.success() {
+        let made = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER])
+            .status()
+            .unwrap();
+        // Another test binary may have made it meanwhile.
+        assert!(made.success() || Command::new("id").arg(USER).status().unwrap().success());
+    }
+    USER
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let broker = Broker::start("adopt-refuse");
+    // Let the unprivileged user reach the control socket: the broker decides.
+    std::fs::set_permissions(&broker.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&broker.control, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let user = test_user();
+
+    // A non-root caller, copying from its own process (which the kernel
+    // allows): the broker refuses, and holds nothing.
+    let port = free_port();
+    let notify = Notify::bind(&broker.dir, "user-notify.sock");
+    std::fs::set_permissions(&notify.path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut own = Reaped(
+        Command::new("setpriv")
+            // Debian's python3: the test runner's may sit in root's home.
+            .args([&format!("--reuid={user}"), &format!("--regid={user}"), "--clear-groups", "/usr/bin/python3"])
+            .arg(echo_py())
+            .args(["--bind", &format!("udp://127.0.0.1:{port}")])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    notify.wait_line(&mut own.0, "READY=1", Duration::from_secs(20));
+    let pid = own.0.id().to_string();
+    let setpriv = [&format!("--reuid={user}")[..], &format!("--regid={user}"), "--clear-groups"];
+    let out = run_cli(&broker.control, Some(&setpriv), &["adopt", "--pid", &pid]);
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("adopt") && text.contains("root"), "names the rule: {text}");
+    assert!(text.contains("10003"), "access denied: {text}");
+    assert!(!String::from_utf8_lossy(&sockbroker(&broker, &["list"]).stdout).contains(&format!(":{port}")));
+
+    // The same user against a root process: the kernel refuses, and says why.
+    let out = run_cli(&broker.control, Some(&setpriv), &["adopt", "--pid", &broker.pid().to_string()]);
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("not permitted") && text.contains("CAP_SYS_PTRACE"), "{text}");
+
+    // No such pid: a pid that was in use and is now free.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let out = sockbroker(&broker, &["adopt", "--pid", &gone_pid.to_string()]);
+    assert!(!out.status.success());
+    assert!(output_text(&out).contains(&format!("pid {gone_pid}: no such process")), "{}", output_text(&out));
+
+    // A process without a listening socket (its only socket is a client's).
+    let mut sleeper = Reaped(
+        Command::new("python3")
+            .args(["-c", "import socket,sys,time\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.connect(('127.0.0.1',9))\nprint('ok',flush=True)\ntime.sleep(60)"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ok = [0u8; 3];
+    sleeper.0.stdout.as_mut().unwrap().read_exact(&mut ok).unwrap();
+    let out = sockbroker(&broker, &["adopt", "--pid", &sleeper.0.id().to_string()]);
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("no listening socket") && text.contains("connected datagram"), "{text}");
+
+    // A --socket the process does not hold.
+    let out = sockbroker(&broker, &["adopt", "--pid", &pid, "--socket", "tcp://127.0.0.1:9"]);
+    let text = output_text(&out);
+    assert!(
+        !out.status.success() && text.contains("tcp://127.0.0.1:9: pid") && text.contains("holds no such socket"),
+        "{text}"
+    );
+
+    // A conflicting key: the broker holds a UNIX path; the file is replaced
+    // by another process's socket (same key, another inode).
+    let path = broker.dir.join("app.sock");
+    let spec = format!("unix:{}", path.display());
+    let held = broker.client().bind(&spec.parse().unwrap()).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let notify2 = Notify::bind(&broker.dir, "other-notify.sock");
+    let mut other = Reaped(
+        Command::new("python3")
+            .arg(echo_py())
+            .args(["--bind", &spec])
+            .env("NOTIFY_SOCKET", &notify2.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    notify2.wait_line(&mut other.0, "READY=1", Duration::from_secs(20));
+    let out = sockbroker(&broker, &["adopt", "--pid", &other.0.id().to_string()]);
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&spec) && text.contains("different socket") && text.contains("10014"), "{text}");
+    let again = broker.client().bind(&spec.parse().unwrap()).unwrap();
+    assert_eq!(inode(again.as_fd()), inode(held.as_fd()), "the held socket was not swapped");
+}
+
+/// The method itself, spoken raw: descriptors that are not sockets, or not
+/// listening, are refused; the count must match.
+#[test]
+fn the_adopt_method_checks_every_descriptor() {
+    use sockbroker::client::Client;
+    let broker = Broker::start("adopt-method");
+    let mut c = Client::connect(&broker.control).unwrap();
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let params = serde_json::json!({"sockets": [{"from": "test"}]});
+    let err = c.call_with_fds("adopt", params.clone(), &[file.as_fd()]).unwrap_err();
+    assert_eq!(err.code(), Some(10014), "{err}");
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    let unbound = std::net::TcpStream::connect(broker_free_listener()).unwrap();
+    let err = c.call_with_fds("adopt", params.clone(), &[unbound.as_fd()]).unwrap_err();
+    assert!(err.to_string().contains("not listening"), "{err}");
+    let err = c.call_with_fds("adopt", serde_json::json!({"sockets": [{}, {}]}), &[file.as_fd()]).unwrap_err();
+    assert_eq!(err.code(), Some(-32602), "{err}");
+    // Nothing was held, and the connection still serves.
+    let (_, _) = c.call("status", serde_json::Value::Null).unwrap();
+    let list = String::from_utf8_lossy(&sockbroker(&broker, &["list", "--json"]).stdout).into_owned();
+    assert_eq!(list.trim(), "[]");
+    // A listening socket passed directly: adopted, then the same again is a no-op.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (r, _) = c.call_with_fds("adopt", params.clone(), &[l.as_fd()]).unwrap();
+    assert_eq!(r[0]["outcome"], "adopted");
+    assert_eq!(r[0]["inode"], inode(l.as_fd()));
+    let (r, _) = c.call_with_fds("adopt", params, &[l.as_fd()]).unwrap();
+    assert_eq!(r[0]["outcome"], "already-held");
+    let held = open_fds(broker.pid());
+    let want = format!("socket:[{}]", inode(l.as_fd()));
+    let n = held.iter().filter(|(_, t)| *t == want).count();
+    assert_eq!(n, 1, "one copy held, close-on-exec: {held:?}");
+    let (fd, _) = held.iter().find(|(_, t)| *t == want).unwrap();
+    assert!(fdinfo_flags(broker.pid(), *fd).is_some_and(|f| f & O_CLOEXEC_FLAG != 0), "O_CLOEXEC on the held copy");
+}
+
+/// A listening loopback address (kept open for the test's life).
+fn broker_free_listener() -> SocketAddr {
+    let l = Box::leak(Box::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap()));
+    l.local_addr().unwrap()
+}
