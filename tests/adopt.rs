@@ -714,7 +714,7 @@ fn refusals_name_the_problem() {
 #[test]
 fn the_adopt_method_checks_every_descriptor() {
     use sockbroker::client::Client;
-    let broker = Broker::start("adopt-method");
+    let mut broker = Broker::start("adopt-method");
     let mut c = Client::connect(&broker.control).unwrap();
     let file = std::fs::File::open("/dev/null").unwrap();
     let params = serde_json::json!({"sockets": [{"from": "test"}]});
@@ -743,6 +743,17 @@ fn the_adopt_method_checks_every_descriptor() {
     assert_eq!(n, 1, "one copy held, close-on-exec: {held:?}");
     let (fd, _) = held.iter().find(|(_, t)| *t == want).unwrap();
     assert!(fdinfo_flags(broker.pid(), *fd).is_some_and(|f| f & O_CLOEXEC_FLAG != 0), "O_CLOEXEC on the held copy");
+    // Kept in systemd's fd store like any socket the broker holds.
+    let port = l.local_addr().unwrap().port();
+    let fdname = broker.wait_notify("FDNAME=sb.tcp");
+    assert_eq!(fdname, format!("FDNAME=sb.tcp%3A//127.0.0.1%3A{port}"));
+    // And across a re-exec of the broker: the same socket, still "adopted".
+    drop(c);
+    broker.signal(nix::sys::signal::Signal::SIGUSR1);
+    wait_ready(&broker.notify, &mut broker.child, "broker after SIGUSR1");
+    assert!(holds(broker.pid(), inode(l.as_fd())));
+    let list = String::from_utf8_lossy(&sockbroker(&broker, &["list"]).stdout).into_owned();
+    assert!(list.lines().any(|l| l.contains(&format!(":{port}")) && l.contains("adopted")), "{list}");
 }
 
 /// A listening loopback address (kept open for the test's life).
