@@ -154,13 +154,20 @@ impl Load {
 
 /// One HTTP/1.0 request on a new connection; Ok on a 200.
 fn http_ok(addr: SocketAddr) -> Result<(), String> {
+    http_body(addr).map(drop)
+}
+
+/// One HTTP/1.0 request on a new connection; the body of a 200 (HTTP/1.0
+/// or 1.1: nginx answers 1.1).
+fn http_body(addr: SocketAddr) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
     if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
-        Ok(())
+        let text = String::from_utf8_lossy(&reply);
+        Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
     } else {
         Err(format!("reply: {:?}", String::from_utf8_lossy(&reply)))
     }
@@ -182,21 +189,23 @@ fn plain_haproxy(dir: &Path) -> (Reaped, u16) {
         let cfg = dir.join("plain.cfg");
         std::fs::write(&cfg, haproxy_config(&format!("127.0.0.1:{port}"))).unwrap();
         let log = std::fs::File::create(dir.join("plain-haproxy.log")).unwrap();
-        let mut child = Command::new(HAPROXY)
-            .args(["-db", "-f", cfg.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = Reaped(
+            Command::new(HAPROXY)
+                .args(["-db", "-f", cfg.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if child.try_wait().unwrap().is_some() {
+            if child.0.try_wait().unwrap().is_some() {
                 break; // the port was taken: try another
             }
             if http_ok(addr).is_ok() {
-                return (Reaped(child), port);
+                return (child, port);
             }
             assert!(Instant::now() < deadline, "HAProxy did not serve on {addr}");
             std::thread::sleep(Duration::from_millis(20));
@@ -300,19 +309,21 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     let mut port = 0;
     for _ in 0..10 {
         port = free_port();
-        let mut child = Command::new("systemd-socket-activate")
-            .args(["-l", &format!("127.0.0.1:{port}"), "python3", listen_http().to_str().unwrap()])
-            .env_remove("NOTIFY_SOCKET")
-            .env("SOCKBROKER_GENERATION", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = Reaped(
+            Command::new("systemd-socket-activate")
+                .args(["-l", &format!("127.0.0.1:{port}"), "python3", listen_http().to_str().unwrap()])
+                .env_remove("NOTIFY_SOCKET")
+                .env("SOCKBROKER_GENERATION", "0")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let served = loop {
-            if child.try_wait().unwrap().is_some() {
+            if child.0.try_wait().unwrap().is_some() {
                 break false;
             }
             if http_get(addr).is_ok() {
@@ -322,7 +333,7 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
             std::thread::sleep(Duration::from_millis(20));
         };
         if served {
-            old = Some(Reaped(child));
+            old = Some(child);
             break;
         }
     }
@@ -354,6 +365,119 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     assert_eq!(bound_inode(&key), Some(inode));
     let gens = gens.lock().unwrap();
     assert!(gens.contains(&0) && gens.contains(&1), "both the old and the new daemon answered: {gens:?}");
+}
+
+/// An nginx configuration answering "gen=GEN" on 127.0.0.1:PORT.
+fn nginx_config(dir: &Path, name: &str, port: u16, gen: u32) -> PathBuf {
+    let path = dir.join(format!("{name}.conf"));
+    let d = dir.display();
+    std::fs::write(
+        &path,
+        format!(
+            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/{name}.pid;\nerror_log {d}/{name}-error.log;\n\
+             events {{ worker_connections 512; }}\n\
+             http {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:{port};\n\
+                 location / {{ return 200 \"gen={gen}\\n\"; }}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// docs/adopt.md, "nginx": adopt the listeners of an nginx that bound them
+/// itself, start the new generation under `run` (nginx takes inherited
+/// sockets from its NGINX variable), then stop the old one gracefully.
+#[test]
+fn nginx_moves_under_the_broker_with_no_failed_request() {
+    const NGINX: &str = "/usr/sbin/nginx";
+    let broker = Broker::start("adopt-nginx");
+    let mut old = None;
+    let mut port = 0;
+    for _ in 0..10 {
+        port = free_port();
+        let conf = nginx_config(&broker.dir, "old", port, 0);
+        // Reaped at once: a failing test leaves no nginx behind.
+        let mut child = Reaped(
+            Command::new(NGINX)
+                .args(["-e", &format!("{}/old-error.log", broker.dir.display()), "-p"])
+                .arg(&broker.dir)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let served = loop {
+            if child.0.try_wait().unwrap().is_some() {
+                break false;
+            }
+            if http_body(addr).is_ok() {
+                break true;
+            }
+            assert!(Instant::now() < deadline, "nginx did not serve");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if served {
+            old = Some(child);
+            break;
+        }
+    }
+    let mut old = old.expect("no free port for nginx after 10 tries");
+    let old_pid = old.0.id() as i32;
+    let key = format!("tcp://127.0.0.1:{port}");
+    let inode = bound_inode(&key).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let seen = gens.clone();
+    let load = Load::start(2, move || {
+        let body = http_body(addr)?;
+        seen.lock().unwrap().extend(generation(&body));
+        Ok(())
+    });
+    load.wait_for(50);
+
+    // The master holds the listeners (its workers share them).
+    assert_eq!(adopt(&broker, &["--pid", &old_pid.to_string()]), vec![(key.clone(), inode)]);
+    let conf = nginx_config(&broker.dir, "new", port, 1);
+    let pidfile = broker.dir.join("new.pid");
+    let error_log = format!("{}/new-error.log", broker.dir.display());
+    let _run = Supervisor::start(
+        &broker,
+        "nginx-run",
+        &[
+            "run",
+            "--ready",
+            &format!("pidfile:{}", pidfile.display()),
+            "--retire-signal",
+            "QUIT",
+            "--socket",
+            &key,
+            "--",
+            "env",
+            "NGINX=3;",
+            NGINX,
+            "-e",
+            &error_log,
+            "-p",
+            broker.dir.to_str().unwrap(),
+            "-c",
+            conf.to_str().unwrap(),
+        ],
+    );
+    load.wait_for(50);
+    // nginx's graceful stop.
+    kill(Pid::from_raw(old_pid), Signal::SIGQUIT).unwrap();
+    wait_exit(&mut old.0, "the old nginx");
+    load.wait_for(200);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
+    assert_eq!(bound_inode(&key), Some(inode), "the listening socket never changed");
+    let gens = gens.lock().unwrap();
+    assert!(gens.contains(&0) && gens.contains(&1), "the old and the new nginx answered: {gens:?}");
 }
 
 /// A UDP request: one datagram out, the echo back within 5 s.
