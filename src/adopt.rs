@@ -191,7 +191,7 @@ fn kernel_error(pid: i32, fd: Option<RawFd>, call: &'static str, source: io::Err
         Some(nix::libc::ESRCH) => AdoptError::NoSuchProcess(pid),
         Some(nix::libc::ENOSYS) => AdoptError::Unsupported { call, source },
         Some(nix::libc::EPERM) | Some(nix::libc::EACCES) => {
-            AdoptError::NotPermitted { pid, why: why_not_permitted(pid) }
+            AdoptError::NotPermitted { pid, why: why_not_permitted(Some(pid)) }
         }
         _ => AdoptError::Copy { pid, fd: fd.unwrap_or(-1), source },
     }
@@ -199,7 +199,7 @@ fn kernel_error(pid: i32, fd: Option<RawFd>, call: &'static str, source: io::Err
 
 /// What stands between this process and another's descriptors, as far as
 /// /proc tells: Yama's ptrace_scope, our CAP_SYS_PTRACE, the owners.
-pub fn why_not_permitted(pid: i32) -> String {
+pub fn why_not_permitted(pid: Option<i32>) -> String {
     let mut reasons = Vec::new();
     match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").map(|s| s.trim().to_string()) {
         Ok(scope) if scope == "3" => reasons.push(
@@ -216,11 +216,13 @@ pub fn why_not_permitted(pid: i32) -> String {
         .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
         .map(|caps| caps & (1 << CAP_SYS_PTRACE) != 0);
     if has_ptrace == Some(false) {
-        let owner = std::fs::metadata(format!("/proc/{pid}"))
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
-            .unwrap_or_else(|_| "?".into());
+        let target = match pid.and_then(|pid| std::fs::metadata(format!("/proc/{pid}")).ok()) {
+            Some(m) => format!("a process of uid {}", std::os::unix::fs::MetadataExt::uid(&m)),
+            None => "another user's process".to_string(),
+        };
         reasons.push(format!(
-            "this process (uid {}) lacks CAP_SYS_PTRACE, which copying the descriptors of a process of another user (uid {owner}) needs: run it as root",
+            "this process (uid {}) lacks CAP_SYS_PTRACE, which reading the descriptors of {target} (or of one with \
+             capabilities this process lacks) needs: run it as root with all capabilities",
             nix::unistd::geteuid()
         ));
     }
@@ -237,7 +239,7 @@ pub fn copy_from_pid(pid: i32, wanted: &[Wanted]) -> Result<Vec<Copied>, AdoptEr
     let dir = PathBuf::from(format!("/proc/{pid}/fd"));
     let proc_err = |source: io::Error| match source.kind() {
         io::ErrorKind::NotFound => AdoptError::NoSuchProcess(pid),
-        io::ErrorKind::PermissionDenied => AdoptError::NotPermitted { pid, why: why_not_permitted(pid) },
+        io::ErrorKind::PermissionDenied => AdoptError::NotPermitted { pid, why: why_not_permitted(Some(pid)) },
         _ => AdoptError::Proc { path: dir.clone(), source },
     };
     let mut numbers: Vec<RawFd> = std::fs::read_dir(&dir)
@@ -331,7 +333,7 @@ pub fn copy_one(pid: i32, target: RawFd, key: &SocketKey) -> Result<OwnedFd, Ado
 /// tables (`/proc/net/*`) give the inode bound at each address, and
 /// `/proc/*/fd` the processes that have it open. Keys nobody holds are
 /// absent from the result. This process is never a holder.
-pub fn find_holders(keys: &[SocketKey]) -> HashMap<SocketKey, (i32, RawFd)> {
+pub fn find_holders(keys: &[SocketKey]) -> Holders {
     let wanted: HashSet<&SocketKey> = keys.iter().collect();
     let mut by_inode: HashMap<u64, SocketKey> = HashMap::new();
     for (key, inode) in bound_sockets() {
@@ -339,30 +341,59 @@ pub fn find_holders(keys: &[SocketKey]) -> HashMap<SocketKey, (i32, RawFd)> {
             by_inode.insert(inode, key);
         }
     }
-    let mut out = HashMap::new();
+    let mut found = Holders { bound: by_inode.values().cloned().collect(), ..Holders::default() };
     if by_inode.is_empty() {
-        return out;
+        return found;
     }
     let me = std::process::id() as i32;
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    let Ok(procs) = std::fs::read_dir("/proc") else { return found };
     for entry in procs.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
         if pid == me {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let fds = match std::fs::read_dir(entry.path().join("fd")) {
+            Ok(fds) => fds,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                found.unreadable += 1;
+                continue;
+            }
+            Err(_) => continue,
+        };
         for f in fds.flatten() {
             let Some(n) = f.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
-            let Some(inode) = std::fs::read_link(f.path()).ok().and_then(|l| socket_inode(&l)) else { continue };
+            // The folder may be listable while its links are not (the
+            // kernel checks ptrace access on each).
+            let link = match std::fs::read_link(f.path()) {
+                Ok(link) => link,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    found.unreadable += 1;
+                    break;
+                }
+                Err(_) => continue,
+            };
+            let Some(inode) = socket_inode(&link) else { continue };
             if let Some(key) = by_inode.get(&inode) {
-                out.entry(key.clone()).or_insert((pid, n));
+                found.holders.entry(key.clone()).or_insert((pid, n));
             }
         }
-        if out.len() == by_inode.len() {
+        if found.holders.len() == by_inode.len() {
             break;
         }
     }
-    out
+    found
+}
+
+/// What [`find_holders`] found.
+#[derive(Debug, Default)]
+pub struct Holders {
+    /// A process and descriptor per key held somewhere.
+    pub holders: HashMap<SocketKey, (i32, RawFd)>,
+    /// The keys some socket in this network namespace is bound at.
+    pub bound: HashSet<SocketKey>,
+    /// Processes whose descriptors this process may not list (it lacks
+    /// CAP_SYS_PTRACE over them).
+    pub unreadable: usize,
 }
 
 /// Every listening (stream) or unconnected bound (datagram) socket of this
@@ -512,8 +543,19 @@ pub fn adopt_orphans(registry: &mut crate::registry::Registry, declared: &[crate
     let holders = find_holders(&keys);
     let mut adopted = 0;
     for d in missing {
-        let Some(&(pid, target)) = holders.get(&d.spec.key) else {
-            log::info!("{} ('{}'): no process holds it; it will be opened", d.spec.key, d.name);
+        let Some(&(pid, target)) = holders.holders.get(&d.spec.key) else {
+            if holders.bound.contains(&d.spec.key) && holders.unreadable > 0 {
+                log::error!(
+                    "{} ('{}'): a socket is bound there, but its holder is not among the processes whose descriptors \
+                     the broker may read ({} may not be read): {}",
+                    d.spec.key,
+                    d.name,
+                    holders.unreadable,
+                    why_not_permitted(None)
+                );
+            } else {
+                log::info!("{} ('{}'): no process holds it; it will be opened", d.spec.key, d.name);
+            }
             continue;
         };
         let fd = match copy_one(pid, target, &d.spec.key) {

@@ -885,3 +885,56 @@ fn broker_free_listener() -> SocketAddr {
     let l = Box::leak(Box::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap()));
     l.local_addr().unwrap()
 }
+
+/// The shipped unit's capability set (units/sockbroker.service).
+const UNIT_CAPS: &str = "setpriv --bounding-set -all,+net_bind_service,+chown,+fowner";
+
+/// Whether process `pid` has CAP_SYS_PTRACE in its effective set.
+fn has_ptrace(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << 19) != 0
+}
+
+/// docs/adopt.md, "Who needs which privilege": the broker with the shipped
+/// unit's capabilities (no CAP_SYS_PTRACE) adopts what root's `sockbroker
+/// adopt` copies for it; recovery (`--adopt-orphans`) needs the capability
+/// in the broker and says so.
+#[test]
+fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
+    let dir = test_dir("adopt-caps");
+    let wrapper = broker_wrapper(&dir, "unit-caps.sh", "", UNIT_CAPS);
+    let broker = Broker::start_program(&wrapper, dir.clone(), dir.join("control.sock"), &[], &[]);
+    assert!(!has_ptrace(broker.pid()), "the broker runs without CAP_SYS_PTRACE");
+    let port = free_port();
+    let udp = format!("udp://127.0.0.1:{port}");
+    let notify = Notify::bind(&dir, "daemon-notify.sock");
+    let mut daemon = Reaped(
+        Command::new("python3")
+            .arg(echo_py())
+            .args(["--bind", &udp])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    notify.wait_line(&mut daemon.0, "READY=1", Duration::from_secs(20));
+    let inode = bound_inode(&udp).unwrap();
+    assert_eq!(adopt(&broker, &["--pid", &daemon.0.id().to_string()]), vec![(udp.clone(), inode)]);
+    assert!(holds(broker.pid(), inode));
+    // (A broker with these capabilities could copy from this one, another
+    // process of root with no more capabilities: stop it.)
+    drop(broker);
+
+    // Recovery without the capability: the holder cannot be looked into,
+    // the log says what is missing, and the start fails on the address.
+    let dir = test_dir("adopt-caps-recovery");
+    let wrapper = broker_wrapper(&dir, "unit-caps.sh", "", UNIT_CAPS);
+    let config = dir.join("orphans.toml");
+    std::fs::write(&config, format!("[[socket]]\nname = \"dns\"\nlisten = \"{udp}\"\n")).unwrap();
+    let args = ["--config", config.to_str().unwrap(), "--adopt-orphans"];
+    let second = Broker::try_start_program(&wrapper, dir.clone(), dir.join("control.sock"), &args, &[]);
+    let log = second.err().expect("no recovery without CAP_SYS_PTRACE");
+    assert!(log.contains("lacks CAP_SYS_PTRACE") && log.contains(&udp), "{log}");
+    assert!(log.contains("Address already in use"), "{log}");
+}
