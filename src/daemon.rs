@@ -276,8 +276,12 @@ fn status_line(server: &Server) -> String {
     sockets.sort();
     let shown = sockets.len().min(4);
     let more = if sockets.len() > shown { format!(", +{} more", sockets.len() - shown) } else { String::new() };
+    let adopted = match count(Origin::Adopted) {
+        0 => String::new(),
+        n => format!(", {n} adopted"),
+    };
     let line = format!(
-        "serving on {}; holding {} sockets ({} from systemd, {} from the fd store, {} on demand, {} declared){}{}{}",
+        "serving on {}; holding {} sockets ({} from systemd, {} from the fd store, {} on demand, {} declared{adopted}){}{}{}",
         server.control().path().display(),
         server.registry.len(),
         count(Origin::Systemd),

@@ -176,9 +176,21 @@ impl Server {
                 }
             } else {
                 log::info!("{peer} adopt {key}: already held (same socket, inode {inode}); nothing to do");
+                // A name for a socket held without one is given; a socket's
+                // existing name is never changed by adopting it again.
+                if let (Some(name), Some(None)) = (item.name, self.registry.get(&key).map(|h| h.name.as_ref())) {
+                    if let Err(e) = self.registry.set_name(&key, Some(name)) {
+                        log::warn!("{peer} adopt {key}: could not name it: {e}");
+                    }
+                }
             }
         }
         Ok((json!(result), Vec::new()))
+    }
+
+    /// Whether `peer` may call `adopt` (and so send descriptors).
+    pub(crate) fn may_adopt(&self, peer: PeerCred) -> bool {
+        self.live.policy.check_admin(&peer, "adopt").is_ok()
     }
 
     pub(crate) fn reload(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {

@@ -492,7 +492,18 @@ impl Server {
                 Ok(got) if got.len == 0 => conn.read_closed = true,
                 Ok(got) => {
                     conn.framer.push(&buf[..got.len]);
-                    conn.received.extend(got.fds);
+                    if !got.fds.is_empty() && !self.may_adopt(conn.peer) {
+                        // Only `adopt` takes descriptors, and only from these
+                        // peers: anyone else's are closed at once, so they
+                        // cannot fill the broker's descriptor table.
+                        log::info!(
+                            "{}: closed {} descriptors it sent (only root and the broker's user may adopt)",
+                            conn.peer,
+                            got.fds.len()
+                        );
+                    } else {
+                        conn.received.extend(got.fds);
+                    }
                     conn.last_active = Instant::now();
                     if conn.received.len() > SCM_MAX_FD {
                         log::warn!(

@@ -780,6 +780,8 @@ fn refusals_name_the_problem() {
     assert!(text.contains("adopt") && text.contains("root"), "names the rule: {text}");
     assert!(text.contains("10003"), "access denied: {text}");
     assert!(!String::from_utf8_lossy(&sockbroker(&broker, &["list"]).stdout).contains(&format!(":{port}")));
+    let sent = bound_inode(&format!("udp://127.0.0.1:{port}")).unwrap();
+    assert!(!holds(broker.pid(), sent), "the descriptors it sent were closed, not kept");
 
     // The same user against a root process: the kernel refuses, and says why.
     let out = run_cli(&broker.control, Some(&setpriv), &["adopt", "--pid", &broker.pid().to_string()]);
@@ -881,6 +883,8 @@ fn the_adopt_method_checks_every_descriptor() {
     let port = l.local_addr().unwrap().port();
     let fdname = broker.wait_notify("FDNAME=sb.tcp");
     assert_eq!(fdname, format!("FDNAME=sb.tcp%3A//127.0.0.1%3A{port}"));
+    let status = broker.wait_notify("STATUS=");
+    assert!(status.contains("holding 1 sockets") && status.contains("1 adopted"), "{status}");
     // And across a re-exec of the broker: the same socket, still "adopted".
     drop(c);
     broker.signal(nix::sys::signal::Signal::SIGUSR1);
