@@ -688,6 +688,16 @@ mod tests {
     }
 
     #[test]
+    fn kernel_refusals_become_errors_a_user_can_act_on() {
+        let err = |errno| kernel_error(1, Some(3), "pidfd_getfd", io::Error::from_raw_os_error(errno));
+        let text = err(nix::libc::ENOSYS).to_string();
+        assert!(text.contains("pidfd_getfd") && text.contains("Linux 5.6"), "{text}");
+        assert!(matches!(err(nix::libc::ESRCH), AdoptError::NoSuchProcess(1)));
+        assert!(matches!(err(nix::libc::EPERM), AdoptError::NotPermitted { pid: 1, .. }));
+        assert!(matches!(err(nix::libc::EINVAL), AdoptError::Copy { pid: 1, fd: 3, .. }));
+    }
+
+    #[test]
     fn finds_the_holder_of_a_live_socket_in_the_tables() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let key: SocketKey = format!("tcp://{}", l.local_addr().unwrap()).parse().unwrap();
