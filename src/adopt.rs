@@ -143,13 +143,11 @@ pub enum AdoptError {
         source: io::Error,
     },
     /// The copied descriptor is not the socket it was expected to be.
-    #[error("pid {pid} fd {fd}: {source}")]
+    #[error("{from}: {source}")]
     Inspect {
-        /// The process.
-        pid: i32,
-        /// Its descriptor.
-        fd: RawFd,
-        /// Why it is not a usable socket.
+        /// Where it was copied from: `pid 123 fd 5`, `multibinder PATH`.
+        from: String,
+        /// Why it is not the expected socket.
         #[source]
         source: InspectError,
     },
@@ -320,10 +318,11 @@ fn socket_inode(link: &Path) -> Option<u64> {
 pub fn copy_one(pid: i32, target: RawFd, key: &SocketKey) -> Result<OwnedFd, AdoptError> {
     let pidfd = fd::pidfd_open(pid).map_err(|e| kernel_error(pid, None, "pidfd_open", e))?;
     let copy = fd::pidfd_getfd(pidfd.as_fd(), target).map_err(|e| kernel_error(pid, Some(target), "pidfd_getfd", e))?;
-    let got = socket::inspect(copy.as_fd()).map_err(|source| AdoptError::Inspect { pid, fd: target, source })?;
+    let from = || format!("pid {pid} fd {target}");
+    let got = socket::inspect(copy.as_fd()).map_err(|source| AdoptError::Inspect { from: from(), source })?;
     if &got != key {
         let source = InspectError::Unsupported(format!("it is {got}, not {key} (the process changed it meanwhile)"));
-        return Err(AdoptError::Inspect { pid, fd: target, source });
+        return Err(AdoptError::Inspect { from: from(), source });
     }
     Ok(copy)
 }
@@ -515,10 +514,11 @@ pub fn copy_from_multibinder(sock: &Path, templates: &[PathBuf]) -> Result<Vec<C
         };
         let (_, fds) = client.call("bind", params.to_json())?;
         let fd = fds.into_iter().next().ok_or_else(|| AdoptError::NoDescriptor(key.clone()))?;
-        let got = socket::inspect(fd.as_fd()).map_err(|source| AdoptError::Inspect { pid: 0, fd: -1, source })?;
+        let from = || format!("multibinder {}", sock.display());
+        let got = socket::inspect(fd.as_fd()).map_err(|source| AdoptError::Inspect { from: from(), source })?;
         if got != key {
-            let source = InspectError::Unsupported(format!("multibinder answered {key} with {got}"));
-            return Err(AdoptError::Inspect { pid: 0, fd: -1, source });
+            let source = InspectError::Unsupported(format!("it answered {key} with {got}"));
+            return Err(AdoptError::Inspect { from: from(), source });
         }
         out.push(Copied { fd, key, from: format!("multibinder {}", sock.display()), name: None });
     }
