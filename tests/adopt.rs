@@ -681,10 +681,34 @@ while True:
             conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [held[key].fileno()]))])
 "#;
 
-/// docs/adopt.md, "A multibinder host": the sockets of the templates'
-/// bind_tcp calls, copied out of multibinder through its own protocol.
+/// multibinder-haproxy-erb's part, as small as it gets: each
+/// `bind_tcp('ADDRESS', PORT)` of the template asked of multibinder with its
+/// client's request, rendered as `fd@N`, then HAProxy exec'd with the
+/// descriptors open.
+const MULTIBINDER_ERB_PY: &str = r#"
+import array, json, os, re, socket, sys
+mb, template, rendered, *haproxy = sys.argv[1:]
+def bind(m):
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(mb)
+    req = {"jsonrpc": "2.0", "method": "bind", "id": "1", "params": [{"address": m.group(1), "port": int(m.group(2)), "backlog": 10240}]}
+    c.sendmsg([json.dumps(req).encode()])
+    _, anc, _, _ = c.recvmsg(4096, socket.CMSG_SPACE(4))
+    fd = array.array("i", anc[0][2])[0]
+    os.set_inheritable(fd, True)
+    return f"fd@{fd}"
+text = re.sub(r"<%=\s*bind_tcp\(\s*'([^']+)'\s*,\s*(\d+)\s*\)\s*%>", bind, open(template).read())
+open(rendered, "w").write(text)
+os.execvp(haproxy[0], haproxy + ["-f", rendered])
+"#;
+
+/// docs/adopt.md, "A multibinder host": HAProxy serving sockets from a
+/// running multibinder moves under the broker. The sockets of the
+/// templates' bind_tcp calls are copied out of multibinder through its own
+/// protocol, `haproxy run` starts on them, the old HAProxy soft-stops and
+/// multibinder exits: 0 failed requests, the same inodes.
 #[test]
-fn sockets_are_copied_out_of_a_multibinder_through_its_protocol() {
+fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
     let broker = Broker::start("adopt-mb");
     let mb_sock = broker.dir.join("multibinder.sock");
     let mut mb = Reaped(
@@ -699,15 +723,6 @@ fn sockets_are_copied_out_of_a_multibinder_through_its_protocol() {
     mb.0.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
     assert_eq!(&line, b"ready\n");
     let ports = [free_port(), free_port()];
-    // What multibinder-haproxy-erb did on this host: the sockets exist in multibinder.
-    let mut mb_client = sockbroker::client::Client::connect(&mb_sock).unwrap();
-    let mut inodes = Vec::new();
-    for port in ports {
-        let params = serde_json::json!([{"address": "127.0.0.1", "port": port, "backlog": 10240}]);
-        let (_, fds) = mb_client.call("bind", params).unwrap();
-        inodes.push(inode(fds[0].as_fd()));
-    }
-    drop(mb_client);
     let template = broker.dir.join("site.cfg.erb");
     std::fs::write(
         &template,
@@ -717,18 +732,71 @@ fn sockets_are_copied_out_of_a_multibinder_through_its_protocol() {
         )),
     )
     .unwrap();
+    // The multibinder-era HAProxy, its sockets from multibinder.
+    let mut old = Reaped(
+        Command::new("python3")
+            .args(["-c", MULTIBINDER_ERB_PY, mb_sock.to_str().unwrap(), template.to_str().unwrap()])
+            .arg(broker.dir.join("site-mb.cfg"))
+            .args([HAPROXY, "-W", "-db"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addrs: Vec<SocketAddr> = ports.iter().map(|p| format!("127.0.0.1:{p}").parse().unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while addrs.iter().any(|a| http_ok(*a).is_err()) {
+        assert!(old.0.try_wait().unwrap().is_none(), "the multibinder HAProxy exited");
+        assert!(Instant::now() < deadline, "the multibinder HAProxy did not serve");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let keys: Vec<String> = ports.iter().map(|p| format!("tcp://127.0.0.1:{p}")).collect();
+    let inodes: Vec<u64> = keys.iter().map(|k| bound_inode(k).unwrap()).collect();
+    for i in &inodes {
+        assert!(holds(mb.0.id() as i32, *i), "multibinder holds its sockets");
+    }
+    let loads: Vec<Load> = addrs
+        .iter()
+        .map(|a| {
+            let a = *a;
+            Load::start(1, move || http_ok(a))
+        })
+        .collect();
+    for l in &loads {
+        l.wait_for(30);
+    }
+
+    // 1. Copy the sockets out of multibinder, through its protocol.
     let adopted =
         adopt(&broker, &["--multibinder", mb_sock.to_str().unwrap(), "--from-templates", template.to_str().unwrap()]);
-    let want: Vec<(String, u64)> =
-        ports.iter().zip(&inodes).map(|(p, i)| (format!("tcp://127.0.0.1:{p}"), *i)).collect();
+    let want: Vec<(String, u64)> = keys.iter().cloned().zip(inodes.iter().copied()).collect();
     assert_eq!(adopted, want);
-    // multibinder can go: the broker holds the sockets; `haproxy run` gets them.
+    // 2. HAProxy under the broker, from the same template.
+    let _run = Supervisor::start(
+        &broker,
+        "haproxy-run",
+        &["haproxy", "run", "--ready-timeout", "20s", "--", HAPROXY, "-f", template.to_str().unwrap()],
+    );
+    for l in &loads {
+        l.wait_for(30);
+    }
+    // 3. The old HAProxy soft-stops; multibinder exits.
+    kill(Pid::from_raw(old.0.id() as i32), Signal::SIGUSR1).unwrap();
+    wait_exit(&mut old.0, "the multibinder HAProxy");
     mb.0.kill().unwrap();
     let _ = mb.0.wait();
-    let mut c = broker.client();
-    for (p, i) in ports.iter().zip(&inodes) {
-        let fd = c.bind(&format!("tcp://127.0.0.1:{p}").parse().unwrap()).unwrap();
-        assert_eq!(inode(fd.as_fd()), *i);
+    for l in &loads {
+        l.wait_for(100);
+    }
+    for (l, k) in loads.into_iter().zip(&keys) {
+        let (ok, failed, errors) = l.finish();
+        eprintln!("{k} moved from multibinder: {ok} requests, {failed} failed");
+        assert_eq!(failed, 0, "{k}: {failed} failed of {}: {errors:?}", ok + failed);
+    }
+    for (k, i) in keys.iter().zip(&inodes) {
+        assert_eq!(bound_inode(k), Some(*i), "{k}: the listening socket never changed");
+        assert!(holds(broker.pid(), *i));
     }
 }
 
