@@ -113,6 +113,7 @@ fn suite(m: &Machine) {
     restarts(m);
     run_unit(m);
     haproxy_unit(m);
+    adopt_haproxy(m);
 }
 
 /// What an administrator sets up before starting anything, as the docs say:
@@ -314,6 +315,73 @@ fn haproxy_unit(m: &Machine) {
         RELOADS + 2
     );
     m.ok(&["systemctl", "stop", unit]);
+}
+
+/// Debian's own haproxy.service serving a port it binds itself, with the
+/// stats socket of Debian's default config.
+const SELF_BOUND_HAPROXY: &str =
+    "global\n  maxconn 1000\n  stats socket /run/haproxy/admin.sock mode 660 level admin\n\
+defaults\n  mode http\n  timeout client 10s\n  timeout server 10s\n  timeout connect 2s\n\
+frontend web\n  bind 127.0.0.1:8096\n\
+  http-request return status 200 content-type text/plain lf-string \"haproxy %pid\"\n";
+
+/// docs/adopt.md, "A HAProxy that binds its ports itself", with the real
+/// units: Debian's haproxy.service moves to haproxy@web2 under load. The
+/// broker (shipped unit: no CAP_SYS_PTRACE) adopts what root's `sockbroker
+/// adopt` copies, keeps it in the fd store across its restart, and no request
+/// fails.
+fn adopt_haproxy(m: &Machine) {
+    m.ok(&["mkdir", "-p", "/run/haproxy"]);
+    m.write("/etc/haproxy/haproxy.cfg", SELF_BOUND_HAPROXY);
+    m.ok(&["systemctl", "start", "haproxy.service"]);
+    let client = Client::start(m.leader, &[(8096, Proto::Http)]);
+    client.wait_for(20);
+
+    // 1. Adopt the listener from HAProxy's worker (its master has none).
+    let master = m.ok(&["systemctl", "show", "-p", "MainPID", "--value", "haproxy"]).trim().to_string();
+    let worker = m.ok(&["pgrep", "-n", "-P", &master]).trim().to_string();
+    let out = m.ok(&["sockbroker", "adopt", "--pid", &worker, "--socket", "web2=tcp://127.0.0.1:8096"]);
+    assert!(out.contains(&format!("tcp://127.0.0.1:8096: adopted from pid {worker}")), "{out}");
+    let inode: u64 = out.rsplit("inode ").next().unwrap().trim().trim_end_matches(')').parse().unwrap();
+    assert_eq!(m.inode("tcp://127.0.0.1:8096"), inode);
+    let broker = m.ok(&["systemctl", "show", "-p", "MainPID", "--value", "sockbroker"]).trim().to_string();
+    let caps = m.ok(&["grep", "CapEff", &format!("/proc/{broker}/status")]);
+    let caps = u64::from_str_radix(caps.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_eq!(caps & (1 << 19), 0, "the broker adopted without CAP_SYS_PTRACE");
+
+    // 2. HAProxy under the broker from a template, as user haproxy.
+    let rules = "[[allow]]\nuser = \"haproxy\"\non_demand = [\"tcp://127.0.0.1:8095\", \"tcp://127.0.0.1:8096\"]\n";
+    m.write("/etc/sockbroker/sockbroker.toml", rules);
+    m.ok(&["sockbroker", "reload"]);
+    m.write("/etc/haproxy/web2.cfg.erb", &HAPROXY_TEMPLATE.replace("8095", "8096"));
+    let before = client.servers();
+    m.ok(&["systemctl", "start", "haproxy@web2"]);
+    client.wait_for_server(|s| !before.contains(s));
+
+    // 3. The old HAProxy soft-stops, and Debian's Restart=always must not
+    // bring it back (it would bind a second socket: SO_REUSEPORT).
+    m.write("/run/systemd/system/haproxy.service.d/no-restart.conf", "[Service]\nRestart=no\n");
+    m.ok(&["systemctl", "daemon-reload"]);
+    m.ok(&["systemctl", "kill", "-s", "USR1", "--kill-whom=main", "haproxy"]);
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    while m.run(&["systemctl", "is-active", "haproxy"]).0 {
+        assert!(Instant::now() < deadline, "the old HAProxy did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.wait_for(client.ok() + 50);
+
+    // 4. The adopted socket survives a restart of the broker (fd store).
+    m.ok(&["systemctl", "restart", "sockbroker"]);
+    assert_eq!(m.inode("tcp://127.0.0.1:8096"), inode, "the adopted socket after systemctl restart");
+    let list = m.ok(&["sockbroker", "list"]);
+    assert!(list.lines().any(|l| l.contains("web2") && l.contains("fd-store")), "{list}");
+    client.wait_for(client.ok() + 20);
+    let (ok, failed, errors) = client.stop();
+    println!(
+        "systemd_boot: haproxy.service moved to haproxy@web2 by adoption: {ok} connections answered, {failed} failed"
+    );
+    assert_eq!(failed, 0, "failed connections while moving HAProxy: {errors:?}");
+    m.ok(&["systemctl", "stop", "haproxy@web2"]);
 }
 
 /// The cached tree for PACKAGES: its folder is named by a hash of the list.
