@@ -857,10 +857,9 @@ fn refusals_name_the_problem() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("not permitted") && text.contains("CAP_SYS_PTRACE"), "{text}");
 
-    // No such pid: a pid that was in use and is now free.
-    let mut gone = Command::new("true").spawn().unwrap();
-    let gone_pid = gone.id();
-    gone.wait().unwrap();
+    // No such pid: one above the kernel's pid_max can never be in use.
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let gone_pid = pid_max + 1;
     let out = sockbroker(&broker, &["adopt", "--pid", &gone_pid.to_string()]);
     assert!(!out.status.success());
     assert!(output_text(&out).contains(&format!("pid {gone_pid}: no such process")), "{}", output_text(&out));
