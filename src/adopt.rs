@@ -251,9 +251,16 @@ pub fn copy_from_pid(pid: i32, wanted: &[Wanted]) -> Result<Vec<Copied>, AdoptEr
     let mut skipped = Vec::new();
     let mut sockets = 0;
     for n in numbers {
-        let Some(inode) = std::fs::read_link(dir.join(n.to_string())).ok().and_then(|l| socket_inode(&l)) else {
-            continue;
+        let link = match std::fs::read_link(dir.join(n.to_string())) {
+            Ok(link) => link,
+            // The folder may be listable while its links are not (the kernel
+            // checks ptrace access on each).
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(AdoptError::NotPermitted { pid, why: why_not_permitted(Some(pid)) })
+            }
+            Err(_) => continue, // closed since the listing
         };
+        let Some(inode) = socket_inode(&link) else { continue };
         sockets += 1;
         if !seen.insert(inode) {
             continue; // a second descriptor for a socket already copied

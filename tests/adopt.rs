@@ -1020,6 +1020,11 @@ fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
     );
     notify.wait_line(&mut daemon.0, "READY=1", Duration::from_secs(20));
     let inode = bound_inode(&udp).unwrap();
+    // `sockbroker adopt` itself does need the capability, and says so.
+    let capless = ["--bounding-set", "-all,+net_bind_service,+chown,+fowner"];
+    let out = run_cli(&broker.control, Some(&capless), &["adopt", "--pid", &daemon.0.id().to_string()]);
+    let text = output_text(&out);
+    assert!(!out.status.success() && text.contains("not permitted") && text.contains("lacks CAP_SYS_PTRACE"), "{text}");
     assert_eq!(adopt(&broker, &["--pid", &daemon.0.id().to_string()]), vec![(udp.clone(), inode)]);
     assert!(holds(broker.pid(), inode));
     // (A broker with these capabilities could copy from this one, another
