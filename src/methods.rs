@@ -107,11 +107,13 @@ impl Server {
         received: &mut std::collections::VecDeque<OwnedFd>,
     ) -> Result<(Value, Vec<OwnedFd>), RpcError> {
         use crate::adopt::{Adopted, Outcome};
-        // The descriptors that came with this request are taken whatever
-        // happens next: a refused request leaves none behind for the next.
+        // Every descriptor received on the connection so far is this
+        // request's, whatever happens next: a refused request leaves none
+        // behind to be mistaken for the next one's. (A client sends one
+        // `adopt` at a time and waits for its reply; descriptors attached to
+        // anything else make the count below wrong, which is refused.)
         let items = crate::adopt::parse_params(params);
-        let n = items.as_ref().map_or(received.len(), |i| i.len().min(received.len()));
-        let fds: Vec<OwnedFd> = received.drain(..n).collect();
+        let fds: Vec<OwnedFd> = received.drain(..).collect();
         self.live.policy.check_admin(&peer, "adopt").map_err(|denied| {
             log::warn!("{peer} adopt: refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
