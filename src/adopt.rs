@@ -707,8 +707,21 @@ mod tests {
     #[test]
     fn finds_the_holder_of_a_live_socket_in_the_tables() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let key: SocketKey = format!("tcp://{}", l.local_addr().unwrap()).parse().unwrap();
-        let inode = fd::inode(l.as_fd()).unwrap();
-        assert!(bound_sockets().contains(&(key, inode)));
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let u6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let dir = std::env::temp_dir().join(format!("sockbroker-adopt-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let x = std::os::unix::net::UnixListener::bind(dir.join("with space.sock")).unwrap();
+        let table = bound_sockets();
+        for (text, fd) in [
+            (format!("tcp://{}", l.local_addr().unwrap()), l.as_fd()),
+            (format!("tcp://{}", l6.local_addr().unwrap()), l6.as_fd()),
+            (format!("udp://{}", u6.local_addr().unwrap()), u6.as_fd()),
+            (format!("unix:{}", dir.join("with space.sock").display()), x.as_fd()),
+        ] {
+            let key: SocketKey = text.parse().unwrap();
+            assert!(table.contains(&(key, fd::inode(fd).unwrap())), "{text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,6 +17,10 @@
 //! SIGUSR1 it re-executes its binary, and `serve --takeover` moves everything
 //! to a new process; both carry the held sockets, the control socket and the
 //! open client connections.
+//! Sockets another process bound can be taken over live ([`adopt`]):
+//! `sockbroker adopt` copies them out (`pidfd_getfd`, or multibinder's own
+//! `bind`) and hands them to the broker, which then holds the same kernel
+//! sockets.
 //! The configuration file ([`config`]) declares sockets, which the broker
 //! opens at start and on reload ([`reload`]), and the allow rules; the
 //! broker describes itself through [`introspect`].
