@@ -262,8 +262,25 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             })?;
         }
         Command::Adopt { pid, sockets, multibinder, from_templates } => {
+            let broker = config::client_control_path();
+            if let Some(mb) = &multibinder {
+                // MULTIBINDER_SOCK, still set for the old services, would
+                // make the broker's path multibinder's own.
+                let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+                if same(mb).is_some() && same(mb) == same(&broker) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!(
+                            "the broker's control socket resolves to {}, the multibinder socket itself \
+                             (MULTIBINDER_SOCK?): set SOCKBROKER_SOCKET to the broker's control socket",
+                            mb.display()
+                        ),
+                    )
+                    .into());
+                }
+            }
             // Connect first: no copying when the broker is not there.
-            let mut client = Client::connect_default()?;
+            let mut client = Client::connect(&broker)?;
             let copied = match (pid, multibinder) {
                 (Some(pid), _) => crate::adopt::copy_from_pid(pid, &sockets)?,
                 (None, Some(sock)) => crate::adopt::copy_from_multibinder(&sock, &from_templates)?,

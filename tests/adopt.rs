@@ -767,6 +767,17 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
         l.wait_for(30);
     }
 
+    // With the old services' MULTIBINDER_SOCK as the only hint, "the
+    // broker" would be multibinder itself: refused, naming the fix.
+    let out = Command::new(BIN)
+        .args(["adopt", "--multibinder", mb_sock.to_str().unwrap(), "--from-templates", template.to_str().unwrap()])
+        .env_remove("SOCKBROKER_SOCKET")
+        .env("MULTIBINDER_SOCK", &mb_sock)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success() && text.contains("set SOCKBROKER_SOCKET"), "{text}");
+
     // 1. Copy the sockets out of multibinder, through its protocol.
     let adopted =
         adopt(&broker, &["--multibinder", mb_sock.to_str().unwrap(), "--from-templates", template.to_str().unwrap()]);
