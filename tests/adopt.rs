@@ -1054,3 +1054,28 @@ fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
     assert!(log.contains("lacks CAP_SYS_PTRACE") && log.contains(&udp), "{log}");
     assert!(log.contains("Address already in use"), "{log}");
 }
+
+/// More sockets than one SCM_RIGHTS message carries (253): the command
+/// splits them over several `adopt` requests, and the broker holds them all.
+#[test]
+fn three_hundred_sockets_are_adopted_in_several_requests() {
+    let broker = Broker::start("adopt-many");
+    let notify = Notify::bind(&broker.dir, "many-notify.sock");
+    let script = "import os, socket, sys\nd = sys.argv[1]\nsocks = []\nfor i in range(300):\n    s = socket.socket(socket.AF_UNIX)\n    s.bind(f'{d}/s{i}.sock')\n    s.listen(8)\n    socks.append(s)\nn = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nn.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\nimport time\ntime.sleep(120)\n";
+    let mut holder = Reaped(
+        Command::new("python3")
+            .args(["-c", script, broker.dir.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    notify.wait_line(&mut holder.0, "READY=1", Duration::from_secs(20));
+    let adopted = adopt(&broker, &["--pid", &holder.0.id().to_string()]);
+    assert_eq!(adopted.len(), 300);
+    for (key, inode) in &adopted {
+        assert!(holds(broker.pid(), *inode), "{key}");
+    }
+    let log = broker.log_text();
+    assert_eq!(log.matches("adopt unix:").count(), 300, "one line per socket");
+}
