@@ -173,6 +173,12 @@ impl Client {
         &self.path
     }
 
+    /// The pid of the process serving the control socket (SO_PEERCRED),
+    /// when the kernel says.
+    pub fn peer_pid(&self) -> Option<i32> {
+        nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.pid())
+    }
+
     /// Sends one request and waits for its reply; returns the result and the
     /// descriptors that came with it. A `bind` whose connection breaks before
     /// the reply is sent again on a new connection (see the module docs).
@@ -204,7 +210,14 @@ impl Client {
         let mut fds = Vec::new();
         let value = loop {
             if let Some(next) = self.framer.next_value() {
-                break next.map_err(|e| self.protocol(e.to_string()))?;
+                break next.map_err(|e| match e {
+                    // The framer speaks of requests (the broker's view);
+                    // here it is the broker's reply that outgrew the cap.
+                    crate::protocol::framing::FrameError::TooLarge(max) => {
+                        self.protocol(format!("its reply is larger than the client's limit of {max} bytes"))
+                    }
+                    other => self.protocol(other.to_string()),
+                })?;
             }
             let mut buf = [0u8; 4096];
             let got = fd::recv_with_fds(self.stream.as_fd(), &mut buf)
