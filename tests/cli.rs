@@ -129,3 +129,59 @@ fn list_shows_inodes_and_holders() {
     let entry = entries.iter().find(|e| e["address"] == spec.as_str()).unwrap();
     assert_eq!(entry["holders"], serde_json::json!([]), "{entry}");
 }
+
+/// `sockbroker generate DIR`: every man page renders with `man -l` without
+/// a warning, and the completions pass `bash -n` and `zsh -n`.
+#[test]
+fn man_pages_render_and_completions_parse() {
+    let dir = test_dir("cli-generate");
+    let out = sockbroker(&["generate", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let written: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+    let pages: Vec<&String> = written.iter().filter(|p| p.ends_with(".1") || p.ends_with(".5")).collect();
+    for want in ["man1/sockbroker.1", "man1/sockbroker-list.1", "man1/sockbroker-haproxy-run.1", "man5/sockbroker.toml.5"] {
+        assert!(pages.iter().any(|p| p.ends_with(want)), "{want} not written: {written:?}");
+    }
+    for page in &pages {
+        let out = Command::new("man")
+            .args(["--warnings", "-l", page])
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man (apt-get install man-db; scripts/test does)");
+        assert!(out.status.success(), "man -l {page}: {}", output_text(&out));
+        assert!(out.stderr.is_empty(), "man -l {page}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = plain(&out.stdout);
+        assert!(text.contains("NAME") && text.len() > 300, "man -l {page}:\n{text}");
+    }
+    let top = Command::new("man").args(["-l", &format!("{}/man1/sockbroker.1", dir.display())]).output().unwrap();
+    let top = plain(&top.stdout);
+    for section in ["EXAMPLES", "ENVIRONMENT", "SOCKBROKER_SOCKET", "SUBCOMMANDS"] {
+        assert!(top.contains(section), "sockbroker(1) lacks {section}:\n{top}");
+    }
+    for (shell, file) in [("bash", "sockbroker.bash"), ("zsh", "_sockbroker")] {
+        let path = dir.join("completions").join(file);
+        let out = Command::new(shell)
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("{shell}: {e} (scripts/test installs it)"));
+        assert!(out.status.success(), "{shell} -n {}: {}", path.display(), output_text(&out));
+    }
+    let fish = std::fs::read_to_string(dir.join("completions/sockbroker.fish")).unwrap();
+    assert!(fish.contains("complete -c sockbroker") && fish.contains("list"), "{fish}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// man's output without overstrike (`N\bN` for bold, `_\bx` for underline).
+fn plain(bytes: &[u8]) -> String {
+    let mut out: Vec<char> = Vec::new();
+    for c in String::from_utf8_lossy(bytes).chars() {
+        if c == '\u{8}' {
+            out.pop();
+            continue;
+        }
+        out.push(c);
+    }
+    // After a backspace the next char replaces the popped one: `N\bN` -> `N`.
+    out.into_iter().collect()
+}
