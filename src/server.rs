@@ -503,7 +503,9 @@ impl Server {
                 Ok(true) => {}
                 Ok(false) => return true, // the peer's buffer is full: wait for POLLOUT
                 Err(e) => {
-                    log::debug!("{}: client went away before reading its reply: {e}", conn.peer);
+                    // Info, not debug: an undelivered reply may be a
+                    // descriptor a daemon expected and never got.
+                    log::info!("{}: client went away before reading its reply: {e}", conn.peer);
                     return false;
                 }
             }
@@ -615,7 +617,7 @@ impl Server {
         };
         self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
             log::warn!("{peer} bind {key}: refused: {denied}");
-            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+            RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
         })?;
         let (held, new) = match &target {
             BindTarget::Name(name) => (self.registry.by_name(name).map_err(|_| unknown(name))?, false),
