@@ -370,7 +370,7 @@ impl Machine {
             .arg(tree)
             .args(["-M", &name, "--boot", "--register=no", "--keep-unit", "--volatile=overlay"])
             .args(["--private-network", "--console=read-only"])
-            .arg(bind(BIN, "/usr/local/bin/sockbroker"))
+            .arg(bind(BIN, "/usr/bin/sockbroker"))
             .arg(bind(&format!("{ROOT}/units/sockbroker.socket"), "/etc/systemd/system/sockbroker.socket"))
             .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
             .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
