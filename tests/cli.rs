@@ -139,7 +139,9 @@ fn man_pages_render_and_completions_parse() {
     assert!(out.status.success(), "{}", output_text(&out));
     let written: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
     let pages: Vec<&String> = written.iter().filter(|p| p.ends_with(".1") || p.ends_with(".5")).collect();
-    for want in ["man1/sockbroker.1", "man1/sockbroker-list.1", "man1/sockbroker-haproxy-run.1", "man5/sockbroker.toml.5"] {
+    for want in
+        ["man1/sockbroker.1", "man1/sockbroker-list.1", "man1/sockbroker-haproxy-run.1", "man5/sockbroker.toml.5"]
+    {
         assert!(pages.iter().any(|p| p.ends_with(want)), "{want} not written: {written:?}");
     }
     for page in &pages {

@@ -15,8 +15,7 @@ fn run_template_instance_verifies_cleanly() {
     assert!(template.contains("EnvironmentFile=/etc/sockbroker/run/%i.env"));
     assert!(template.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     // ExecStart= pointing at the binary under test, so the executable check passes too.
-    std::fs::write(dir.join("sockbroker-run@.service"), template.replace("/usr/bin/sockbroker", common::BIN))
-        .unwrap();
+    std::fs::write(dir.join("sockbroker-run@.service"), template.replace("/usr/bin/sockbroker", common::BIN)).unwrap();
     let output = common::systemd_analyze_verify(&dir, &["sockbroker-run@myapp.service"]);
     assert!(output.trim().is_empty(), "systemd-analyze verify:\n{output}");
 

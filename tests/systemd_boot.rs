@@ -389,20 +389,23 @@ impl Machine {
         }
         if units {
             cmd.arg(bind(BIN, "/usr/bin/sockbroker"))
-            .arg(bind(&format!("{ROOT}/units/sockbroker.socket"), "/etc/systemd/system/sockbroker.socket"))
-            .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
-            .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
-            .arg(bind(&format!("{ROOT}/tests/daemons"), "/opt/sbdaemons"))
-            .arg(bind(&format!("{ROOT}/units/sockbroker-run@.service"), "/etc/systemd/system/sockbroker-run@.service"))
-            .arg(bind(&format!("{ROOT}/units/haproxy@.service"), "/etc/systemd/system/haproxy@.service"))
-            .arg(bind(
-                &format!("{ROOT}/tests/systemd/sockbroker-http.socket"),
-                "/etc/systemd/system/sockbroker-http.socket",
-            ))
-            .arg(bind(
-                &format!("{ROOT}/tests/systemd/sbtest-consumer.service"),
-                "/etc/systemd/system/sbtest-consumer.service",
-            ));
+                .arg(bind(&format!("{ROOT}/units/sockbroker.socket"), "/etc/systemd/system/sockbroker.socket"))
+                .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
+                .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
+                .arg(bind(&format!("{ROOT}/tests/daemons"), "/opt/sbdaemons"))
+                .arg(bind(
+                    &format!("{ROOT}/units/sockbroker-run@.service"),
+                    "/etc/systemd/system/sockbroker-run@.service",
+                ))
+                .arg(bind(&format!("{ROOT}/units/haproxy@.service"), "/etc/systemd/system/haproxy@.service"))
+                .arg(bind(
+                    &format!("{ROOT}/tests/systemd/sockbroker-http.socket"),
+                    "/etc/systemd/system/sockbroker-http.socket",
+                ))
+                .arg(bind(
+                    &format!("{ROOT}/tests/systemd/sbtest-consumer.service"),
+                    "/etc/systemd/system/sbtest-consumer.service",
+                ));
         }
         cmd.stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())

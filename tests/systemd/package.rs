@@ -16,11 +16,8 @@ const SECURITY: [(&str, f64); 3] =
 pub fn suite(tree: &Path) {
     let out = tempfile_path("deb");
     std::fs::create_dir_all(&out).unwrap();
-    let built = Command::new(format!("{ROOT}/scripts/deb"))
-        .args(["--binary", BIN, "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let built =
+        Command::new(format!("{ROOT}/scripts/deb")).args(["--binary", BIN, "--out"]).arg(&out).output().unwrap();
     assert!(built.status.success(), "scripts/deb: {}", String::from_utf8_lossy(&built.stderr));
     let m = Machine::boot_with(tree, "sbt13", false, &[(out.to_str().unwrap(), "/opt/sbdeb")]);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| first_hour(&m)));
@@ -102,7 +99,9 @@ fn first_hour(m: &Machine) {
     m.ok(&["systemctl", "reload", "sockbroker"]);
     client.wait_for(client.ok() + 20);
     let (ok, failed, errors) = client.stop();
-    println!("systemd_boot: package recipes: {RELOADS} reloads of each daemon, {ok} requests answered, {failed} failed");
+    println!(
+        "systemd_boot: package recipes: {RELOADS} reloads of each daemon, {ok} requests answered, {failed} failed"
+    );
     assert_eq!(failed, 0, "failed requests: {errors:?}");
 
     for (unit, limit) in SECURITY {
