@@ -158,7 +158,19 @@ impl Client {
 
     fn open(path: &Path, backoff: &mut Backoff) -> Result<UnixStream, ClientError> {
         let stream =
-            connect_retrying(path, backoff).map_err(|source| ClientError::Connect { path: path.into(), source })?;
+            connect_retrying(path, backoff).map_err(|source| match crate::config::missing_runtime_dir(path) {
+                Some(runtime) => ClientError::Connect {
+                    path: path.into(),
+                    source: io::Error::new(
+                        source.kind(),
+                        format!(
+                            "{source}: XDG_RUNTIME_DIR={} does not exist (is the broker run by another user?)",
+                            runtime.display()
+                        ),
+                    ),
+                },
+                None => ClientError::Connect { path: path.into(), source },
+            })?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|source| ClientError::Io { path: path.into(), source })?;
         Ok(stream)
     }

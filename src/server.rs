@@ -89,6 +89,17 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    /// The folder is under `$XDG_RUNTIME_DIR`, which is set but missing.
+    #[error(
+        "control socket folder {path}: XDG_RUNTIME_DIR={runtime} does not exist (it is made at login \
+         by systemd-logind); unset XDG_RUNTIME_DIR to use /tmp/sockbroker-UID, or pass --control PATH"
+    )]
+    RuntimeDirMissing {
+        /// `$XDG_RUNTIME_DIR`.
+        runtime: PathBuf,
+        /// The folder.
+        path: PathBuf,
+    },
     /// A private folder under /tmp belongs to someone else.
     #[error("control socket folder {path} is owned by uid {owner}, not by us (uid {uid}); refusing to use it")]
     DirOwner {
@@ -209,7 +220,10 @@ impl Drop for ControlSocket {
 /// /tmp (`/tmp/sockbroker-UID`) must be ours and private, or another user
 /// could have made it first and swap the socket.
 fn prepare_dir(dir: &Path) -> Result<(), ControlError> {
-    let dir_err = |source| ControlError::Dir { path: dir.into(), source };
+    let dir_err = |source| match crate::config::missing_runtime_dir(dir) {
+        Some(runtime) => ControlError::RuntimeDirMissing { runtime, path: dir.into() },
+        None => ControlError::Dir { path: dir.into(), source },
+    };
     let private = dir.parent() == Some(Path::new("/tmp"))
         && dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("sockbroker-"));
     std::fs::DirBuilder::new()

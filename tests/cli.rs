@@ -187,3 +187,29 @@ fn plain(bytes: &[u8]) -> String {
     // After a backspace the next char replaces the popped one: `N\bN` -> `N`.
     out.into_iter().collect()
 }
+
+/// XDG_RUNTIME_DIR set but missing, and a symlink squatting the control
+/// path: errors that name the cause, not "Permission denied" or "File exists".
+#[test]
+fn control_path_errors_name_the_cause() {
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "serve"])
+        .env("XDG_RUNTIME_DIR", "/run/user/4242424")
+        .env_remove("SOCKBROKER_SOCKET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("XDG_RUNTIME_DIR=/run/user/4242424 does not exist"), "{err}");
+    assert!(err.contains("/tmp/sockbroker-UID"), "{err}");
+
+    let dir = test_dir("cli-symlink");
+    let path = dir.join("control.sock");
+    std::os::unix::fs::symlink("/nonexistent/elsewhere", &path).unwrap();
+    let out = sockbroker(&["serve", "--control", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a symbolic link (to /nonexistent/elsewhere)"), "{err}");
+    assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink(), "the link was left alone");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
