@@ -635,10 +635,17 @@ impl Server {
         })?;
         let (held, new) = match &target {
             BindTarget::Name(name) => (self.registry.by_name(name).map_err(|_| unknown(name))?, false),
-            BindTarget::Spec(spec) => self.registry.get_or_open(spec).map_err(|e| {
-                log::warn!("{peer} bind {}: could not bind: {e}", spec.key);
-                RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
-            })?,
+            BindTarget::Spec(spec) => {
+                let new = match self.registry.get_or_open(spec) {
+                    Ok((_, new)) => new,
+                    Err(e) => {
+                        let hint = in_use_by_broker(&self.registry, &e);
+                        log::warn!("{peer} bind {}: could not bind: {e}{hint}", spec.key);
+                        return Err(RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}{hint}")));
+                    }
+                };
+                (self.registry.get_mut(&spec.key).expect("held: just found or opened"), new)
+            }
         };
         if new {
             // A socket the broker made itself: systemd keeps a copy, so a
@@ -779,4 +786,29 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// For a bind that failed with "Address already in use": the sockets the
+/// broker itself holds on that port and transport (a `sockbroker bind`
+/// earlier, say, keeps 127.0.0.1:8080 bound while 0.0.0.0:8080 is asked
+/// for), named with how to free them. Empty otherwise.
+fn in_use_by_broker(registry: &crate::registry::Registry, e: &crate::socket::OpenError) -> String {
+    use crate::spec::SocketKey;
+    let SocketKey::Inet { transport, addr } = &e.key else { return String::new() };
+    if e.source.kind() != io::ErrorKind::AddrInUse {
+        return String::new();
+    }
+    let mine: Vec<String> = registry
+        .iter()
+        .filter(|h| matches!(h.key(), SocketKey::Inet { transport: t, addr: a } if t == transport && a.port() == addr.port()))
+        .map(|h| h.key().to_string())
+        .collect();
+    if mine.is_empty() {
+        return String::new();
+    }
+    format!(
+        " (this broker holds {} on that port; `sockbroker release ADDRESS` closes a socket it made on demand, \
+         `sockbroker list` shows who else holds it)",
+        mine.join(", ")
+    )
 }

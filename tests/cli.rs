@@ -213,3 +213,18 @@ fn control_path_errors_name_the_cause() {
     assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink(), "the link was left alone");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// "Address already in use" because the broker itself holds the port (a
+/// `sockbroker bind` earlier): the error says so and how to free it.
+#[test]
+fn address_in_use_by_the_broker_says_so() {
+    let broker = Broker::start("cli-inuse");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let port = spec.rsplit(':').next().unwrap();
+    let out = broker.cli(&["bind", &format!("tcp://0.0.0.0:{port}")]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Could not bind: ") && err.contains("ddress already in use"), "{err}");
+    assert!(err.contains(&format!("this broker holds {spec} on that port")), "{err}");
+    assert!(err.contains("sockbroker release"), "{err}");
+}
