@@ -217,7 +217,32 @@ pub fn config_page(markdown: &str) -> String {
     );
     let mut in_code = false;
     let mut header: Option<Vec<String>> = None;
+    // The text of the paragraph (or list item) being read: markdown wraps
+    // lines anywhere, even inside `code`, so it is converted whole.
+    let mut para = String::new();
+    let flush = |out: &mut String, para: &mut String| {
+        if !para.is_empty() {
+            out.push_str(&roff_inline(para));
+            out.push('\n');
+            para.clear();
+        }
+    };
     for line in markdown.lines() {
+        let text_line = !in_code
+            && !line.starts_with("```")
+            && !line.starts_with('|')
+            && !line.starts_with('#')
+            && !line.trim().is_empty()
+            && !line.starts_with("- ")
+            && line.split_once(". ").filter(|(n, _)| n.parse::<u32>().is_ok()).is_none();
+        if text_line {
+            if !para.is_empty() {
+                para.push(' ');
+            }
+            para.push_str(line.trim());
+            continue;
+        }
+        flush(&mut out, &mut para);
         if line.starts_with("```") {
             out.push_str(if in_code { ".fi\n.RE\n" } else { ".PP\n.RS 4\n.nf\n" });
             in_code = !in_code;
@@ -267,14 +292,14 @@ pub fn config_page(markdown: &str) -> String {
         } else if line.trim().is_empty() {
             out.push_str(".PP\n");
         } else if let Some(item) = line.strip_prefix("- ") {
-            out.push_str(&format!(".IP \\(bu 2\n{}\n", roff_inline(item)));
+            out.push_str(".IP \\(bu 2\n");
+            para.push_str(item.trim());
         } else if let Some((n, item)) = line.split_once(". ").filter(|(n, _)| n.parse::<u32>().is_ok()) {
-            out.push_str(&format!(".IP {n}. 4\n{}\n", roff_inline(item)));
-        } else {
-            out.push_str(&roff_inline(line.trim_start()));
-            out.push('\n');
+            out.push_str(&format!(".IP {n}. 4\n"));
+            para.push_str(item.trim());
         }
     }
+    flush(&mut out, &mut para);
     out.push_str(".SH SEE ALSO\n\\fBsockbroker\\fR(1), \\fBsystemd.socket\\fR(5)\n");
     out
 }
