@@ -58,8 +58,13 @@ fn socket_flag_names_the_control_socket() {
         assert!(out.status.success(), "{args:?}: {}", output_text(&out));
         assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("pid {}", broker.pid())), "{args:?}");
     }
-    // A missing one is named in the error.
+    // A missing one is named in the error; before the subcommand it reaches
+    // every command that talks to the broker, `exec` (whose own --socket
+    // names the child's sockets) included.
     let out = sockbroker(&["list", "--socket", "/nonexistent/sb.sock"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sb.sock"), "{}", output_text(&out));
+    let out = sockbroker(&["--socket", "/nonexistent/sb.sock", "exec", "--socket", "tcp://127.0.0.1:9", "--", "true"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sb.sock"), "{}", output_text(&out));
 }
