@@ -22,7 +22,9 @@
 //! 5. `units/haproxy@.service` (user haproxy, template in /etc/haproxy/,
 //!    the control socket's group set up as docs/haproxy.md says) serves,
 //!    reloads under load with zero failed connections, and a broken template
-//!    fails `systemctl reload` while the running instance serves on.
+//!    fails `systemctl reload` while the running instance serves on;
+//! 6. in a second, fresh container: the Debian package and the recipes of
+//!    README.md and docs/haproxy.md, run as written (tests/systemd/package.rs).
 //!
 //! Runs as root (CI); skipped otherwise, or with SOCKBROKER_TEST_SYSTEMD=0.
 //! The container is stopped on every path: on drop, on panic, and by the
