@@ -259,6 +259,14 @@ pub struct Denied {
     pub what: String,
 }
 
+impl Denied {
+    /// The refusal as a client reads it (code 10003): which configuration
+    /// file's rules refused, so an operator knows what to edit.
+    pub fn explained(&self, rules_from: &dyn std::fmt::Display) -> String {
+        format!("{self}: no [[allow]] rule in {rules_from} grants it")
+    }
+}
+
 /// The rules in force, and the broker's own uid.
 #[derive(Debug, Clone)]
 pub struct Policy {

@@ -16,12 +16,57 @@ use crate::supervisor::{Readiness, RunError, RunOptions};
 
 /// Holds LISTEN sockets and hands them to the daemons that serve them, so
 /// old and new generations of a daemon share one kernel listen queue.
+///
+/// `sockbroker serve` is the broker; the other commands talk to it over its
+/// control socket, or run daemons with its sockets.
 #[derive(Debug, Parser)]
-#[command(name = "sockbroker", version, about, propagate_version = true)]
+#[command(name = "sockbroker", version, about, long_about)]
 pub struct Cli {
+    /// The broker's control socket, for every command that talks to it (and
+    /// the one `serve` listens on). Same as SOCKBROKER_SOCKET=PATH, which
+    /// `exec` and `run` pass on to their daemons.
+    #[arg(long = "socket", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--socket PATH` after a client command (`sockbroker list --socket PATH`),
+/// as well as before it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ControlArg {
+    /// The broker's control socket [default: $SOCKBROKER_SOCKET, else
+    /// $MULTIBINDER_SOCK, else /run/sockbroker/control.sock as root,
+    /// $XDG_RUNTIME_DIR/sockbroker/control.sock otherwise, or
+    /// /tmp/sockbroker-UID/control.sock when XDG_RUNTIME_DIR is unset].
+    #[arg(long = "socket", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+impl ControlArg {
+    /// Connects to the broker this flag (or the environment, or the default) names.
+    fn connect(&self) -> Result<Client, ClientError> {
+        match &self.socket {
+            Some(path) => Client::connect(path),
+            None => Client::connect_default(),
+        }
+    }
+}
+
+/// Parses the command line, with the examples and the environment in
+/// `--help` (see [`crate::manual`]).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// The full clap command: the derive plus the EXAMPLES and ENVIRONMENT
+/// sections of `--help`. Man pages and completions are made from this.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    crate::manual::decorate(Cli::command())
 }
 
 /// The subcommands.
@@ -29,8 +74,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker.
     Serve {
-        /// Control socket path [default: $SOCKBROKER_SOCKET, else
-        /// /run/sockbroker/control.sock as root, $XDG_RUNTIME_DIR/sockbroker/control.sock otherwise]
+        /// Control socket path [default: --socket, else $SOCKBROKER_SOCKET, else [control] path
+        /// from the configuration, else /run/sockbroker/control.sock as root,
+        /// $XDG_RUNTIME_DIR/sockbroker/control.sock otherwise, or /tmp/sockbroker-UID/control.sock
+        /// when XDG_RUNTIME_DIR is unset]
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
         /// Close client connections idle for this long (e.g. 30s, 500ms).
@@ -78,27 +125,53 @@ pub enum Command {
         config: Option<PathBuf>,
     },
     /// Make the running broker re-read its configuration (as SIGHUP does).
-    Reload,
-    /// List the sockets the broker holds.
+    Reload {
+        /// The control socket.
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// List the sockets the broker holds, with their inodes and the processes holding them now.
+    ///
+    /// HOLDERS are the pids (other than the broker's) with the socket open,
+    /// found in /proc/PID/fd with your own privileges: as a user you see your
+    /// own processes only. The INODE is what `ss -e` and /proc/PID/fdinfo show.
     List {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (every field, `holders` included).
         #[arg(long)]
         json: bool,
+        /// The control socket.
+        #[command(flatten)]
+        control: ControlArg,
     },
     /// Show the broker's version, uptime and counts.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The control socket.
+        #[command(flatten)]
+        control: ControlArg,
     },
     /// Make the broker close its copy of a socket it created on demand.
+    ///
+    /// Processes that received the socket keep theirs; once none is left the
+    /// port is free again.
     Release {
         /// The socket, in its text form.
         #[arg(value_name = "SPEC")]
         spec: SocketSpec,
+        /// The control socket.
+        #[command(flatten)]
+        control: ControlArg,
     },
     /// Ask the broker for a socket and print what was received.
+    ///
+    /// The broker keeps holding the socket afterwards (that is its job): the
+    /// port stays bound until `sockbroker release SPEC`.
     Bind {
+        /// The control socket.
+        #[command(flatten)]
+        control: ControlArg,
         /// The socket: tcp://ADDR:PORT, udp://ADDR:PORT, unix:/PATH, unix:@NAME.
         #[arg(value_name = "SPEC", required_unless_present = "name", conflicts_with = "name")]
         spec: Option<SocketSpec>,
@@ -141,6 +214,14 @@ pub enum Command {
     /// HAProxy with the broker's sockets: templates, checked zero-downtime reloads.
     #[command(subcommand)]
     Haproxy(HaproxyCommand),
+    /// Write the man pages (DIR/man1, DIR/man5) and the bash, zsh and fish
+    /// completions (DIR/completions) made from this binary's own definitions.
+    #[command(hide = true)]
+    Generate {
+        /// Where to write them.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `sockbroker haproxy …`
@@ -245,8 +326,22 @@ pub enum CliError {
     Io(#[from] std::io::Error),
 }
 
+impl CliError {
+    /// Whether stdout's reader went away (EPIPE): `sockbroker list | head -1`
+    /// then exits 0 with no message, as `cat` and `ls` do.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, CliError::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    if let Some(path) = &cli.socket {
+        // Before any thread exists (main calls this first). Every path
+        // lookup (the client library, `serve`, the HAProxy renderer) and
+        // the daemons of `exec` and `run` read it from there.
+        std::env::set_var(config::SOCKET_ENV, path);
+    }
     match cli.command {
         Command::Serve { control, idle_timeout, takeover, config, adopt_orphans } => {
             let source = config::Source::resolve(config.as_deref());
@@ -297,51 +392,41 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
         }
         Command::Check { config } => return Ok(check(config.as_deref())),
-        Command::Reload => {
-            let (result, _) = Client::connect_default()?.call("reload", serde_json::Value::Null)?;
+        Command::Reload { control } => {
+            let (result, _) = control.connect()?.call("reload", serde_json::Value::Null)?;
             let applied: crate::reload::Applied = serde_json::from_value(result).unwrap_or_default();
-            println!(
-                "reloaded: {} opened, {} closed, {} kept, {} rules",
+            say(format_args!(
+                "reloaded: {} opened, {} closed, {} kept, {} rules\n",
                 applied.opened.len(),
                 applied.closed.len(),
                 applied.kept.len(),
                 applied.rules
-            );
+            ))?;
         }
-        Command::List { json } => {
-            let (result, _) = Client::connect_default()?.call("list", serde_json::Value::Null)?;
+        Command::List { json, control } => list(&control, json)?,
+        Command::Status { json, control } => {
+            let (result, _) = control.connect()?.call("status", serde_json::Value::Null)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
-            } else {
-                let sockets: Vec<crate::introspect::SocketInfo> = serde_json::from_value(result)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                print!("{}", crate::introspect::table(&sockets, std::time::SystemTime::now()));
-            }
-        }
-        Command::Status { json } => {
-            let (result, _) = Client::connect_default()?.call("status", serde_json::Value::Null)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
+                say(format_args!("{}\n", serde_json::to_string_pretty(&result).unwrap_or_default()))?;
             } else {
                 let s: crate::introspect::Status = serde_json::from_value(result)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                print!("{s}");
+                say(format_args!("{s}"))?;
             }
         }
-        Command::Release { spec } => {
-            let params = crate::protocol::bind::BindParams::from_spec(&spec).to_json();
-            Client::connect_default()?.call("release", params)?;
-            println!("{spec}: released");
+        Command::Release { spec, control } => {
+            control.connect()?.release(&spec)?;
+            say(format_args!("{spec}: released\n"))?;
         }
-        Command::Bind { spec, name } => {
-            let mut client = Client::connect_default()?;
+        Command::Bind { spec, name, control } => {
+            let mut client = control.connect()?;
             let (what, fd) = match (spec, name) {
                 (_, Some(name)) => (format!("name '{name}'"), client.bind_name(&name)?),
                 (Some(spec), None) => (spec.to_string(), client.bind(&spec)?),
                 (None, None) => unreachable!("clap requires a spec or a name"),
             };
             let inode = crate::fd::inode(std::os::fd::AsFd::as_fd(&fd))?;
-            println!("{what}: received socket inode {inode}");
+            say(format_args!("{what}: received socket inode {inode}\n"))?;
         }
         Command::Exec { sockets, command } => {
             return Err(crate::exec::run(&sockets.sockets, sockets.fallback_bind, &command).into());
@@ -358,8 +443,52 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             })?);
         }
         Command::Haproxy(command) => return run_haproxy(command),
+        Command::Generate { dir } => {
+            for path in crate::manual::generate(command(), &dir)? {
+                say(format_args!("{}\n", path.display()))?;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout. A reader that went away (`sockbroker list | head -1`)
+/// makes this fail with EPIPE, which `main` turns into a quiet exit 0
+/// ([`CliError::is_broken_pipe`]).
+fn say(args: std::fmt::Arguments<'_>) -> Result<(), CliError> {
+    use std::io::Write;
+    std::io::stdout().lock().write_fmt(args)?;
+    Ok(())
+}
+
+/// `sockbroker list`: the broker's list, with each socket's holders found
+/// here, in /proc, with the caller's own privileges.
+fn list(control: &ControlArg, json: bool) -> Result<(), CliError> {
+    use crate::introspect;
+    let mut client = control.connect()?;
+    let (result, _) = client.call("list", serde_json::Value::Null)?;
+    let broker = client.peer_pid();
+    let sockets: Vec<introspect::SocketInfo> =
+        serde_json::from_value(result.clone()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let holders = introspect::holders(sockets.iter().filter_map(|s| s.inode), broker);
+    if json {
+        // The broker's objects as sent (fields this client does not know
+        // included), each with `holders` added.
+        let mut entries = match result {
+            serde_json::Value::Array(entries) => entries,
+            _ => Vec::new(),
+        };
+        for entry in &mut entries {
+            let inode = entry.get("inode").and_then(serde_json::Value::as_u64);
+            let pids = inode.and_then(|i| holders.get(&i)).cloned().unwrap_or_default();
+            if let Some(object) = entry.as_object_mut() {
+                object.insert("holders".into(), serde_json::json!(pids));
+            }
+        }
+        say(format_args!("{}\n", serde_json::to_string_pretty(&entries).unwrap_or_default()))
+    } else {
+        say(format_args!("{}", introspect::table(&sockets, &holders, std::time::SystemTime::now())))
+    }
 }
 
 /// `sockbroker check`: every problem on stderr, one per line; exit 1 on any.
@@ -367,7 +496,12 @@ fn check(flag: Option<&std::path::Path>) -> ExitCode {
     let source = config::Source::resolve(flag);
     match source.load() {
         Ok(c) => {
-            println!("{source}: ok ({} declared sockets, {} allow rules)", c.sockets.len(), c.rules.len());
+            // A closed stdout changes nothing: the verdict is the exit status.
+            let _ = say(format_args!(
+                "{source}: ok ({} declared sockets, {} allow rules)\n",
+                c.sockets.len(),
+                c.rules.len()
+            ));
             ExitCode::SUCCESS
         }
         Err(config::ConfigError::Invalid { problems, .. }) => {
@@ -390,12 +524,12 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         HaproxyCommand::Render { template, output, fallback_bind } => {
             let options = RenderOptions { control: None, fallback_bind, rendered_dir: None };
             let rendered = haproxy::render_template(&template, output.as_deref(), &options)?;
-            println!(
-                "{}: {} sockets from the broker, {} direct binds",
+            say(format_args!(
+                "{}: {} sockets from the broker, {} direct binds\n",
                 rendered.output.display(),
                 rendered.fds.len(),
                 rendered.direct_binds
-            );
+            ))?;
         }
         HaproxyCommand::Exec { fallback_bind, rendered_dir, command } => {
             haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;

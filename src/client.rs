@@ -158,7 +158,19 @@ impl Client {
 
     fn open(path: &Path, backoff: &mut Backoff) -> Result<UnixStream, ClientError> {
         let stream =
-            connect_retrying(path, backoff).map_err(|source| ClientError::Connect { path: path.into(), source })?;
+            connect_retrying(path, backoff).map_err(|source| match crate::config::missing_runtime_dir(path) {
+                Some(runtime) => ClientError::Connect {
+                    path: path.into(),
+                    source: io::Error::new(
+                        source.kind(),
+                        format!(
+                            "{source}: XDG_RUNTIME_DIR={} does not exist (is the broker run by another user?)",
+                            runtime.display()
+                        ),
+                    ),
+                },
+                None => ClientError::Connect { path: path.into(), source },
+            })?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|source| ClientError::Io { path: path.into(), source })?;
         Ok(stream)
     }
@@ -171,6 +183,12 @@ impl Client {
     /// The control socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The pid of the process serving the control socket (SO_PEERCRED),
+    /// when the kernel says.
+    pub fn peer_pid(&self) -> Option<i32> {
+        nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.pid())
     }
 
     /// Sends one request and waits for its reply; returns the result and the
@@ -231,7 +249,14 @@ impl Client {
         let mut fds = Vec::new();
         let value = loop {
             if let Some(next) = self.framer.next_value() {
-                break next.map_err(|e| self.protocol(e.to_string()))?;
+                break next.map_err(|e| match e {
+                    // The framer speaks of requests (the broker's view);
+                    // here it is the broker's reply that outgrew the cap.
+                    crate::protocol::framing::FrameError::TooLarge(max) => {
+                        self.protocol(format!("its reply is larger than the client's limit of {max} bytes"))
+                    }
+                    other => self.protocol(other.to_string()),
+                })?;
             }
             let mut buf = [0u8; 4096];
             let got = fd::recv_with_fds(self.stream.as_fd(), &mut buf)

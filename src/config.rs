@@ -68,6 +68,13 @@ pub fn default_control_path() -> PathBuf {
     }
 }
 
+/// `$XDG_RUNTIME_DIR` when `path` lies under it and it does not exist: the
+/// cause to name instead of a bare "Permission denied" or "No such file".
+pub fn missing_runtime_dir(path: &Path) -> Option<PathBuf> {
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)?;
+    (runtime.is_absolute() && path.starts_with(&runtime) && !runtime.exists()).then_some(runtime)
+}
+
 /// The control socket path a client uses.
 pub fn client_control_path() -> PathBuf {
     [SOCKET_ENV, MULTIBINDER_ENV]

@@ -7,6 +7,7 @@
 //! travel as JSON, and the CLI reads them back into the same types, so the
 //! wire form has one definition.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,11 @@ pub struct SocketInfo {
     pub queued: Option<u32>,
     /// TCP listeners: the kernel's cap on that queue (the effective backlog).
     pub backlog: Option<u32>,
+    /// The socket's inode: what `ss -e`, /proc/PID/fd (`socket:[INODE]`) and
+    /// /proc/PID/fdinfo show, so a daemon's copy can be matched to this one.
+    /// Absent from brokers older than the field.
+    #[serde(default)]
+    pub inode: Option<u64>,
 }
 
 impl SocketInfo {
@@ -64,8 +70,42 @@ impl SocketInfo {
             last_uid: held.last_peer.map(|p| p.uid),
             queued,
             backlog,
+            inode: crate::fd::inode(held.fd()).ok(),
         }
     }
+}
+
+/// Which processes hold each of `inodes` now: every `/proc/PID/fd/N` that
+/// reads `socket:[INODE]`, except the broker's own (`broker`). It runs in
+/// the client with the caller's privileges, so a user sees the processes it
+/// may inspect (its own) and root sees all; the broker reveals nothing.
+/// Pids come sorted; a socket nobody else holds has no entry.
+pub fn holders(inodes: impl IntoIterator<Item = u64>, broker: Option<i32>) -> HashMap<u64, Vec<i32>> {
+    let wanted: HashSet<u64> = inodes.into_iter().collect();
+    let mut found: HashMap<u64, Vec<i32>> = HashMap::new();
+    if wanted.is_empty() {
+        return found;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return found };
+    let mut pids: Vec<i32> =
+        procs.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|p| Some(*p) != broker).collect();
+    pids.sort_unstable();
+    for pid in pids {
+        // Processes of other users (EACCES) and those gone meanwhile are
+        // skipped: this is a snapshot, not an audit.
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            let inode = target.to_str().and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
+            if let Some(inode) = inode.filter(|i| wanted.contains(i)) {
+                let pids = found.entry(inode).or_default();
+                if pids.last() != Some(&pid) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    found
 }
 
 /// Every held socket, sorted by name (unnamed last) then address.
@@ -161,11 +201,12 @@ pub fn short_duration(d: Duration) -> String {
     }
 }
 
-/// The `sockbroker list` table: one aligned row per socket.
-pub fn table(sockets: &[SocketInfo], now: SystemTime) -> String {
-    let header = ["NAME", "ADDRESS", "KIND", "ORIGIN", "AGE", "HANDED", "LAST PEER", "QUEUE"];
+/// The `sockbroker list` table: one aligned row per socket, with the pids
+/// [`holders`] found for it.
+pub fn table(sockets: &[SocketInfo], holders: &HashMap<u64, Vec<i32>>, now: SystemTime) -> String {
+    let header = ["NAME", "ADDRESS", "KIND", "ORIGIN", "AGE", "HANDED", "LAST PEER", "QUEUE", "INODE", "HOLDERS"];
     let now = epoch_secs(now);
-    let rows: Vec<[String; 8]> = sockets
+    let rows: Vec<[String; 10]> = sockets
         .iter()
         .map(|s| {
             [
@@ -181,6 +222,11 @@ pub fn table(sockets: &[SocketInfo], now: SystemTime) -> String {
                 },
                 match (s.queued, s.backlog) {
                     (Some(q), Some(b)) => format!("{q}/{b}"),
+                    _ => "-".into(),
+                },
+                s.inode.map_or_else(|| "-".into(), |i| i.to_string()),
+                match s.inode.and_then(|i| holders.get(&i)) {
+                    Some(pids) if !pids.is_empty() => pids.iter().map(i32::to_string).collect::<Vec<_>>().join(","),
                     _ => "-".into(),
                 },
             ]
@@ -227,9 +273,12 @@ mod tests {
             last_uid: Some(0),
             queued: Some(0),
             backlog: Some(128),
+            inode: Some(4711),
         };
+        let holders = HashMap::from([(4711, vec![12, 345])]);
         let t = table(
             &[info(Some("web"), "tcp://127.0.0.1:80"), info(None, "tcp://[::1]:8080")],
+            &holders,
             UNIX_EPOCH + Duration::from_secs(1090),
         );
         let lines: Vec<&str> = t.lines().collect();
@@ -237,6 +286,20 @@ mod tests {
         let col = lines[0].find("ADDRESS").unwrap();
         assert_eq!(lines[1].find("tcp://127").unwrap(), col);
         assert_eq!(lines[2].find("tcp://[::1]").unwrap(), col);
-        assert!(lines[1].contains("1m30s") && lines[1].ends_with("0/128"), "{t}");
+        assert!(lines[1].contains("1m30s") && lines[1].contains("0/128"), "{t}");
+        assert!(lines[1].ends_with("4711   12,345"), "{t}");
+    }
+
+    /// A socket this process holds is found under this pid, by inode; one
+    /// held by no process has no entry.
+    #[test]
+    fn holders_are_found_in_proc() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = crate::fd::inode(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+        let me = std::process::id() as i32;
+        let found = holders([inode, u64::MAX], None);
+        assert_eq!(found.get(&inode), Some(&vec![me]));
+        assert!(!found.contains_key(&u64::MAX));
+        assert!(holders([inode], Some(me)).is_empty(), "the broker's own pid is left out");
     }
 }

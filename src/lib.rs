@@ -38,6 +38,7 @@ pub mod fd;
 pub mod haproxy;
 pub mod introspect;
 pub mod logging;
+pub mod manual;
 pub mod methods;
 pub mod protocol;
 pub mod registry;

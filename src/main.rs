@@ -1,12 +1,11 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = sockbroker::cli::Cli::parse();
+    let cli = sockbroker::cli::parse();
     sockbroker::logging::init();
     match sockbroker::cli::run(cli) {
         Ok(code) => code,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sockbroker: {}", sockbroker::error_chain(&e));
             ExitCode::FAILURE

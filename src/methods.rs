@@ -68,7 +68,7 @@ impl Server {
         let key = held.key().clone();
         self.live.policy.check(&peer, Action::Release, held.name.as_deref(), &key).map_err(|denied| {
             log::warn!("{peer} release {key}: refused: {denied}");
-            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+            RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
         })?;
         // Sockets made on demand come back from the fd store after a broker
         // restart (or from multibinder's environment after an upgrade from

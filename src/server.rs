@@ -91,6 +91,17 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    /// The folder is under `$XDG_RUNTIME_DIR`, which is set but missing.
+    #[error(
+        "control socket folder {path}: XDG_RUNTIME_DIR={runtime} does not exist (it is made at login \
+         by systemd-logind); unset XDG_RUNTIME_DIR to use /tmp/sockbroker-UID, or pass --control PATH"
+    )]
+    RuntimeDirMissing {
+        /// `$XDG_RUNTIME_DIR`.
+        runtime: PathBuf,
+        /// The folder.
+        path: PathBuf,
+    },
     /// A private folder under /tmp belongs to someone else.
     #[error("control socket folder {path} is owned by uid {owner}, not by us (uid {uid}); refusing to use it")]
     DirOwner {
@@ -211,7 +222,10 @@ impl Drop for ControlSocket {
 /// /tmp (`/tmp/sockbroker-UID`) must be ours and private, or another user
 /// could have made it first and swap the socket.
 fn prepare_dir(dir: &Path) -> Result<(), ControlError> {
-    let dir_err = |source| ControlError::Dir { path: dir.into(), source };
+    let dir_err = |source| match crate::config::missing_runtime_dir(dir) {
+        Some(runtime) => ControlError::RuntimeDirMissing { runtime, path: dir.into() },
+        None => ControlError::Dir { path: dir.into(), source },
+    };
     let private = dir.parent() == Some(Path::new("/tmp"))
         && dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("sockbroker-"));
     std::fs::DirBuilder::new()
@@ -530,7 +544,9 @@ impl Server {
                 Ok(true) => {}
                 Ok(false) => return true, // the peer's buffer is full: wait for POLLOUT
                 Err(e) => {
-                    log::debug!("{}: client went away before reading its reply: {e}", conn.peer);
+                    // Info, not debug: an undelivered reply may be a
+                    // descriptor a daemon expected and never got.
+                    log::info!("{}: client went away before reading its reply: {e}", conn.peer);
                     return false;
                 }
             }
@@ -649,14 +665,21 @@ impl Server {
         };
         self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
             log::warn!("{peer} bind {key}: refused: {denied}");
-            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+            RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
         })?;
         let (held, new) = match &target {
             BindTarget::Name(name) => (self.registry.by_name(name).map_err(|_| unknown(name))?, false),
-            BindTarget::Spec(spec) => self.registry.get_or_open(spec).map_err(|e| {
-                log::warn!("{peer} bind {}: could not bind: {e}", spec.key);
-                RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
-            })?,
+            BindTarget::Spec(spec) => {
+                let new = match self.registry.get_or_open(spec) {
+                    Ok((_, new)) => new,
+                    Err(e) => {
+                        let hint = in_use_by_broker(&self.registry, &e);
+                        log::warn!("{peer} bind {}: could not bind: {e}{hint}", spec.key);
+                        return Err(RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}{hint}")));
+                    }
+                };
+                (self.registry.get_mut(&spec.key).expect("held: just found or opened"), new)
+            }
         };
         if new {
             // A socket the broker made itself: systemd keeps a copy, so a
@@ -798,4 +821,29 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// For a bind that failed with "Address already in use": the sockets the
+/// broker itself holds on that port and transport (a `sockbroker bind`
+/// earlier, say, keeps 127.0.0.1:8080 bound while 0.0.0.0:8080 is asked
+/// for), named with how to free them. Empty otherwise.
+fn in_use_by_broker(registry: &crate::registry::Registry, e: &crate::socket::OpenError) -> String {
+    use crate::spec::SocketKey;
+    let SocketKey::Inet { transport, addr } = &e.key else { return String::new() };
+    if e.source.kind() != io::ErrorKind::AddrInUse {
+        return String::new();
+    }
+    let mine: Vec<String> = registry
+        .iter()
+        .filter(|h| matches!(h.key(), SocketKey::Inet { transport: t, addr: a } if t == transport && a.port() == addr.port()))
+        .map(|h| h.key().to_string())
+        .collect();
+    if mine.is_empty() {
+        return String::new();
+    }
+    format!(
+        " (this broker holds {} on that port; `sockbroker release ADDRESS` closes a socket it made on demand, \
+         `sockbroker list` shows who else holds it)",
+        mine.join(", ")
+    )
 }

@@ -79,6 +79,15 @@ pub enum PathError {
     /// Something other than a socket is at the path; it is never removed.
     #[error("{0}: exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
+    /// A symbolic link squats the path (someone may want the socket made
+    /// where it points); it is never followed nor removed.
+    #[error("{path}: is a symbolic link (to {target}), not a socket; refusing to follow or remove it")]
+    Symlink {
+        /// The socket path.
+        path: PathBuf,
+        /// Where the link points.
+        target: PathBuf,
+    },
     /// A process accepts connections on the path.
     #[error("{0}: a live socket is already listening there")]
     Live(PathBuf),
@@ -98,7 +107,7 @@ impl PathError {
     /// report I/O errors.
     pub fn into_io(self) -> io::Error {
         let kind = match &self {
-            PathError::NotASocket(_) | PathError::Live(_) => io::ErrorKind::AddrInUse,
+            PathError::NotASocket(_) | PathError::Symlink { .. } | PathError::Live(_) => io::ErrorKind::AddrInUse,
             PathError::Io { source, .. } => source.kind(),
         };
         io::Error::new(kind, self)
@@ -114,6 +123,10 @@ pub fn clear_stale_unix_path(path: &Path) -> Result<(), PathError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(source) => return Err(PathError::Io { path: path.into(), source }),
     };
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(path).unwrap_or_default();
+        return Err(PathError::Symlink { path: path.into(), target });
+    }
     if !meta.file_type().is_socket() {
         return Err(PathError::NotASocket(path.into()));
     }

@@ -46,6 +46,9 @@ fn without_rules_only_root_and_the_broker_uid_are_served() {
         broker.open_fds()
     );
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the refused request created no socket");
+    // The refusal names the file whose rules refused.
+    let rules_from = format!("no [[allow]] rule in {} grants it", broker.config_path().display());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&rules_from), "{}", output_text(&out));
     assert!(
         broker.log_text().contains(&format!("refused: uid 65534 (nobody) may not bind {spec}")),
         "{}",
@@ -64,6 +67,11 @@ fn with_no_configuration_at_all_strangers_are_refused() {
     let spec = format!("unix:@sbt-nofile-{}", std::process::id());
     let out = run_cli(&broker.control, Some(&["--reuid=nobody", "--regid=root", "--clear-groups"]), &["bind", &spec]);
     assert_refused(&out, &format!("uid 65534 (nobody) may not bind {spec}"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no [[allow]] rule in (built-in default) grants it"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 fn rules_config(low: u16, high: u16, who: &str, tag: &str) -> String {

@@ -486,7 +486,7 @@ fn two_instances_side_by_side() {
 /// `systemd-analyze verify` on an instance of units/haproxy@.service, with
 /// ExecStart pointing at the binary under test; any output fails.
 fn verify_unit(text: &str, dir: &Path) -> String {
-    std::fs::write(dir.join("haproxy@.service"), text.replace("/usr/local/bin/sockbroker", BIN)).unwrap();
+    std::fs::write(dir.join("haproxy@.service"), text.replace("/usr/bin/sockbroker", BIN)).unwrap();
     systemd_analyze_verify(dir, &["haproxy@www.service"])
 }
 

@@ -393,3 +393,23 @@ fn mangled_requests_never_crash_or_wedge_the_broker() {
     assert_eq!(reply["result"], true, "{reply}");
     assert_eq!(fds.len(), 1);
 }
+
+/// A client that hangs up before reading its reply: the broker logs the
+/// undelivered reply at info (seen without RUST_LOG=debug), since it may be
+/// a descriptor a daemon expected and never got.
+#[test]
+fn an_undelivered_reply_is_logged_at_info() {
+    let broker = Broker::start_with("protgone", &[], &[("RUST_LOG", "info")]);
+    let port = held_port(&broker.control, "tcp");
+    // The broker may answer before the hang-up lands (then the reply sits
+    // unread in a closed socket, and nothing fails): try again, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !broker.log_text().contains("client went away before reading its reply") {
+        assert!(std::time::Instant::now() < deadline, "not logged:\n{}", broker.log_text());
+        let stream = connect(&broker.control);
+        (&stream).write_all(&bind_request(1, json!({"address": "127.0.0.1", "port": port}))).unwrap();
+        drop(stream);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(broker.log_text().lines().any(|l| l.contains("INFO") && l.contains("went away")), "{}", broker.log_text());
+}

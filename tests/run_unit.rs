@@ -11,12 +11,11 @@ fn run_template_instance_verifies_cleanly() {
     let dir = common::test_dir("run_unit");
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("units");
     let template = std::fs::read_to_string(units.join("sockbroker-run@.service")).unwrap();
-    assert!(template.contains("ExecStart=/usr/local/bin/sockbroker run "), "ExecStart changed: update this test");
+    assert!(template.contains("ExecStart=/usr/bin/sockbroker run "), "ExecStart changed: update this test");
     assert!(template.contains("EnvironmentFile=/etc/sockbroker/run/%i.env"));
     assert!(template.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     // ExecStart= pointing at the binary under test, so the executable check passes too.
-    std::fs::write(dir.join("sockbroker-run@.service"), template.replace("/usr/local/bin/sockbroker", common::BIN))
-        .unwrap();
+    std::fs::write(dir.join("sockbroker-run@.service"), template.replace("/usr/bin/sockbroker", common::BIN)).unwrap();
     let output = common::systemd_analyze_verify(&dir, &["sockbroker-run@myapp.service"]);
     assert!(output.trim().is_empty(), "systemd-analyze verify:\n{output}");
 

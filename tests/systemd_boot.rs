@@ -22,7 +22,9 @@
 //! 5. `units/haproxy@.service` (user haproxy, template in /etc/haproxy/,
 //!    the control socket's group set up as docs/haproxy.md says) serves,
 //!    reloads under load with zero failed connections, and a broken template
-//!    fails `systemctl reload` while the running instance serves on.
+//!    fails `systemctl reload` while the running instance serves on;
+//! 6. in a second, fresh container: the Debian package and the recipes of
+//!    README.md and docs/haproxy.md, run as written (tests/systemd/package.rs).
 //!
 //! Runs as root (CI); skipped otherwise, or with SOCKBROKER_TEST_SYSTEMD=0.
 //! The container is stopped on every path: on drop, on panic, and by the
@@ -99,6 +101,11 @@ fn main() {
         eprintln!("{}", machine.run(&[&["journalctl", "--no-pager"], &args[..]].concat()).1);
     }
     drop(machine);
+    let result = result.and_then(|()| {
+        std::panic::catch_unwind(|| package::suite(&tree)).inspect(|()| {
+            println!("systemd_boot: package and recipes ok after {:.1?}", started.elapsed());
+        })
+    });
     match result {
         Ok(()) => println!("systemd_boot: ok in {:.1?}", started.elapsed()),
         Err(_) => {
@@ -107,6 +114,9 @@ fn main() {
         }
     }
 }
+
+#[path = "systemd/package.rs"]
+mod package;
 
 fn suite(m: &Machine) {
     setup(m);
@@ -430,30 +440,44 @@ struct Machine {
 
 impl Machine {
     fn boot(tree: &Path) -> Machine {
-        let name = format!("sbt7-{}", std::process::id());
+        Machine::boot_with(tree, "sbt7", true, &[])
+    }
+
+    /// Boots `tree` as machine NAME-PID; `units`: with the binary and the
+    /// units under test bound in (else only `binds`, HOST:INSIDE).
+    fn boot_with(tree: &Path, name: &str, units: bool, binds: &[(&str, &str)]) -> Machine {
+        let name = format!("{name}-{}", std::process::id());
         let log = std::env::temp_dir().join(format!("{name}-nspawn.log"));
         let bind = |host: &str, inside: &str| format!("--bind-ro={host}:{inside}");
         let mut cmd = Command::new("systemd-nspawn");
         cmd.arg("-D")
             .arg(tree)
             .args(["-M", &name, "--boot", "--register=no", "--keep-unit", "--volatile=overlay"])
-            .args(["--private-network", "--console=read-only"])
-            .arg(bind(BIN, "/usr/local/bin/sockbroker"))
-            .arg(bind(&format!("{ROOT}/units/sockbroker.socket"), "/etc/systemd/system/sockbroker.socket"))
-            .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
-            .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
-            .arg(bind(&format!("{ROOT}/tests/daemons"), "/opt/sbdaemons"))
-            .arg(bind(&format!("{ROOT}/units/sockbroker-run@.service"), "/etc/systemd/system/sockbroker-run@.service"))
-            .arg(bind(&format!("{ROOT}/units/haproxy@.service"), "/etc/systemd/system/haproxy@.service"))
-            .arg(bind(
-                &format!("{ROOT}/tests/systemd/sockbroker-http.socket"),
-                "/etc/systemd/system/sockbroker-http.socket",
-            ))
-            .arg(bind(
-                &format!("{ROOT}/tests/systemd/sbtest-consumer.service"),
-                "/etc/systemd/system/sbtest-consumer.service",
-            ))
-            .stdin(Stdio::null())
+            .args(["--private-network", "--console=read-only"]);
+        for (host, inside) in binds {
+            cmd.arg(bind(host, inside));
+        }
+        if units {
+            cmd.arg(bind(BIN, "/usr/bin/sockbroker"))
+                .arg(bind(&format!("{ROOT}/units/sockbroker.socket"), "/etc/systemd/system/sockbroker.socket"))
+                .arg(bind(&format!("{ROOT}/units/sockbroker.service"), "/etc/systemd/system/sockbroker.service"))
+                .arg(bind(&format!("{ROOT}/tests/systemd"), "/opt/sbtest"))
+                .arg(bind(&format!("{ROOT}/tests/daemons"), "/opt/sbdaemons"))
+                .arg(bind(
+                    &format!("{ROOT}/units/sockbroker-run@.service"),
+                    "/etc/systemd/system/sockbroker-run@.service",
+                ))
+                .arg(bind(&format!("{ROOT}/units/haproxy@.service"), "/etc/systemd/system/haproxy@.service"))
+                .arg(bind(
+                    &format!("{ROOT}/tests/systemd/sockbroker-http.socket"),
+                    "/etc/systemd/system/sockbroker-http.socket",
+                ))
+                .arg(bind(
+                    &format!("{ROOT}/tests/systemd/sbtest-consumer.service"),
+                    "/etc/systemd/system/sbtest-consumer.service",
+                ));
+        }
+        cmd.stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()));
         // SAFETY: setsid and prctl are async-signal-safe and touch no memory
