@@ -33,9 +33,10 @@ pub enum Command {
         /// /run/sockbroker/control.sock as root, $XDG_RUNTIME_DIR/sockbroker/control.sock otherwise]
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
-        /// Close client connections idle for this long (e.g. 30s, 500ms).
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-        idle_timeout: Duration,
+        /// Close client connections idle for this long (e.g. 30s, 500ms);
+        /// default: limits.idle_timeout of the configuration, 30s.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        idle_timeout: Option<Duration>,
         /// Take over every socket and the control socket of the broker running
         /// on the control path, then serve in its place (it exits).
         #[arg(long)]
@@ -243,12 +244,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             );
         }
         Command::List { json } => {
-            let (result, _) = Client::connect_default()?.call("list", serde_json::Value::Null)?;
+            let sockets = Client::connect_default()?.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
+                println!("{}", serde_json::to_string_pretty(&sockets).unwrap_or_default());
             } else {
-                let sockets: Vec<crate::introspect::SocketInfo> = serde_json::from_value(result)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 print!("{}", crate::introspect::table(&sockets, std::time::SystemTime::now()));
             }
         }
