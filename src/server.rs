@@ -372,6 +372,15 @@ pub struct Server {
     uid_use: HashMap<u32, UidUse>,
     /// Reply bytes queued for untrusted peers, this turn.
     untrusted_queued: usize,
+    /// Descriptors in flight to untrusted peers, this turn.
+    untrusted_in_flight: usize,
+    /// Work done per uid, this turn ([`TURN_BUDGET`]).
+    turn_spent: HashMap<u32, usize>,
+    /// Half the descriptor limit: the kernel fails every `sendmsg` with a
+    /// descriptor (ETOOMANYREFS) once the broker's user has more in flight
+    /// than `RLIMIT_NOFILE`, so untrusted peers together get at most half,
+    /// and one uid at most a quarter.
+    in_flight_budget: usize,
     /// The sorted keys `list` pages through, and the registry generation
     /// they were sorted at.
     list_order: Option<(u64, std::rc::Rc<Vec<SocketKey>>)>,
@@ -398,6 +407,9 @@ impl Server {
             accept_paused_until: None,
             uid_use: HashMap::new(),
             untrusted_queued: 0,
+            untrusted_in_flight: 0,
+            turn_spent: HashMap::new(),
+            in_flight_budget: in_flight_budget(),
             list_order: None,
             last_log_report: Instant::now(),
         }
@@ -528,7 +540,9 @@ impl Server {
     fn count_use(&mut self) {
         let now = Instant::now();
         self.uid_use.clear();
+        self.turn_spent.clear();
         self.untrusted_queued = 0;
+        self.untrusted_in_flight = 0;
         for conn in self.conns.values_mut() {
             conn.refresh_unread(now);
             let u = self.uid_use.entry(conn.peer.uid).or_default();
@@ -536,6 +550,7 @@ impl Server {
             u.in_flight += conn.in_flight();
             if !self.live.policy.trusts(&conn.peer) {
                 self.untrusted_queued += conn.queued_bytes;
+                self.untrusted_in_flight += conn.in_flight();
             }
         }
     }
@@ -776,7 +791,7 @@ impl Server {
             conn.held = held_back;
             // Everything queued is written; go on with requests that
             // back-pressure held back, if any, unless a limit holds them.
-            if !held_back || self.over_limit(conn).is_some() {
+            if !held_back || self.spent_turn(conn) || self.over_limit(conn).is_some() {
                 break;
             }
         }
@@ -805,8 +820,12 @@ impl Server {
         if self.live.policy.trusts(&conn.peer) {
             return None;
         }
-        if self.uid_use.get(&conn.peer.uid).is_some_and(|u| u.in_flight >= l.max_fds_in_flight_per_uid) {
+        let per_uid = l.max_fds_in_flight_per_uid.min(self.in_flight_budget / 2);
+        if self.uid_use.get(&conn.peer.uid).is_some_and(|u| u.in_flight >= per_uid) {
             return Some("limits.max_fds_in_flight_per_uid");
+        }
+        if self.untrusted_in_flight >= self.in_flight_budget {
+            return Some("half of RLIMIT_NOFILE in flight to untrusted peers");
         }
         if self.untrusted_queued >= l.max_queued_bytes {
             return Some("limits.max_queued_bytes");
@@ -814,12 +833,24 @@ impl Server {
         None
     }
 
-    /// Answers every complete request in the buffer, up to the limits.
-    /// Returns true when a limit stopped it, so requests may be left.
+    /// Whether the connection's uid has used its share of work for this turn
+    /// of the loop ([`TURN_BUDGET`]): a uid pipelining costly requests on
+    /// many connections (a `list` page builds hundreds of entries) then
+    /// delays other uids by one share, not by all its requests.
+    fn spent_turn(&self, conn: &Conn) -> bool {
+        !self.live.policy.trusts(&conn.peer) && self.turn_spent.get(&conn.peer.uid).is_some_and(|s| *s >= TURN_BUDGET)
+    }
+
+    /// Answers every complete request in the buffer, up to the limits and
+    /// the uid's share of this turn. Returns true when either stopped it, so
+    /// requests may be left.
     fn answer_ready(&mut self, conn: &mut Conn) -> bool {
         loop {
             if conn.closing || conn.takeover.is_some() {
                 return false;
+            }
+            if self.spent_turn(conn) {
+                return true;
             }
             if let Some(limit) = self.over_limit(conn) {
                 if !conn.held {
@@ -847,7 +878,10 @@ impl Server {
                                 Err(e) => (Response::err(req.id, e), Vec::new()),
                             }
                         }
-                        Ok(req) => self.dispatch(conn.peer, req),
+                        Ok(req) => {
+                            *self.turn_spent.entry(conn.peer.uid).or_default() += cost(&req, self.limits());
+                            self.dispatch(conn.peer, req)
+                        }
                         Err((id, error)) => {
                             crate::peer_log!(conn.peer, log::Level::Info, "{}", error.message);
                             (Response::err(id, error), Vec::new())
@@ -877,6 +911,9 @@ impl Server {
                 self.untrusted_queued += bytes.len();
             }
             self.uid_use.entry(conn.peer.uid).or_default().in_flight += fds.len();
+            if !self.live.policy.trusts(&conn.peer) {
+                self.untrusted_in_flight += fds.len();
+            }
             push_reply(&mut conn.outbox, bytes, fds);
         }
     }
@@ -946,14 +983,24 @@ impl Server {
     /// batch (`quiet`), each item is logged at DEBUG only; the batch gets
     /// one line.
     pub(crate) fn bind_one(&mut self, peer: PeerCred, params: &BindParams, quiet: bool) -> Result<OwnedFd, RpcError> {
-        let level = |l: log::Level| if quiet { log::Level::Debug } else { l };
+        // In a batch, items go to DEBUG without touching the peer's log
+        // budget; the batch's own line is rate-limited.
+        macro_rules! note {
+            ($level:expr, $($arg:tt)+) => {
+                if quiet {
+                    log::debug!("{peer} {}", format_args!($($arg)+));
+                } else {
+                    crate::peer_log!(peer, $level, $($arg)+);
+                }
+            };
+        }
         let target = params.target().map_err(|e| {
             let message = format!("Invalid params: {}: {e}", params.describe());
-            crate::peer_log!(peer, level(log::Level::Info), "bind: {message}");
+            note!(log::Level::Info, "bind: {message}");
             RpcError::new(code::INVALID_PARAMS, message)
         })?;
         let unknown = |name: &str| {
-            crate::peer_log!(peer, level(log::Level::Info), "bind name '{name}': unknown name");
+            note!(log::Level::Info, "bind name '{name}': unknown name");
             RpcError::new(code::UNKNOWN_NAME, crate::registry::UnknownName(name.to_string()).to_string())
         };
         let (name, key) = match &target {
@@ -964,7 +1011,7 @@ impl Server {
             BindTarget::Spec(spec) => (self.registry.get(&spec.key).and_then(|h| h.name.clone()), spec.key.clone()),
         };
         let grant = self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
-            crate::peer_log!(peer, level(log::Level::Warn), "bind {key}: refused: {denied}");
+            note!(log::Level::Warn, "bind {key}: refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         let (may_replace, unix_file) = (grant.may_replace(&key), grant.unix_file());
@@ -981,7 +1028,7 @@ impl Server {
                     spec.options.mode = Some(mode);
                 }
                 self.registry.get_or_open_for(&spec, Some(peer.uid), may_replace).map_err(|e| {
-                    crate::peer_log!(peer, level(log::Level::Warn), "bind {}: could not bind: {e}", spec.key);
+                    note!(log::Level::Warn, "bind {}: could not bind: {e}", spec.key);
                     RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}"))
                 })?
             }
@@ -998,14 +1045,39 @@ impl Server {
         held.handed_out += 1;
         held.last_peer = Some(peer);
         let (key, raw) = (held.key().clone(), held.fd().as_raw_fd());
-        crate::peer_log!(
-            peer,
-            level(log::Level::Info),
-            "bind {key}: ok ({}, fd {raw})",
-            if new { "new socket" } else { "held socket" },
-        );
+        note!(log::Level::Info, "bind {key}: ok ({}, fd {raw})", if new { "new socket" } else { "held socket" });
         Ok(dup)
     }
+}
+
+/// Work units one untrusted uid may use per turn of the loop.
+const TURN_BUDGET: usize = 32;
+
+/// What a request costs of [`TURN_BUDGET`]: 1, plus its share of entries
+/// for `list` (16 a unit) and of items for `bind_many` (64 a unit).
+fn cost(req: &Request, limits: &Limits) -> usize {
+    match req.method.as_str() {
+        "list" => {
+            let limit = req.params.get("limit").and_then(Value::as_u64).map_or(limits.list_page_max, |l| l as usize);
+            1 + limit.min(limits.list_page_max) / 16
+        }
+        "bind_many" => 1 + req.params.as_array().map_or(0, Vec::len) / 64,
+        _ => 1,
+    }
+}
+
+/// Half the soft `RLIMIT_NOFILE` (read when the loop starts; the daemon
+/// raises it first): the most descriptors untrusted peers may have in flight
+/// together.
+fn in_flight_budget() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
+    let budget = usize::try_from(soft / 2).unwrap_or(usize::MAX).max(16);
+    log::info!(
+        "descriptors in flight to untrusted peers: at most {budget} together (half of RLIMIT_NOFILE {soft}), \
+         per uid the smaller of limits.max_fds_in_flight_per_uid and {}",
+        budget / 2
+    );
+    budget
 }
 
 /// Shuts a connection down for good, keeping it only to watch the
