@@ -78,7 +78,7 @@ impl Default for Limits {
             max_fds_in_flight_per_uid: 4096,
             unread_timeout: Duration::from_secs(10),
             max_queued_bytes_per_connection: 256 * 1024,
-            max_queued_bytes: 32 * 1024 * 1024,
+            max_queued_bytes: 8 * 1024 * 1024,
             list_page_max: 256,
             log_burst: 20,
             log_per_minute: 60,

@@ -1051,7 +1051,7 @@ impl Server {
 }
 
 /// Work units one untrusted uid may use per turn of the loop.
-const TURN_BUDGET: usize = 32;
+const TURN_BUDGET: usize = 16;
 
 /// What a request costs of [`TURN_BUDGET`]: 1, plus its share of entries
 /// for `list` (16 a unit) and of items for `bind_many` (64 a unit).

@@ -13,11 +13,15 @@ MODE:
              never reads
   refused    one connection at a time, looping on a refused bind_many of
              ARG items (a log flood), reconnecting when closed
+  measure    not hostile: CONNS binds of the socket named "web", each on a
+             new connection (as multibinder's client does); prints the
+             latencies in microseconds, sorted, one line, and exits
 
 Prints "ready N" (N connections the broker kept open, as far as the peer
 can tell) once set up, then keeps everything open until killed.
 """
 import json
+import os
 import socket
 import sys
 import time
@@ -35,6 +39,27 @@ def connect():
 def request(method, params, rid=1):
     return json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": rid}).encode()
 
+
+if mode == "measure":
+    import array
+    out = []
+    req = request("bind", [{"name": "web"}])
+    for i in range(conns):
+        t0 = time.perf_counter()
+        s = connect()
+        s.sendall(req)
+        data, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+        t1 = time.perf_counter()
+        if b'"result":true' not in data:
+            sys.exit("bind failed: %r" % data)
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                    os.close(fd)
+        s.close()
+        out.append(int((t1 - t0) * 1e6))
+    print(" ".join(str(x) for x in sorted(out)), flush=True)
+    sys.exit(0)
 
 socks = []
 for _ in range(conns):
