@@ -503,6 +503,26 @@ mod tests {
     }
 
     #[test]
+    fn only_exact_patterns_replace_stale_files() {
+        let rule = |p: &str| Rule {
+            who: Who::Anyone,
+            sockets: vec![],
+            on_demand: vec![p.parse().unwrap()],
+            introspect: false,
+            unix_file: UnixFile::default(),
+            source: "t:1".into(),
+        };
+        let k = key("unix:/run/app/x.sock");
+        assert!(Grant::Trusted.may_replace(&k));
+        assert!(Grant::Rule(&rule("unix:/run/app/x.sock")).may_replace(&k));
+        assert!(!Grant::Rule(&rule("unix:/run/app/*")).may_replace(&k));
+        assert!(!Grant::Rule(&rule("*")).may_replace(&k));
+        let peer = PeerCred { pid: 1, uid: 1001, gid: 1002 };
+        assert_eq!(UnixFile::default().for_peer(&peer), (1001, 1002, 0o660));
+        assert_eq!(UnixFile { owner: Some(0), group: None, mode: Some(0o666) }.for_peer(&peer), (0, 1002, 0o666));
+    }
+
+    #[test]
     fn rules_decide() {
         let me = nix::unistd::geteuid().as_raw();
         let stranger = if me == 12345 { 12346 } else { 12345 };

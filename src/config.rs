@@ -954,6 +954,31 @@ on_demand = ["tcp://127.0.0.1:8000-8999"]
     }
 
     #[test]
+    fn limits_and_rule_file_keys() {
+        let c = parse(
+            "[limits]\nmax_clients_per_uid = 7\nrequest_timeout = \"500ms\"\nmax_batch = 2048\n\
+             [[allow]]\nuser = \"root\"\nintrospect = true\n\
+             [[allow]]\nuid = 5\non_demand = [\"unix:/run/a/*\"]\nsocket_mode = \"0600\"\nsocket_owner = \"root\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let d = Limits::default();
+        assert_eq!(c.limits.max_clients_per_uid, 7);
+        assert_eq!(c.limits.request_timeout, std::time::Duration::from_millis(500));
+        assert_eq!(c.limits.max_batch, 2048);
+        assert_eq!(c.limits.unread_timeout, d.unread_timeout);
+        assert!(c.rules[0].introspect && c.rules[0].sockets.is_empty());
+        assert_eq!(c.rules[1].unix_file, UnixFile { owner: Some(0), group: None, mode: Some(0o600) });
+        let p = problems("[limits]\nrequest_timeout = \"soon\"\nmax_clients = 10\nreserved_clients = 10\nbogus = 1\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("limits.bogus: unknown field"), "{p:?}");
+        let p = problems("[limits]\nrequest_timeout = \"soon\"\nmax_clients = 10\nreserved_clients = 10\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("limits.request_timeout: 'soon'"), "{p:?}");
+        assert!(p[1].contains("limits.reserved_clients: 10 is out of range (0-9)"), "{p:?}");
+    }
+
+    #[test]
     fn open_to_everyone_in_one_line() {
         let c = parse(r#"allow = [{ anyone = true, sockets = ["*"], on_demand = ["*"] }]"#, "t").unwrap();
         assert_eq!(c.rules[0].who, Who::Anyone);
