@@ -35,7 +35,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// The largest request, in bytes (`max_request_bytes`).
     pub max_request_bytes: usize,
-    /// Most items in one `bind_many` (`max_batch`).
+    /// Most items in one `bind_many` (`max_batch`); the request must also
+    /// fit in [`Limits::max_request_bytes`] (about 1,700 items of multibinder's
+    /// form in 64 KiB).
     pub max_batch: usize,
     /// Descriptors sent to one connection and not yet read by it
     /// (`max_fds_in_flight_per_connection`): above, the broker reads no
@@ -73,7 +75,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             max_request_bytes: 64 * 1024,
-            max_batch: 1024,
+            max_batch: 2048,
             max_fds_in_flight_per_connection: 1024,
             max_fds_in_flight_per_uid: 4096,
             unread_timeout: Duration::from_secs(10),

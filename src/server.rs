@@ -745,6 +745,12 @@ impl Server {
     }
 
     fn service_conn(&mut self, conn: &mut Conn, events: PollFlags) -> bool {
+        if events.contains(PollFlags::POLLHUP) && conn.held {
+            // The peer is gone (POLLHUP on a stream socket: both directions
+            // closed) while a limit held its requests: nobody would read
+            // the answers, and poll() would report the hang-up every turn.
+            return false;
+        }
         if (events.contains(PollFlags::POLLIN) || events.contains(PollFlags::POLLHUP)) && !conn.held {
             let mut buf = [0u8; READ_CHUNK];
             match (&conn.stream).read(&mut buf) {

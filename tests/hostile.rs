@@ -543,3 +543,48 @@ fn release_is_for_the_creator_and_refusals_do_not_flood_the_log() {
         log.contains("more suppressed") || log.contains("more messages about its requests suppressed")
     });
 }
+
+// ---------------------------------------------------------------------------
+// The bind_many limits, as docs/control.md states them.
+
+#[test]
+fn bind_many_limits_are_what_the_docs_say() {
+    let broker = start("hostile-batch", &web("batch"), Privilege::Root, None);
+    let port = held_port(&broker.control, "tcp");
+    // multibinder's form of an item, and the short form.
+    let long = json!({"address": "127.0.0.1", "port": port});
+    let short = json!({"name": "web"});
+    let request = |item: &serde_json::Value, n: usize| {
+        let items: Vec<serde_json::Value> = (0..n).map(|_| item.clone()).collect();
+        json!({"jsonrpc": "2.0", "method": "bind_many", "params": items, "id": 1}).to_string().into_bytes()
+    };
+    // About 1,700 items of multibinder's form fit in the default 64 KiB.
+    let stream = connect(&broker.control);
+    send_raw(stream.as_fd(), &request(&long, 1700));
+    let mut fds = 0;
+    let mut text = Vec::new();
+    while serde_json::from_slice::<serde_json::Value>(&text).is_err() {
+        let mut buf = vec![0u8; 1 << 16];
+        let got = sockbroker::fd::recv_with_fds(stream.as_fd(), &mut buf).unwrap();
+        assert!(got.len > 0, "EOF after {} bytes", text.len());
+        fds += got.fds.len();
+        text.extend_from_slice(&buf[..got.len]);
+    }
+    assert_eq!(fds, 1700);
+    // 1,900 do not: refused, naming the key.
+    let (reply, fds) = rpc(&broker.control, &request(&long, 1900));
+    assert_rpc_error(&reply, &fds, -32600, &["larger than 65536 bytes (limits.max_request_bytes)"]);
+    // Past max_batch (2048), even when it fits: refused, naming the key.
+    let (reply, fds) = rpc(&broker.control, &request(&short, 2049));
+    assert_rpc_error(&reply, &fds, -32602, &["2049 sockets", "at most 2048 (limits.max_batch)"]);
+    // Both are configurable.
+    let mut config = std::fs::read_to_string(broker.config_path()).unwrap();
+    config.push_str("[limits]\nmax_request_bytes = 131072\nmax_batch = 4096\n");
+    broker.write_config(&config);
+    assert!(broker.cli(&["reload"]).status.success());
+    let stream = connect(&broker.control);
+    send_raw(stream.as_fd(), &request(&long, 3000));
+    let (reply, fds) = read_replies(&stream, 1);
+    assert_eq!(reply[0]["result"].as_array().map(Vec::len), Some(3000), "{reply:?}");
+    assert_eq!(fds.len(), 3000);
+}
