@@ -335,12 +335,16 @@ pub struct Denied {
 pub struct Policy {
     rules: Vec<Rule>,
     owner: u32,
+    /// User names of refused uids, read once per policy: a peer looping on
+    /// a refused 2,000-item `bind_many` must not cost 2,000 user database
+    /// lookups a request.
+    names: std::cell::RefCell<std::collections::HashMap<u32, String>>,
 }
 
 impl Policy {
     /// A policy with these rules for a broker running as the current euid.
     pub fn new(rules: Vec<Rule>) -> Policy {
-        Policy { rules, owner: nix::unistd::geteuid().as_raw() }
+        Policy { rules, owner: nix::unistd::geteuid().as_raw(), names: Default::default() }
     }
 
     /// The rules.
@@ -437,10 +441,17 @@ impl Policy {
     }
 
     fn denied(&self, peer: &PeerCred, action: Action, what: String) -> Denied {
-        let user = match nix::unistd::User::from_uid(peer.uid.into()) {
-            Ok(Some(u)) => u.name,
-            _ => "unknown user".to_string(),
-        };
+        let mut names = self.names.borrow_mut();
+        if names.len() > 4096 {
+            names.clear();
+        }
+        let user = names
+            .entry(peer.uid)
+            .or_insert_with(|| match nix::unistd::User::from_uid(peer.uid.into()) {
+                Ok(Some(u)) => u.name,
+                _ => "unknown user".to_string(),
+            })
+            .clone();
         Denied { uid: peer.uid, user, action, what }
     }
 }
