@@ -87,6 +87,11 @@ fn allow_at(uid: u32, now: Instant) -> Option<u64> {
     })
 }
 
+/// Whether lines are waiting to be reported as suppressed.
+pub fn pending() -> bool {
+    STATE.with(|s| s.borrow().buckets.values().any(|b| b.suppressed > 0))
+}
+
 /// Writes one "N more suppressed" line for each uid with lines suppressed
 /// and none written for `quiet`, so a flood that stopped is still reported.
 pub fn report_suppressed(quiet: Duration) {

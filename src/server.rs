@@ -388,6 +388,10 @@ pub struct Server {
     last_log_report: Instant,
 }
 
+/// How often suppressed log lines are reported, and how quiet a uid must
+/// have been for its count to be reported on its own line.
+const LOG_REPORT: Duration = Duration::from_secs(10);
+
 /// How often zombie connections and held-back connections are looked at
 /// again when nothing else wakes the loop.
 const RECHECK: Duration = Duration::from_millis(20);
@@ -464,8 +468,8 @@ impl Server {
             if deadline.is_some_and(|d| d <= now) {
                 return Ok(Wake::Deadline);
             }
-            if now.duration_since(self.last_log_report) >= Duration::from_secs(10) {
-                crate::peerlog::report_suppressed(Duration::from_secs(10));
+            if now.duration_since(self.last_log_report) >= LOG_REPORT {
+                crate::peerlog::report_suppressed(LOG_REPORT);
                 self.last_log_report = now;
             }
             self.expire(now);
@@ -562,6 +566,8 @@ impl Server {
         let idle = self.idle_timeout();
         let pause_end = self.accept_paused_until.filter(|t| now < *t);
         let recheck = self.conns.values().any(|c| c.held || c.zombie || c.sent_fds > 0).then(|| now + RECHECK);
+        // Suppressed log lines are reported even if no peer wakes the loop.
+        let report = crate::peerlog::pending().then(|| self.last_log_report + LOG_REPORT);
         self.conns
             .values()
             .filter(|c| !c.zombie)
@@ -575,6 +581,7 @@ impl Server {
             .flatten()
             .chain(pause_end)
             .chain(recheck)
+            .chain(report)
             .min()
     }
 
@@ -860,7 +867,14 @@ impl Server {
             }
             if let Some(limit) = self.over_limit(conn) {
                 if !conn.held {
-                    log::debug!("{}: not reading further requests for now ({limit})", conn.peer);
+                    // Back-pressure on a client that does not read is routine;
+                    // a cap on what a peer may cost is worth a line.
+                    let level = if limit.starts_with("replies") { log::Level::Debug } else { log::Level::Info };
+                    crate::peer_log!(
+                        conn.peer,
+                        level,
+                        "not reading further requests until it reads its replies ({limit})"
+                    );
                 }
                 return true;
             }
