@@ -381,6 +381,8 @@ pub struct Server {
     /// than `RLIMIT_NOFILE`, so untrusted peers together get at most half,
     /// and one uid at most a quarter.
     in_flight_budget: usize,
+    /// The soft `RLIMIT_NOFILE` when the loop started.
+    nofile: usize,
     /// The sorted keys `list` pages through, and the registry generation
     /// they were sorted at.
     list_order: Option<(u64, std::rc::Rc<Vec<SocketKey>>)>,
@@ -414,6 +416,7 @@ impl Server {
             untrusted_in_flight: 0,
             turn_spent: HashMap::new(),
             in_flight_budget: in_flight_budget(),
+            nofile: nofile(),
             list_order: None,
             last_log_report: Instant::now(),
         }
@@ -652,6 +655,13 @@ impl Server {
         }
     }
 
+    /// Descriptors the broker holds, about: held sockets, connections,
+    /// duplicates waiting to be sent, and its own few (control socket,
+    /// signalfd, notify, log).
+    fn fds_in_use(&self) -> usize {
+        self.registry.len() + self.conns.len() + self.conns.values().map(|c| c.queued_fds).sum::<usize>() + 16
+    }
+
     fn accept_all(&mut self) {
         let uid_conns: HashMap<u32, usize> = self.uid_use.iter().map(|(uid, u)| (*uid, u.conns)).collect();
         let mut uid_conns = uid_conns;
@@ -705,6 +715,17 @@ impl Server {
                     self.conns.len(),
                     l.reserved_clients,
                     l.max_clients,
+                    self.live.policy.owner()
+                ))
+            } else if self.fds_in_use() + l.reserved_clients >= self.nofile && !self.live.policy.names_peer(&peer) {
+                // Near RLIMIT_NOFILE the same reserve holds: idle strangers
+                // must not take the last descriptors, or accept() and every
+                // bind's duplicate would fail for everyone.
+                Some(format!(
+                    "the broker uses about {} of its {} descriptors; the last {} are kept for root, uid {} and peers a rule names",
+                    self.fds_in_use(),
+                    self.nofile,
+                    l.reserved_clients,
                     self.live.policy.owner()
                 ))
             } else {
@@ -1084,6 +1105,12 @@ fn cost(req: &Request, limits: &Limits) -> usize {
         "bind_many" => 1 + req.params.as_array().map_or(0, Vec::len) / 64,
         _ => 1,
     }
+}
+
+/// The soft `RLIMIT_NOFILE` (the daemon raises it before the loop starts).
+fn nofile() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
+    usize::try_from(soft).unwrap_or(usize::MAX)
 }
 
 /// Half the soft `RLIMIT_NOFILE` (read when the loop starts; the daemon

@@ -405,12 +405,12 @@ fn a_full_table_still_serves_peers_a_rule_names() {
 // ---------------------------------------------------------------------------
 // 4. `list` amplification, and `list` with 10,000 sockets.
 
-/// Makes the broker hold `n` abstract UNIX sockets (bind_many, 1,000 a time).
+/// Makes the broker hold `n` abstract UNIX sockets (bind_many, 100 a time).
 fn hold_many(broker: &Broker, tag: &str, n: usize) {
     let pid = std::process::id();
     let mut client = broker.client();
-    for chunk in 0..n.div_ceil(1000) {
-        let specs: Vec<sockbroker::spec::SocketSpec> = (chunk * 1000..((chunk + 1) * 1000).min(n))
+    for chunk in 0..n.div_ceil(100) {
+        let specs: Vec<sockbroker::spec::SocketSpec> = (chunk * 100..((chunk + 1) * 100).min(n))
             .map(|i| format!("unix:@sbt-{tag}-{pid}-{i}").parse().unwrap())
             .collect();
         let got = client.bind_many(&specs).unwrap();
@@ -594,4 +594,29 @@ fn bind_many_limits_are_what_the_docs_say() {
     let (reply, fds) = read_replies(&stream, 1);
     assert_eq!(reply[0]["result"].as_array().map(Vec::len), Some(3000), "{reply:?}");
     assert_eq!(fds.len(), 3000);
+}
+
+// ---------------------------------------------------------------------------
+// Idle strangers near RLIMIT_NOFILE.
+
+#[test]
+fn idle_strangers_do_not_take_the_last_descriptors() {
+    user(ATTACKER);
+    let (app_uid, _) = user(APP);
+    let toml = format!(
+        "{}[[allow]]\nanyone = true\nsockets = [\"web\"]\n[[allow]]\nuid = {app_uid}\nsockets = [\"web\"]\n",
+        web("nofile")
+    );
+    // 512 descriptors, 400 of them held sockets: 128 idle connections (one
+    // uid's cap) would leave none for accept() or a bind's duplicate.
+    let broker = start("hostile-nofile", &toml, Privilege::Unit, Some(512));
+    hold_many(&broker, "nofile", 400);
+    let a = attack(&broker, ATTACKER, "idle", 128, 0);
+    for _ in 0..5 {
+        legit_bind(&broker, "web");
+        app_bind(&broker, "web");
+    }
+    assert!(broker.log_text().contains("of its 512 descriptors; the last 64 are kept"), "{}", broker.log_text());
+    assert!(fd_count(&broker) < 512 - 32, "{} descriptors of 512", fd_count(&broker));
+    a.stop();
 }
