@@ -858,10 +858,14 @@ impl Server {
         if self.uid_use.get(&conn.peer.uid).is_some_and(|u| u.in_flight >= per_uid) {
             return Some("limits.max_fds_in_flight_per_uid");
         }
-        if self.untrusted_in_flight >= self.in_flight_budget {
+        // The shared budgets hold back only connections that already have
+        // something unread: whoever filled them waits, while a peer that
+        // reads what it gets (a daemon asking for its socket) is still
+        // answered, overshooting by its one reply.
+        if self.untrusted_in_flight >= self.in_flight_budget && conn.in_flight() > 0 {
             return Some("half of RLIMIT_NOFILE in flight to untrusted peers");
         }
-        if self.untrusted_queued >= l.max_queued_bytes {
+        if self.untrusted_queued >= l.max_queued_bytes && conn.queued_bytes > 0 {
             return Some("limits.max_queued_bytes");
         }
         None
