@@ -194,6 +194,13 @@ impl AddressPattern {
     }
 }
 
+impl AddressPattern {
+    /// Whether the pattern names one UNIX path or name exactly (no `*`).
+    pub fn is_exact(&self) -> bool {
+        matches!(self.matcher, Matcher::Unix { prefix: false, .. })
+    }
+}
+
 impl fmt::Display for AddressPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -220,8 +227,69 @@ pub struct Rule {
     pub sockets: Vec<String>,
     /// Addresses it grants, created on demand when not held yet.
     pub on_demand: Vec<AddressPattern>,
+    /// Whether it grants `list` and `status`.
+    pub introspect: bool,
+    /// What an on-demand UNIX socket file made under this rule gets.
+    pub unix_file: UnixFile,
     /// Where the rule was written (`FILE:LINE`), for the log.
     pub source: String,
+}
+
+/// Owner, group and mode for the UNIX socket files a rule's `on_demand`
+/// creates (`socket_owner`, `socket_group`, `socket_mode`); each `None`
+/// means the default of [`UnixFile::for_peer`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnixFile {
+    /// Owner uid.
+    pub owner: Option<u32>,
+    /// Group gid.
+    pub group: Option<u32>,
+    /// Permission bits.
+    pub mode: Option<u32>,
+}
+
+/// The mode of an on-demand UNIX socket file when the rule sets none: the
+/// owner (the peer that asked) and its group may connect, as with the
+/// control socket; others need a rule that says `socket_mode`.
+pub const DEFAULT_UNIX_MODE: u32 = 0o660;
+
+impl UnixFile {
+    /// Owner, group and mode for a file made for `peer`: the rule's values,
+    /// else the peer's uid and gid and [`DEFAULT_UNIX_MODE`]. Connecting to
+    /// a UNIX socket needs write permission on its file, so the default
+    /// lets the daemon that asked (and its group) use what it asked for.
+    pub fn for_peer(self, peer: &PeerCred) -> (u32, u32, u32) {
+        (self.owner.unwrap_or(peer.uid), self.group.unwrap_or(peer.gid), self.mode.unwrap_or(DEFAULT_UNIX_MODE))
+    }
+}
+
+/// Why a request was allowed.
+#[derive(Debug, Clone, Copy)]
+pub enum Grant<'a> {
+    /// Root or the broker's own uid.
+    Trusted,
+    /// This rule.
+    Rule(&'a Rule),
+}
+
+impl Grant<'_> {
+    /// What an on-demand UNIX socket file made under this grant gets.
+    pub fn unix_file(&self) -> UnixFile {
+        match self {
+            Grant::Trusted => UnixFile::default(),
+            Grant::Rule(rule) => rule.unix_file,
+        }
+    }
+
+    /// Whether a stale socket file at `key`'s path, which the broker did not
+    /// create, may be replaced: by trusted peers, and under a rule that names
+    /// this exact path (no `*`).
+    pub fn may_replace(&self, key: &SocketKey) -> bool {
+        match self {
+            Grant::Trusted => true,
+            Grant::Rule(rule) => rule.on_demand.iter().any(|p| p.is_exact() && p.matches(key)),
+        }
+    }
 }
 
 /// What a peer is trying to do.
@@ -233,6 +301,8 @@ pub enum Action {
     Release,
     /// Administrative methods (reload).
     Admin,
+    /// `list` and `status`.
+    Introspect,
 }
 
 impl fmt::Display for Action {
@@ -241,6 +311,7 @@ impl fmt::Display for Action {
             Action::Bind => "bind",
             Action::Release => "release",
             Action::Admin => "use",
+            Action::Introspect => "use",
         })
     }
 }
@@ -272,12 +343,16 @@ impl Denied {
 pub struct Policy {
     rules: Vec<Rule>,
     owner: u32,
+    /// User names of refused uids, read once per policy: a peer looping on
+    /// a refused 2,000-item `bind_many` must not cost 2,000 user database
+    /// lookups a request.
+    names: std::cell::RefCell<std::collections::HashMap<u32, String>>,
 }
 
 impl Policy {
     /// A policy with these rules for a broker running as the current euid.
     pub fn new(rules: Vec<Rule>) -> Policy {
-        Policy { rules, owner: nix::unistd::geteuid().as_raw() }
+        Policy { rules, owner: nix::unistd::geteuid().as_raw(), names: Default::default() }
     }
 
     /// The rules.
@@ -286,9 +361,15 @@ impl Policy {
     }
 
     /// Whether `peer` may act on the socket `key` (held under `name`, if any).
-    pub fn check(&self, peer: &PeerCred, action: Action, name: Option<&str>, key: &SocketKey) -> Result<(), Denied> {
+    pub fn check(
+        &self,
+        peer: &PeerCred,
+        action: Action,
+        name: Option<&str>,
+        key: &SocketKey,
+    ) -> Result<Grant<'_>, Denied> {
         if self.is_trusted(peer) {
-            return Ok(());
+            return Ok(Grant::Trusted);
         }
         let grants = |rule: &Rule| {
             let by_name =
@@ -297,16 +378,9 @@ impl Policy {
         };
         let mut groups: Option<Vec<u32>> = None;
         for rule in self.rules.iter().filter(|r| grants(r)) {
-            let member = match rule.who {
-                Who::Anyone => true,
-                Who::Uid(uid) => uid == peer.uid,
-                Who::Gid(gid) => {
-                    gid == peer.gid || groups.get_or_insert_with(|| supplementary_groups(peer.uid)).contains(&gid)
-                }
-            };
-            if member {
+            if self.member(rule, peer, &mut groups) {
                 log::debug!("{peer} {action} {key}: allowed by the rule at {}", rule.source);
-                return Ok(());
+                return Ok(Grant::Rule(rule));
             }
         }
         let what = match name {
@@ -314,6 +388,50 @@ impl Policy {
             None => key.to_string(),
         };
         Err(self.denied(peer, action, what))
+    }
+
+    fn member(&self, rule: &Rule, peer: &PeerCred, groups: &mut Option<Vec<u32>>) -> bool {
+        match rule.who {
+            Who::Anyone => true,
+            Who::Uid(uid) => uid == peer.uid,
+            Who::Gid(gid) => {
+                gid == peer.gid || groups.get_or_insert_with(|| supplementary_groups(peer.uid)).contains(&gid)
+            }
+        }
+    }
+
+    /// Whether `peer` may use `list` and `status`: root, the broker's uid,
+    /// and peers of a rule with `introspect = true`.
+    pub fn check_introspect(&self, peer: &PeerCred, method: &str) -> Result<(), Denied> {
+        if self.is_trusted(peer) {
+            return Ok(());
+        }
+        let mut groups = None;
+        if self.rules.iter().filter(|r| r.introspect).any(|r| self.member(r, peer, &mut groups)) {
+            return Ok(());
+        }
+        Err(self.denied(peer, Action::Introspect, format!("method '{method}' (needs a rule with introspect = true)")))
+    }
+
+    /// Whether a rule names `peer` by its uid or one of its groups (not
+    /// `anyone`): such peers may use the slots kept in reserve when the
+    /// connection table is nearly full.
+    pub fn names_peer(&self, peer: &PeerCred) -> bool {
+        if self.is_trusted(peer) {
+            return true;
+        }
+        let mut groups = None;
+        self.rules.iter().filter(|r| r.who != Who::Anyone).any(|r| self.member(r, peer, &mut groups))
+    }
+
+    /// Whether `peer` is root or the broker's own uid.
+    pub fn trusts(&self, peer: &PeerCred) -> bool {
+        self.is_trusted(peer)
+    }
+
+    /// The broker's own uid.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// Whether `peer` may use an administrative method: root and the
@@ -331,10 +449,17 @@ impl Policy {
     }
 
     fn denied(&self, peer: &PeerCred, action: Action, what: String) -> Denied {
-        let user = match nix::unistd::User::from_uid(peer.uid.into()) {
-            Ok(Some(u)) => u.name,
-            _ => "unknown user".to_string(),
-        };
+        let mut names = self.names.borrow_mut();
+        if names.len() > 4096 {
+            names.clear();
+        }
+        let user = names
+            .entry(peer.uid)
+            .or_insert_with(|| match nix::unistd::User::from_uid(peer.uid.into()) {
+                Ok(Some(u)) => u.name,
+                _ => "unknown user".to_string(),
+            })
+            .clone();
         Denied { uid: peer.uid, user, action, what }
     }
 }
@@ -397,6 +522,26 @@ mod tests {
     }
 
     #[test]
+    fn only_exact_patterns_replace_stale_files() {
+        let rule = |p: &str| Rule {
+            who: Who::Anyone,
+            sockets: vec![],
+            on_demand: vec![p.parse().unwrap()],
+            introspect: false,
+            unix_file: UnixFile::default(),
+            source: "t:1".into(),
+        };
+        let k = key("unix:/run/app/x.sock");
+        assert!(Grant::Trusted.may_replace(&k));
+        assert!(Grant::Rule(&rule("unix:/run/app/x.sock")).may_replace(&k));
+        assert!(!Grant::Rule(&rule("unix:/run/app/*")).may_replace(&k));
+        assert!(!Grant::Rule(&rule("*")).may_replace(&k));
+        let peer = PeerCred { pid: 1, uid: 1001, gid: 1002 };
+        assert_eq!(UnixFile::default().for_peer(&peer), (1001, 1002, 0o660));
+        assert_eq!(UnixFile { owner: Some(0), group: None, mode: Some(0o666) }.for_peer(&peer), (0, 1002, 0o666));
+    }
+
+    #[test]
     fn rules_decide() {
         let me = nix::unistd::geteuid().as_raw();
         let stranger = if me == 12345 { 12346 } else { 12345 };
@@ -406,9 +551,18 @@ mod tests {
                 who: Who::Gid(54321),
                 sockets: vec!["web".into()],
                 on_demand: vec!["tcp://127.0.0.1:8000-8999".parse().unwrap()],
+                introspect: false,
+                unix_file: UnixFile::default(),
                 source: "t:1".into(),
             },
-            Rule { who: Who::Uid(1), sockets: vec!["*".into()], on_demand: vec![], source: "t:2".into() },
+            Rule {
+                who: Who::Uid(1),
+                sockets: vec!["*".into()],
+                on_demand: vec![],
+                introspect: false,
+                unix_file: UnixFile::default(),
+                source: "t:2".into(),
+            },
         ]);
         let k = key("tcp://127.0.0.1:80");
         assert!(policy.check(&peer, Action::Bind, Some("web"), &k).is_ok());

@@ -80,9 +80,10 @@ pub enum Command {
         /// when XDG_RUNTIME_DIR is unset]
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
-        /// Close client connections idle for this long (e.g. 30s, 500ms).
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-        idle_timeout: Duration,
+        /// Close client connections idle for this long (e.g. 30s, 500ms);
+        /// default: limits.idle_timeout of the configuration, 30s.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        idle_timeout: Option<Duration>,
         /// Take over every socket and the control socket of the broker running
         /// on the control path, then serve in its place (it exits).
         #[arg(long)]
@@ -466,18 +467,14 @@ fn say(args: std::fmt::Arguments<'_>) -> Result<(), CliError> {
 fn list(control: &ControlArg, json: bool) -> Result<(), CliError> {
     use crate::introspect;
     let mut client = control.connect()?;
-    let (result, _) = client.call("list", serde_json::Value::Null)?;
+    let mut entries = client.list_entries()?;
     let broker = client.peer_pid();
-    let sockets: Vec<introspect::SocketInfo> =
-        serde_json::from_value(result.clone()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let sockets: Vec<introspect::SocketInfo> = serde_json::from_value(serde_json::Value::Array(entries.clone()))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let holders = introspect::holders(sockets.iter().filter_map(|s| s.inode), broker);
     if json {
         // The broker's objects as sent (fields this client does not know
         // included), each with `holders` added.
-        let mut entries = match result {
-            serde_json::Value::Array(entries) => entries,
-            _ => Vec::new(),
-        };
         for entry in &mut entries {
             let inode = entry.get("inode").and_then(serde_json::Value::as_u64);
             let pids = inode.and_then(|i| holders.get(&i)).cloned().unwrap_or_default();

@@ -32,6 +32,9 @@ use crate::protocol::framing::Framer;
 use crate::protocol::{Request, Response, RpcError};
 use crate::spec::SocketSpec;
 
+/// The largest reply the client reads: a `list` page or a `bind_many`
+/// result of the broker's largest batch fits well within it.
+pub const MAX_REPLY: usize = 16 * 1024 * 1024;
 /// How long the client waits for a reply before giving up.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest the client keeps retrying a refused, reset or missing control
@@ -153,7 +156,7 @@ impl Client {
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref().to_path_buf();
         let stream = Client::open(&path, &mut Backoff::new())?;
-        Ok(Client { stream, path, framer: Framer::default(), next_id: 1 })
+        Ok(Client { stream, path, framer: Framer::new(MAX_REPLY), next_id: 1 })
     }
 
     fn open(path: &Path, backoff: &mut Backoff) -> Result<UnixStream, ClientError> {
@@ -205,7 +208,7 @@ impl Client {
                     // One budget for the whole call: reconnecting does not
                     // start a new window.
                     self.stream = Client::open(&self.path, &mut backoff)?;
-                    self.framer = Framer::default();
+                    self.framer = Framer::new(MAX_REPLY);
                 }
                 other => return other,
             }
@@ -318,6 +321,42 @@ impl Client {
             .collect()
     }
 
+    /// Every held socket (method `list`), fetched page by page so that no
+    /// reply is larger than one page, however many sockets the broker holds.
+    /// A broker that predates paging answers with one array; its entries are
+    /// taken as they are.
+    pub fn list(&mut self) -> Result<Vec<crate::introspect::SocketInfo>, ClientError> {
+        self.list_entries()?
+            .into_iter()
+            .map(|entry| serde_json::from_value(entry).map_err(|e| self.protocol(format!("list: {e}"))))
+            .collect()
+    }
+
+    /// Every held socket as the broker describes it (fields this client does
+    /// not know included), fetched page by page like [`Client::list`].
+    pub fn list_entries(&mut self) -> Result<Vec<Value>, ClientError> {
+        let mut all = Vec::new();
+        let mut offset = 0usize;
+        loop {
+            let (value, _) = self.call("list", serde_json::json!({ "offset": offset }))?;
+            let page: ListPage = match value {
+                Value::Array(items) => ListPage {
+                    // Skip the "more" marker a broker adds to an unpaged reply.
+                    entries: items.into_iter().filter(|i| i.get("more").is_none()).collect(),
+                    next: None,
+                },
+                other => serde_json::from_value(other).map_err(|e| self.protocol(format!("list: {e}")))?,
+            };
+            all.extend(page.entries);
+            match page.next {
+                // A cursor must move forward, or a confused broker would
+                // keep the client looping.
+                Some(next) if next > offset => offset = next,
+                _ => return Ok(all),
+            }
+        }
+    }
+
     /// Makes the broker close its copy of a socket it created on demand.
     pub fn release(&mut self, spec: &SocketSpec) -> Result<(), ClientError> {
         self.call("release", BindParams::from_spec(spec).to_json()).map(drop).map_err(|e| match e {
@@ -337,6 +376,14 @@ impl Client {
     fn protocol(&self, detail: String) -> ClientError {
         ClientError::Protocol { path: self.path.clone(), detail }
     }
+}
+
+/// One page of `list`.
+#[derive(Debug, serde::Deserialize)]
+struct ListPage {
+    entries: Vec<Value>,
+    #[serde(default)]
+    next: Option<usize>,
 }
 
 #[cfg(test)]

@@ -44,7 +44,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::acl::{AddressPattern, PatternError, Rule, Who};
+use crate::acl::{AddressPattern, PatternError, Rule, UnixFile, Who};
+use crate::limits::Limits;
 use crate::spec::{SocketKey, SocketOptions, SocketSpec, SpecError, Transport, UnixAddress};
 
 /// Environment variable naming the control socket (broker and clients).
@@ -157,6 +158,32 @@ pub struct ConfigFile {
     /// `[[allow]]`: who may have what.
     #[serde(default)]
     pub allow: Vec<AllowFile>,
+    /// `[limits]`: what one peer may cost the broker ([`Limits`]).
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// `[limits]`: every key is optional; see [`Limits`] for meaning and default.
+/// Durations are strings (`"10s"`, `"500ms"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct LimitsFile {
+    pub max_clients: Option<Spanned<i64>>,
+    pub reserved_clients: Option<Spanned<i64>>,
+    pub max_clients_per_uid: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub request_timeout: Option<Spanned<String>>,
+    pub max_request_bytes: Option<Spanned<i64>>,
+    pub max_batch: Option<Spanned<i64>>,
+    pub max_fds_in_flight_per_connection: Option<Spanned<i64>>,
+    pub max_fds_in_flight_per_uid: Option<Spanned<i64>>,
+    pub unread_timeout: Option<Spanned<String>>,
+    pub max_queued_bytes_per_connection: Option<Spanned<i64>>,
+    pub max_queued_bytes: Option<Spanned<i64>>,
+    pub list_page_max: Option<Spanned<i64>>,
+    pub log_burst: Option<Spanned<i64>>,
+    pub log_per_minute: Option<Spanned<i64>>,
 }
 
 /// `[control]`.
@@ -248,6 +275,15 @@ pub struct AllowFile {
     /// Address patterns granted, created on demand ([`AddressPattern`]).
     #[serde(default)]
     pub on_demand: Vec<Spanned<String>>,
+    /// Grants `list` and `status`. Default false.
+    pub introspect: Option<Spanned<bool>>,
+    /// Mode of the UNIX socket files `on_demand` creates, octal string.
+    /// Default `"0660"`.
+    pub socket_mode: Option<Spanned<String>>,
+    /// Owner of those files (name or number). Default: the uid that asked.
+    pub socket_owner: Option<Spanned<String>>,
+    /// Group of those files (name or number). Default: the gid that asked.
+    pub socket_group: Option<Spanned<String>>,
 }
 
 /// The validated configuration.
@@ -261,6 +297,8 @@ pub struct Config {
     pub sockets: Vec<Declared>,
     /// Allow rules, in file order.
     pub rules: Vec<Rule>,
+    /// The limits of the control socket.
+    pub limits: Limits,
 }
 
 /// The control socket settings; `None` means the default.
@@ -391,8 +429,11 @@ pub enum ProblemKind {
     #[error("a rule takes exactly one of anyone = true, user, uid, group, gid")]
     Who,
     /// A rule that grants nothing.
-    #[error("a rule grants nothing: give sockets = [names] and/or on_demand = [patterns]")]
+    #[error("a rule grants nothing: give sockets = [names], on_demand = [patterns] and/or introspect = true")]
     Grants,
+    /// A duration that does not parse.
+    #[error("{0}")]
+    BadDuration(String),
     /// An interface name the kernel would refuse.
     #[error("'{0}' is not an interface name (1-15 characters, no '/', ':' or spaces)")]
     BadInterface(String),
@@ -449,8 +490,9 @@ pub fn validate(file: ConfigFile, text: &str, origin: &str) -> Result<Config, Co
         }
     }
     let rules = file.allow.iter().enumerate().filter_map(|(i, a)| v.rule(i, a)).collect();
+    let limits = v.limits(&file.limits);
     if v.problems.is_empty() {
-        Ok(Config { origin: origin.to_string(), control, sockets, rules })
+        Ok(Config { origin: origin.to_string(), control, sockets, rules, limits })
     } else {
         Err(ConfigError::Invalid { origin: origin.to_string(), problems: v.problems })
     }
@@ -680,7 +722,8 @@ impl<'a> Validator<'a> {
         if who.len() != 1 {
             self.push(span.clone(), format!("allow[{i}]"), ProblemKind::Who);
         }
-        if a.sockets.is_empty() && a.on_demand.is_empty() {
+        let introspect = a.introspect.as_ref().is_some_and(|x| *x.get_ref());
+        if a.sockets.is_empty() && a.on_demand.is_empty() && !introspect {
             self.push(span.clone(), format!("allow[{i}]"), ProblemKind::Grants);
         }
         let mut sockets = Vec::new();
@@ -698,9 +741,79 @@ impl<'a> Validator<'a> {
                 Err(e) => self.push(p.span(), format!("allow[{i}].on_demand[{j}]"), ProblemKind::Pattern(e)),
             }
         }
+        let unix_file = UnixFile {
+            owner: a.socket_owner.as_ref().and_then(|u| self.user(u, &at("socket_owner"))),
+            group: a.socket_group.as_ref().and_then(|g| self.group(g, &at("socket_group"))),
+            mode: a.socket_mode.as_ref().and_then(|m| self.mode(m, &at("socket_mode"))),
+        };
         let who = who.into_iter().next().flatten()?;
         let source = format!("{}:{}", self.origin, self.line(span.start));
-        Some(Rule { who, sockets, on_demand, source })
+        Some(Rule { who, sockets, on_demand, introspect, unix_file, source })
+    }
+
+    fn limits(&mut self, l: &LimitsFile) -> Limits {
+        let d = Limits::default();
+        let max = i64::from(i32::MAX);
+        let mut n = |v: &Option<Spanned<i64>>, key: &str, min: i64, default: usize| {
+            self.int(v, format!("limits.{key}"), min, max).map_or(default, |x| x as usize)
+        };
+        let mut out = Limits {
+            max_clients: n(&l.max_clients, "max_clients", 1, d.max_clients),
+            reserved_clients: n(&l.reserved_clients, "reserved_clients", 0, d.reserved_clients),
+            max_clients_per_uid: n(&l.max_clients_per_uid, "max_clients_per_uid", 1, d.max_clients_per_uid),
+            max_request_bytes: n(&l.max_request_bytes, "max_request_bytes", 1024, d.max_request_bytes),
+            max_batch: n(&l.max_batch, "max_batch", 1, d.max_batch),
+            max_fds_in_flight_per_connection: n(
+                &l.max_fds_in_flight_per_connection,
+                "max_fds_in_flight_per_connection",
+                1,
+                d.max_fds_in_flight_per_connection,
+            ),
+            max_fds_in_flight_per_uid: n(
+                &l.max_fds_in_flight_per_uid,
+                "max_fds_in_flight_per_uid",
+                1,
+                d.max_fds_in_flight_per_uid,
+            ),
+            max_queued_bytes_per_connection: n(
+                &l.max_queued_bytes_per_connection,
+                "max_queued_bytes_per_connection",
+                1,
+                d.max_queued_bytes_per_connection,
+            ),
+            max_queued_bytes: n(&l.max_queued_bytes, "max_queued_bytes", 1, d.max_queued_bytes),
+            list_page_max: n(&l.list_page_max, "list_page_max", 1, d.list_page_max),
+            log_burst: n(&l.log_burst, "log_burst", 1, d.log_burst as usize) as u32,
+            log_per_minute: n(&l.log_per_minute, "log_per_minute", 1, d.log_per_minute as usize) as u32,
+            ..d
+        };
+        for (value, key, slot) in [
+            (&l.idle_timeout, "idle_timeout", &mut out.idle_timeout),
+            (&l.request_timeout, "request_timeout", &mut out.request_timeout),
+            (&l.unread_timeout, "unread_timeout", &mut out.unread_timeout),
+        ] {
+            if let Some(v) = value {
+                match crate::cli::parse_duration(v.get_ref()) {
+                    Ok(t) if !t.is_zero() => *slot = t,
+                    Ok(_) => {
+                        self.push(v.span(), format!("limits.{key}"), ProblemKind::BadDuration("must not be 0".into()))
+                    }
+                    Err(e) => self.push(v.span(), format!("limits.{key}"), ProblemKind::BadDuration(e)),
+                }
+            }
+        }
+        if out.reserved_clients >= out.max_clients {
+            if let Some(v) = &l.reserved_clients {
+                self.push(
+                    v.span(),
+                    "limits.reserved_clients".into(),
+                    ProblemKind::Range { value: *v.get_ref(), min: 0, max: out.max_clients as i64 - 1 },
+                );
+            } else {
+                out.reserved_clients = out.max_clients / 2;
+            }
+        }
+        out
     }
 }
 
@@ -845,6 +958,31 @@ on_demand = ["tcp://127.0.0.1:8000-8999"]
         assert!(p[0].contains("allow[0].group: unknown group"), "{p:?}");
         assert!(p[1].contains("allow[0]: a rule takes exactly one of"), "{p:?}");
         assert!(p[2].contains("allow[0].on_demand[0]: 'tcp://*:0'"), "{p:?}");
+    }
+
+    #[test]
+    fn limits_and_rule_file_keys() {
+        let c = parse(
+            "[limits]\nmax_clients_per_uid = 7\nrequest_timeout = \"500ms\"\nmax_batch = 2048\n\
+             [[allow]]\nuser = \"root\"\nintrospect = true\n\
+             [[allow]]\nuid = 5\non_demand = [\"unix:/run/a/*\"]\nsocket_mode = \"0600\"\nsocket_owner = \"root\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let d = Limits::default();
+        assert_eq!(c.limits.max_clients_per_uid, 7);
+        assert_eq!(c.limits.request_timeout, std::time::Duration::from_millis(500));
+        assert_eq!(c.limits.max_batch, 2048);
+        assert_eq!(c.limits.unread_timeout, d.unread_timeout);
+        assert!(c.rules[0].introspect && c.rules[0].sockets.is_empty());
+        assert_eq!(c.rules[1].unix_file, UnixFile { owner: Some(0), group: None, mode: Some(0o600) });
+        let p = problems("[limits]\nrequest_timeout = \"soon\"\nmax_clients = 10\nreserved_clients = 10\nbogus = 1\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("limits.bogus: unknown field"), "{p:?}");
+        let p = problems("[limits]\nrequest_timeout = \"soon\"\nmax_clients = 10\nreserved_clients = 10\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("limits.request_timeout: 'soon'"), "{p:?}");
+        assert!(p[1].contains("limits.reserved_clients: 10 is out of range (0-9)"), "{p:?}");
     }
 
     #[test]

@@ -57,8 +57,9 @@ pub struct ServeOptions {
     pub control: PathBuf,
     /// Mode of the control socket file.
     pub control_mode: u32,
-    /// Idle connections are closed after this long.
-    pub idle_timeout: Duration,
+    /// Idle connections are closed after this long (`--idle-timeout`;
+    /// otherwise `limits.idle_timeout`).
+    pub idle_timeout: Option<Duration>,
     /// Take over the broker serving on `control` instead of creating it.
     pub takeover: bool,
     /// The configuration, loaded and validated; applied by `serve`.
@@ -131,7 +132,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
 
     phase = Phase::Adopting;
     log::debug!("phase {phase:?}");
-    let server_options = ServerOptions { idle_timeout: options.idle_timeout, ..ServerOptions::default() };
+    let server_options = ServerOptions { idle_timeout: options.idle_timeout };
     let mut server = match upgrade::carried_in(&options.control, options.takeover)? {
         Some(carried) => {
             if !passed.is_empty() {

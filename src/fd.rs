@@ -54,6 +54,21 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
     Ok(sent)
 }
 
+/// Bytes this end of a UNIX stream socket sent that the peer has not read
+/// yet (`SIOCOUTQ`). The descriptors that travelled with them are in
+/// flight, charged to the sender's user, until the peer reads them; 0 means
+/// the peer has read everything, descriptors included.
+pub fn unread_by_peer(sock: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: `sock` is open for the duration of the call; SIOCOUTQ writes
+    // one `int` through the pointer, which points at `n` on our stack.
+    let rc = unsafe { nix::libc::ioctl(sock.as_raw_fd(), nix::libc::TIOCOUTQ, &mut n as *mut nix::libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// What one `recvmsg` brought.
 #[derive(Debug)]
 pub struct Received {
@@ -216,6 +231,12 @@ mod tests {
         assert_eq!(got.fds.len(), 1);
         assert!(is_cloexec(got.fds[0].as_fd()).unwrap());
         assert_eq!(inode(got.fds[0].as_fd()).unwrap(), inode(x.as_fd()).unwrap());
+        // Sent, not read yet: SIOCOUTQ counts it until the peer reads.
+        assert_eq!(send_with_fds(a.as_fd(), b"again", &[x.as_fd()]).unwrap(), 5);
+        assert!(unread_by_peer(a.as_fd()).unwrap() > 0);
+        let got = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(got.fds.len(), 1);
+        assert_eq!(unread_by_peer(a.as_fd()).unwrap(), 0);
         let cred = peer_credentials(a.as_fd()).unwrap();
         assert_eq!(cred.pid, std::process::id() as i32);
     }

@@ -24,6 +24,11 @@
 //! The configuration file ([`config`]) declares sockets, which the broker
 //! opens at start and on reload ([`reload`]), and the allow rules; the
 //! broker describes itself through [`introspect`].
+//!
+//! Every local peer that can connect may be hostile: what one peer may cost
+//! the broker (connections, time, descriptors in flight, memory, log lines)
+//! is bounded by [`limits`], applied by [`server`]; lines about peers' requests
+//! are rate-limited per uid by [`peerlog`].
 
 #![deny(missing_docs)]
 
@@ -37,9 +42,11 @@ pub mod exec;
 pub mod fd;
 pub mod haproxy;
 pub mod introspect;
+pub mod limits;
 pub mod logging;
 pub mod manual;
 pub mod methods;
+pub mod peerlog;
 pub mod protocol;
 pub mod registry;
 pub mod reload;

@@ -15,7 +15,7 @@ use crate::protocol::bind::{BindParams, BindTarget};
 use crate::protocol::{code, RpcError};
 use crate::registry::Origin;
 use crate::reload;
-use crate::server::{invalid, Server, MAX_BATCH};
+use crate::server::{invalid, Server};
 use crate::spec::SocketKey;
 
 impl Server {
@@ -27,27 +27,45 @@ impl Server {
         let Value::Array(items) = params else {
             return Err(invalid(peer, "bind_many", "params".into(), &"an array of bind objects is required"));
         };
-        if items.len() > MAX_BATCH {
+        let max = self.limits().max_batch;
+        if items.len() > max {
             return Err(invalid(
                 peer,
                 "bind_many",
                 format!("{} sockets", items.len()),
-                &format!("at most {MAX_BATCH}"),
+                &format!("at most {max} (limits.max_batch)"),
             ));
         }
         let mut results = Vec::with_capacity(items.len());
         let mut fds = Vec::new();
+        // Items are logged at DEBUG; the batch gets one line, so a refused
+        // batch looped on costs one (rate-limited) line per request.
+        let mut first_error: Option<RpcError> = None;
         for item in items {
             let outcome = BindParams::from_json(item)
-                .map_err(|e| invalid(peer, "bind_many", "item".into(), &e))
-                .and_then(|p| self.bind_one(peer, &p));
+                .map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("Invalid params: item: {e}")))
+                .and_then(|p| self.bind_one(peer, &p, true));
             match outcome {
                 Ok(fd) => {
                     fds.push(fd);
                     results.push(json!({"ok": true}));
                 }
-                Err(e) => results.push(json!({"error": e})),
+                Err(e) => {
+                    results.push(json!({"error": e}));
+                    first_error.get_or_insert(e);
+                }
             }
+        }
+        let failed = items.len() - fds.len();
+        match first_error {
+            None => crate::peer_log!(peer, log::Level::Info, "bind_many: {} ok", fds.len()),
+            Some(e) => crate::peer_log!(
+                peer,
+                if e.code == code::ACCESS_DENIED { log::Level::Warn } else { log::Level::Info },
+                "bind_many: {} ok, {failed} failed (first: {})",
+                fds.len(),
+                e.message
+            ),
         }
         Ok((Value::Array(results), fds))
     }
@@ -62,14 +80,26 @@ impl Server {
         };
         let Some(held) = held else {
             let message = format!("{}: not held", params.describe());
-            log::info!("{peer} release {message}");
+            crate::peer_log!(peer, log::Level::Info, "release {message}");
             return Err(RpcError::new(code::NOT_RELEASABLE, message));
         };
         let key = held.key().clone();
         self.live.policy.check(&peer, Action::Release, held.name.as_deref(), &key).map_err(|denied| {
-            log::warn!("{peer} release {key}: refused: {denied}");
+            crate::peer_log!(peer, log::Level::Warn, "release {key}: refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
         })?;
+        // A rule lets a peer have a socket; closing it under everyone else
+        // is for the peer that made it (and root and the broker's uid).
+        if !self.live.policy.trusts(&peer) && held.creator != Some(peer.uid) {
+            let by = held.creator.map_or_else(|| "the broker".to_string(), |uid| format!("uid {uid}"));
+            let message = format!(
+                "uid {} may not release {key}: it was created by {by}; only its creator, root and uid {} may release it",
+                peer.uid,
+                self.live.policy.owner()
+            );
+            crate::peer_log!(peer, log::Level::Warn, "release {key}: refused: {message}");
+            return Err(RpcError::new(code::ACCESS_DENIED, message));
+        }
         // Sockets made on demand come back from the fd store after a broker
         // restart (or from multibinder's environment after an upgrade from
         // it) with that origin; they stay releasable unless declared.
@@ -84,7 +114,7 @@ impl Server {
                 "{key}: only sockets created on demand can be released (this one comes from {})",
                 introspect::origin_name(held.origin)
             );
-            log::info!("{peer} release {message}");
+            crate::peer_log!(peer, log::Level::Info, "release {message}");
             return Err(RpcError::new(code::NOT_RELEASABLE, message));
         }
         self.registry.release(&key);
@@ -143,7 +173,7 @@ impl Server {
                 (Some((Some(i), _)), _) | (None, Some(i)) if i == inode => Outcome::AlreadyHeld,
                 (Some((held_inode, origin)), _) => {
                     return Err(refuse(format!(
-                        "{key} ({from}, inode {inode}): the broker already holds a different socket under this key                          (inode {}, {}); it is never swapped silently: release it first, or adopt another address",
+                        "{key} ({from}, inode {inode}): the broker already holds a different socket under this key (inode {}, {}); it is never swapped silently: release it first, or adopt another address",
                         held_inode.map_or("?".to_string(), |i| i.to_string()),
                         crate::systemd::activation::origin_text(origin)
                     )))
@@ -197,7 +227,7 @@ impl Server {
 
     pub(crate) fn reload(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {
         self.live.policy.check_admin(&peer, "reload").map_err(|denied| {
-            log::warn!("{peer} reload: refused: {denied}");
+            crate::peer_log!(peer, log::Level::Warn, "reload: refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         log::info!("{peer} reload");
@@ -205,6 +235,93 @@ impl Server {
             Ok(applied) => Ok((json!(applied), Vec::new())),
             Err(e) => Err(RpcError::new(code::RELOAD_FAILED, crate::error_chain(&e))),
         }
+    }
+
+    /// `list`: one page of the held sockets, in a stable order (by name,
+    /// unnamed last, then address). Params `{"offset": N, "limit": M}` give
+    /// `{"entries": [...], "next": N+M or null, "total": T}`; no params give
+    /// the first page as a bare array, as before paging, ending with a
+    /// marker `{"more": true, "next": …, "total": …}` when there are more.
+    /// Other users' pids and uids are shown to root and the broker's uid
+    /// only.
+    pub(crate) fn list(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        self.live.policy.check_introspect(&peer, "list").map_err(|denied| {
+            crate::peer_log!(peer, log::Level::Warn, "list: refused: {denied}");
+            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+        })?;
+        let page_max = self.limits().list_page_max;
+        let object = match params {
+            Value::Array(items) => items.first(),
+            other => Some(other),
+        };
+        let (offset, limit, paged) = match object {
+            None | Some(Value::Null) => (0, page_max, false),
+            Some(Value::Object(o)) => {
+                let number = |key: &str, default: usize| match o.get(key) {
+                    None | Some(Value::Null) => Ok(default),
+                    Some(v) => v
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| invalid(peer, "list", format!("\"{key}\""), &"a number 0 or more is required")),
+                };
+                (number("offset", 0)?, number("limit", page_max)?.clamp(1, page_max), true)
+            }
+            Some(_) => {
+                return Err(invalid(peer, "list", "params".into(), &"an object {\"offset\", \"limit\"} or none"))
+            }
+        };
+        let order = self.list_order();
+        let total = order.len();
+        let sees_all = self.live.policy.trusts(&peer);
+        let entries: Vec<introspect::SocketInfo> = order
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .filter_map(|key| self.registry.get(key))
+            .map(|held| {
+                let mut info = introspect::SocketInfo::of(held);
+                if !sees_all && info.last_uid != Some(peer.uid) {
+                    info.last_pid = None;
+                    info.last_uid = None;
+                }
+                info
+            })
+            .collect();
+        let next = offset.checked_add(limit).filter(|n| *n < total);
+        if paged {
+            return Ok((json!({"entries": entries, "next": next, "total": total}), Vec::new()));
+        }
+        let mut items: Vec<Value> = entries.into_iter().map(|e| json!(e)).collect();
+        if next.is_some() {
+            items.push(json!({"more": true, "next": next, "total": total}));
+        }
+        Ok((Value::Array(items), Vec::new()))
+    }
+
+    /// The held sockets' keys in `list` order, sorted once per change of
+    /// the registry.
+    fn list_order(&mut self) -> std::rc::Rc<Vec<crate::spec::SocketKey>> {
+        let generation = self.registry.generation();
+        if let Some((g, keys)) = &self.list_order_cache() {
+            if *g == generation {
+                return keys.clone();
+            }
+        }
+        let mut all: Vec<(bool, Option<String>, crate::spec::SocketKey)> =
+            self.registry.iter().map(|h| (h.name.is_none(), h.name.clone(), h.key().clone())).collect();
+        all.sort();
+        let keys = std::rc::Rc::new(all.into_iter().map(|(_, _, k)| k).collect::<Vec<_>>());
+        self.set_list_order_cache(generation, keys.clone());
+        keys
+    }
+
+    /// `status`, for a peer allowed to see it.
+    pub(crate) fn status_for(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        self.live.policy.check_introspect(&peer, "status").map_err(|denied| {
+            crate::peer_log!(peer, log::Level::Warn, "status: refused: {denied}");
+            RpcError::new(code::ACCESS_DENIED, denied.to_string())
+        })?;
+        Ok((json!(self.status()), Vec::new()))
     }
 
     /// The broker's state for the `status` method.

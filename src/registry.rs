@@ -56,6 +56,9 @@ pub struct HeldSocket {
     pub handed_out: u64,
     /// The last client it was handed to.
     pub last_peer: Option<PeerCred>,
+    /// The uid of the peer whose request created it (on-demand sockets made
+    /// by this broker); it may `release` it.
+    pub creator: Option<u32>,
 }
 
 impl HeldSocket {
@@ -83,6 +86,12 @@ pub struct Registry {
     /// a whole `HeldSocket` (240 bytes) keeps 10,000 sockets in a few MiB.
     by_key: HashMap<SocketKey, Box<HeldSocket>>,
     names: HashMap<String, SocketKey>,
+    /// Socket files this broker created (device and inode): the only stale
+    /// files it replaces without a rule for the exact path.
+    created_files: std::collections::HashSet<socket::FileId>,
+    /// Bumped whenever a socket is added, removed or renamed, so a sorted
+    /// listing can be kept until it changes.
+    generation: u64,
 }
 
 impl Registry {
@@ -93,13 +102,33 @@ impl Registry {
 
     /// The held socket for `spec`'s key, opened on demand when the broker
     /// does not hold it yet. The boolean is true when it was just opened.
+    /// A stale socket file at a UNIX path is replaced (a trusted caller).
     pub fn get_or_open(&mut self, spec: &SocketSpec) -> Result<(&mut HeldSocket, bool), OpenError> {
+        self.get_or_open_for(spec, None, true)
+    }
+
+    /// [`Registry::get_or_open`] for a peer: `creator` is recorded on a new
+    /// socket (who may release it), and a stale socket file found at a UNIX
+    /// path is replaced only when `replace_any` or when this broker created
+    /// that very file.
+    pub fn get_or_open_for(
+        &mut self,
+        spec: &SocketSpec,
+        creator: Option<u32>,
+        replace_any: bool,
+    ) -> Result<(&mut HeldSocket, bool), OpenError> {
         use std::collections::hash_map::Entry;
         match self.by_key.entry(spec.key.clone()) {
             Entry::Occupied(e) => Ok((&mut **e.into_mut(), false)),
             Entry::Vacant(e) => {
-                let fd = socket::open(spec)?;
+                let created = &self.created_files;
+                let (fd, file) = socket::open_checked(spec, &|id| replace_any || created.contains(&id))?;
+                if let Some(file) = file {
+                    self.created_files.insert(file);
+                }
+                self.generation += 1;
                 let held = HeldSocket {
+                    creator,
                     fd,
                     spec: spec.clone(),
                     name: None,
@@ -147,7 +176,17 @@ impl Registry {
             self.names.insert(n.clone(), spec.key.clone());
         }
         let key = spec.key.clone();
-        let held = HeldSocket { fd, spec, name, origin, created: SystemTime::now(), handed_out: 0, last_peer: None };
+        self.generation += 1;
+        let held = HeldSocket {
+            fd,
+            spec,
+            name,
+            origin,
+            created: SystemTime::now(),
+            handed_out: 0,
+            last_peer: None,
+            creator: None,
+        };
         Ok(&mut **self.by_key.entry(key).or_insert(Box::new(held)))
     }
 
@@ -177,6 +216,7 @@ impl Registry {
             self.names.insert(n.clone(), key.clone());
         }
         held.name = name;
+        self.generation += 1;
         Ok(())
     }
 
@@ -184,6 +224,7 @@ impl Registry {
     /// processes that received it keep theirs.
     pub fn release(&mut self, key: &SocketKey) -> Option<HeldSocket> {
         let held = *self.by_key.remove(key)?;
+        self.generation += 1;
         if let Some(name) = &held.name {
             self.names.remove(name);
         }
@@ -198,6 +239,11 @@ impl Registry {
     /// Every held socket, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &HeldSocket> {
         self.by_key.values().map(|held| &**held)
+    }
+
+    /// Changes whenever the set of held sockets or their names change.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// How many sockets are held.

@@ -19,6 +19,22 @@
 //! *to* the broker: read with `recvmsg`, kept per connection until an
 //! `adopt` takes them); `docs/control.md` describes them.
 //!
+//! No peer, whatever it sends or fails to read, may stop the loop from
+//! serving another ([`Limits`]; `docs/protocol.md`, "Threat model"):
+//! - slots: a per-uid cap, and a reserve for root, the broker's uid and
+//!   peers a rule names; a refused connection gets an error and is closed;
+//! - time: a deadline for a whole request (bytes that are not a complete
+//!   request do not reset it), an idle deadline, and one for descriptors
+//!   left unread;
+//! - descriptors in flight (sent, not read: the kernel charges them to the
+//!   broker's user, and past its `RLIMIT_NOFILE` every `sendmsg` with a
+//!   descriptor fails): counted per connection from `SIOCOUTQ` and per uid;
+//!   over a cap, the connection's requests wait unread; past the unread
+//!   deadline it is shut down but kept, still counted, until the peer reads
+//!   or closes (a *zombie*);
+//! - memory: reply bytes queued per connection and for all untrusted peers
+//!   together are capped; `list` is paged.
+//!
 //! Errors become JSON-RPC errors and never carry a descriptor. The peer's
 //! credentials are read once, at accept, and travel with every request of the
 //! connection.
@@ -37,46 +53,36 @@ use serde_json::{json, Value};
 
 use crate::acl::Action;
 use crate::fd::{self, PeerCred, SCM_MAX_FD};
-use crate::introspect;
+use crate::limits::Limits;
 use crate::protocol::bind::{BindParams, BindTarget};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::{code, Request, Response, RpcError};
 use crate::registry::Registry;
 use crate::reload::Live;
 use crate::socket::{self, OpenError, PathError};
-use crate::spec::{SocketKey, SocketSpec, SpecError};
+use crate::spec::{SocketKey, SocketSpec, SpecError, UnixAddress};
 
 /// Backlog of the control socket: generous, so a burst of clients during a
 /// mass restart is queued by the kernel rather than refused.
 const CONTROL_BACKLOG: u32 = 4096;
 /// Replies queued for one connection before the broker stops reading its
-/// requests (back-pressure on a client that does not read).
+/// requests (back-pressure on a client that does not read); the bytes and
+/// descriptors they may hold are capped by [`Limits`] too.
 const MAX_QUEUED_REPLIES: usize = 16;
 /// Bytes read from one connection per wake-up, so one busy client cannot
 /// starve the others.
 const READ_CHUNK: usize = 16 * 1024;
-/// Most sockets in one `bind_many` request: each costs a duplicate descriptor
-/// until the reply is written.
-pub const MAX_BATCH: usize = 4096;
 /// How long to stop accepting after accept() fails for lack of resources
 /// (EMFILE, ENFILE, ENOMEM): the listener stays readable, so accepting again
 /// at once would spin, logging a failure each turn.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Settings of the control loop.
-#[derive(Debug, Clone)]
+/// Settings of the control loop given on the command line; the rest are
+/// [`Limits`] from the configuration.
+#[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
-    /// A connection with no traffic for this long is closed.
-    pub idle_timeout: Duration,
-    /// Connections served at once; beyond, new ones wait in the kernel's
-    /// accept queue.
-    pub max_clients: usize,
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions { idle_timeout: Duration::from_secs(30), max_clients: 4096 }
-    }
+    /// `serve --idle-timeout`: wins over `limits.idle_timeout`.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Why the control socket could not be set up.
@@ -257,17 +263,93 @@ struct Conn {
     peer: PeerCred,
     framer: Framer,
     outbox: VecDeque<Outgoing>,
+    /// Reply bytes in `outbox` not written yet.
+    queued_bytes: usize,
+    /// Descriptors in `outbox` not sent yet (duplicates the broker holds).
+    queued_fds: usize,
+    /// Descriptors sent that the peer may not have read yet: reset to 0 when
+    /// the kernel says the peer has read everything (`SIOCOUTQ` is 0).
+    sent_fds: usize,
+    /// `SIOCOUTQ` when last looked at.
+    last_unread: usize,
+    /// Since when the peer has left descriptors unread without reading.
+    unread_since: Option<Instant>,
+    /// The last complete request or written reply (the idle clock).
     last_active: Instant,
+    /// When the first byte of the request not yet complete came.
+    request_started: Option<Instant>,
+    /// Requests are waiting but a limit holds them back: the connection is
+    /// not read from until it is looked at again.
+    held: bool,
     /// The peer has shut down its side: answer what is complete, then close.
     read_closed: bool,
     /// An unrecoverable protocol error: flush the error reply, then close.
     closing: bool,
+    /// Shut down, kept only to know when the descriptors the peer left
+    /// unread are gone (they stay charged to the broker's user until then).
+    zombie: bool,
     /// The id of an accepted `takeover` request: the connection leaves the
     /// loop for [`crate::upgrade::hand_over`].
     takeover: Option<Value>,
     /// Descriptors the peer attached to its requests (SCM_RIGHTS), in order,
     /// until an `adopt` request takes them; at most [`SCM_MAX_FD`].
     received: VecDeque<OwnedFd>,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, peer: PeerCred, max_request: usize) -> Conn {
+        Conn {
+            stream,
+            peer,
+            framer: Framer::new(max_request),
+            outbox: VecDeque::new(),
+            queued_bytes: 0,
+            queued_fds: 0,
+            sent_fds: 0,
+            last_unread: 0,
+            unread_since: None,
+            last_active: Instant::now(),
+            request_started: None,
+            held: false,
+            read_closed: false,
+            closing: false,
+            zombie: false,
+            takeover: None,
+            received: VecDeque::new(),
+        }
+    }
+
+    /// Descriptors the peer has not read yet, sent or still queued.
+    fn in_flight(&self) -> usize {
+        self.sent_fds + self.queued_fds
+    }
+
+    /// Asks the kernel what the peer has read, and updates the count of
+    /// descriptors in flight and the unread clock.
+    fn refresh_unread(&mut self, now: Instant) {
+        if self.sent_fds == 0 {
+            self.unread_since = None;
+            return;
+        }
+        match fd::unread_by_peer(self.stream.as_fd()) {
+            Ok(0) => {
+                self.sent_fds = 0;
+                self.last_unread = 0;
+                self.unread_since = None;
+            }
+            Ok(n) => {
+                // Any progress restarts the clock: a slow reader is not a
+                // stuck one.
+                if n < self.last_unread || self.unread_since.is_none() {
+                    self.unread_since = Some(now);
+                }
+                self.last_unread = n;
+            }
+            Err(e) => {
+                log::debug!("{}: SIOCOUTQ: {e}", self.peer);
+            }
+        }
+    }
 }
 
 /// What woke the loop, when it is not client traffic.
@@ -281,6 +363,13 @@ pub enum Wake {
     Changed,
     /// An allowed peer asked to take over: see [`Server::take_takeover`].
     Takeover,
+}
+
+/// What the connections of one uid use, counted once per turn of the loop.
+#[derive(Debug, Default, Clone, Copy)]
+struct UidUse {
+    conns: usize,
+    in_flight: usize,
 }
 
 /// The control loop: the control socket, the client connections and the
@@ -299,7 +388,35 @@ pub struct Server {
     pub(crate) started: Instant,
     /// Set after accept() failed: no accepting before this instant.
     accept_paused_until: Option<Instant>,
+    /// Per uid: connections and descriptors in flight, this turn.
+    uid_use: HashMap<u32, UidUse>,
+    /// Reply bytes queued for untrusted peers, this turn.
+    untrusted_queued: usize,
+    /// Descriptors in flight to untrusted peers, this turn.
+    untrusted_in_flight: usize,
+    /// Work done per uid, this turn ([`TURN_BUDGET`]).
+    turn_spent: HashMap<u32, usize>,
+    /// Half the descriptor limit: the kernel fails every `sendmsg` with a
+    /// descriptor (ETOOMANYREFS) once the broker's user has more in flight
+    /// than `RLIMIT_NOFILE`, so untrusted peers together get at most half,
+    /// and one uid at most a quarter.
+    in_flight_budget: usize,
+    /// The soft `RLIMIT_NOFILE` when the loop started.
+    nofile: usize,
+    /// The sorted keys `list` pages through, and the registry generation
+    /// they were sorted at.
+    list_order: Option<(u64, std::rc::Rc<Vec<SocketKey>>)>,
+    /// When suppressed log lines were last reported.
+    last_log_report: Instant,
 }
+
+/// How often suppressed log lines are reported, and how quiet a uid must
+/// have been for its count to be reported on its own line.
+const LOG_REPORT: Duration = Duration::from_secs(10);
+
+/// How often zombie connections and held-back connections are looked at
+/// again when nothing else wakes the loop.
+const RECHECK: Duration = Duration::from_millis(20);
 
 impl Server {
     /// A server on `control`, holding what `registry` holds.
@@ -314,6 +431,14 @@ impl Server {
             live: Live::default(),
             started: Instant::now(),
             accept_paused_until: None,
+            uid_use: HashMap::new(),
+            untrusted_queued: 0,
+            untrusted_in_flight: 0,
+            turn_spent: HashMap::new(),
+            in_flight_budget: in_flight_budget(),
+            nofile: nofile(),
+            list_order: None,
+            last_log_report: Instant::now(),
         }
     }
 
@@ -325,6 +450,23 @@ impl Server {
     /// How many clients are connected.
     pub fn clients(&self) -> usize {
         self.conns.len()
+    }
+
+    pub(crate) fn list_order_cache(&self) -> Option<(u64, std::rc::Rc<Vec<SocketKey>>)> {
+        self.list_order.clone()
+    }
+
+    pub(crate) fn set_list_order_cache(&mut self, generation: u64, keys: std::rc::Rc<Vec<SocketKey>>) {
+        self.list_order = Some((generation, keys));
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.live.config.limits
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.options.idle_timeout.unwrap_or(self.live.config.limits.idle_timeout)
     }
 
     /// Serves clients until `extra` (a signalfd, for instance) is readable.
@@ -340,18 +482,34 @@ impl Server {
     /// daemon's watchdog pings) or the number of held sockets changes.
     pub fn serve_until_deadline(&mut self, extra: BorrowedFd<'_>, deadline: Option<Instant>) -> io::Result<Wake> {
         let held = self.registry.len();
+        {
+            let l = self.limits();
+            crate::peerlog::configure(l.log_burst, l.log_per_minute);
+        }
         loop {
             let now = Instant::now();
             if deadline.is_some_and(|d| d <= now) {
                 return Ok(Wake::Deadline);
             }
-            self.expire_idle(now);
+            if now.duration_since(self.last_log_report) >= LOG_REPORT {
+                crate::peerlog::report_suppressed(LOG_REPORT);
+                self.last_log_report = now;
+            }
+            self.expire(now);
+            self.count_use();
+            // Connections held back by a limit, or asleep with descriptors
+            // unread, are looked at again each turn: the kernel has no event
+            // for "the peer read what we sent".
+            let recheck: Vec<u64> = self.conns.iter().filter(|(_, c)| c.held).map(|(id, _)| *id).collect();
+            for id in recheck {
+                self.service(id, PollFlags::empty());
+            }
             let timeout =
-                self.next_deadline().into_iter().chain(deadline).min().map(|d| d.saturating_duration_since(now));
+                self.next_deadline(now).into_iter().chain(deadline).min().map(|d| d.saturating_duration_since(now));
 
             let paused = self.accept_paused_until.is_some_and(|t| now < t);
-            let accepting = self.conns.len() < self.options.max_clients && !paused;
-            let ids: Vec<u64> = self.conns.keys().copied().collect();
+            let accepting = self.conns.len() < self.limits().max_clients && !paused;
+            let ids: Vec<u64> = self.conns.iter().filter(|(_, c)| !c.zombie).map(|(id, _)| *id).collect();
             let mut fds = Vec::with_capacity(ids.len() + 2);
             fds.push(PollFd::new(extra, PollFlags::POLLIN));
             fds.push(PollFd::new(
@@ -363,7 +521,7 @@ impl Server {
                 let mut events = PollFlags::empty();
                 if !conn.outbox.is_empty() {
                     events |= PollFlags::POLLOUT;
-                } else if !conn.read_closed && !conn.closing {
+                } else if !conn.read_closed && !conn.closing && !conn.held {
                     events |= PollFlags::POLLIN;
                 }
                 fds.push(PollFd::new(conn.stream.as_fd(), events));
@@ -404,29 +562,134 @@ impl Server {
         }
     }
 
-    /// The next idle expiry, or the end of a pause in accepting.
-    fn next_deadline(&self) -> Option<Instant> {
+    /// Counts, per uid, connections and descriptors in flight, and the reply
+    /// bytes queued for untrusted peers; asks the kernel what was read.
+    fn count_use(&mut self) {
         let now = Instant::now();
-        let pause_end = self.accept_paused_until.filter(|t| now < *t);
-        self.conns.values().map(|c| c.last_active + self.options.idle_timeout).chain(pause_end).min()
+        self.uid_use.clear();
+        self.turn_spent.clear();
+        self.untrusted_queued = 0;
+        self.untrusted_in_flight = 0;
+        for conn in self.conns.values_mut() {
+            conn.refresh_unread(now);
+            let u = self.uid_use.entry(conn.peer.uid).or_default();
+            u.conns += 1;
+            u.in_flight += conn.in_flight();
+            if !self.live.policy.trusts(&conn.peer) {
+                self.untrusted_queued += conn.queued_bytes;
+                self.untrusted_in_flight += conn.in_flight();
+            }
+        }
     }
 
-    fn expire_idle(&mut self, now: Instant) {
-        let timeout = self.options.idle_timeout;
-        self.conns.retain(|_, c| {
-            let alive = now.duration_since(c.last_active) < timeout;
-            if !alive {
-                log::info!("{}: closing idle connection after {:?}", c.peer, timeout);
+    /// The next instant something is due: an idle, request or unread
+    /// deadline, the end of a pause in accepting, or a recheck.
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let l = self.limits();
+        let idle = self.idle_timeout();
+        let pause_end = self.accept_paused_until.filter(|t| now < *t);
+        let recheck = self.conns.values().any(|c| c.held || c.zombie || c.sent_fds > 0).then(|| now + RECHECK);
+        // Suppressed log lines are reported even if no peer wakes the loop.
+        let report = crate::peerlog::pending().then(|| self.last_log_report + LOG_REPORT);
+        self.conns
+            .values()
+            .filter(|c| !c.zombie)
+            .flat_map(|c| {
+                [
+                    Some(c.last_active + idle),
+                    c.request_started.filter(|_| !c.held).map(|t| t + l.request_timeout),
+                    c.unread_since.map(|t| t + l.unread_timeout),
+                ]
+            })
+            .flatten()
+            .chain(pause_end)
+            .chain(recheck)
+            .chain(report)
+            .min()
+    }
+
+    /// Closes idle connections, requests not complete in time, and peers
+    /// that leave descriptors unread; drops zombies whose descriptors are
+    /// gone.
+    fn expire(&mut self, now: Instant) {
+        let idle = self.idle_timeout();
+        let (request_timeout, unread_timeout) = (self.limits().request_timeout, self.limits().unread_timeout);
+        let mut gone = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
+            if c.zombie {
+                c.refresh_unread(now);
+                if c.sent_fds == 0 {
+                    log::info!("{}: the descriptors it left unread are gone; connection closed", c.peer);
+                    gone.push(*id);
+                }
+                continue;
             }
-            alive
-        });
+            if c.unread_since.is_some_and(|t| now.duration_since(t) >= unread_timeout) && c.sent_fds > 0 {
+                crate::peer_log!(
+                    c.peer,
+                    log::Level::Warn,
+                    "left {} descriptors unread for {:?}: shutting the connection down (limits.unread_timeout)",
+                    c.sent_fds,
+                    unread_timeout
+                );
+                make_zombie(c);
+                continue;
+            }
+            if c.request_started.is_some_and(|t| !c.held && now.duration_since(t) >= request_timeout) {
+                crate::peer_log!(
+                    c.peer,
+                    log::Level::Info,
+                    "request not complete after {:?}: closing (limits.request_timeout)",
+                    request_timeout
+                );
+                gone.push(*id);
+            } else if now.duration_since(c.last_active) >= idle && c.outbox.is_empty() {
+                log::debug!("{}: closing idle connection after {:?}", c.peer, idle);
+                gone.push(*id);
+            } else if now.duration_since(c.last_active) >= idle {
+                crate::peer_log!(
+                    c.peer,
+                    log::Level::Info,
+                    "did not read its replies for {idle:?}: closing (limits.idle_timeout)"
+                );
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            if let Some(conn) = self.conns.remove(&id) {
+                self.close(id, conn);
+            }
+        }
+    }
+
+    /// Lets a connection go: closed at once, unless the peer still has
+    /// descriptors of ours unread; then it is shut down and kept, so they
+    /// stay counted against its uid until it reads them or closes.
+    fn close(&mut self, id: u64, mut conn: Conn) {
+        conn.refresh_unread(Instant::now());
+        if conn.sent_fds > 0 && !conn.zombie {
+            make_zombie(&mut conn);
+        }
+        if conn.zombie && conn.sent_fds > 0 {
+            self.conns.insert(id, conn);
+        }
+    }
+
+    /// Descriptors the broker holds, about: held sockets, connections,
+    /// duplicates waiting to be sent, and its own few (control socket,
+    /// signalfd, notify, log).
+    fn fds_in_use(&self) -> usize {
+        self.registry.len() + self.conns.len() + self.conns.values().map(|c| c.queued_fds).sum::<usize>() + 16
     }
 
     fn accept_all(&mut self) {
+        let uid_conns: HashMap<u32, usize> = self.uid_use.iter().map(|(uid, u)| (*uid, u.conns)).collect();
+        let mut uid_conns = uid_conns;
         // Bounded, so a flood of connections cannot keep the loop from
         // serving the ones it already has.
         for _ in 0..64 {
-            if self.conns.len() >= self.options.max_clients {
+            let l = self.limits().clone();
+            if self.conns.len() >= l.max_clients {
                 return;
             }
             let stream = match self.control.listener.accept() {
@@ -441,7 +704,6 @@ impl Server {
                 Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted) => continue,
                 Err(e) => {
                     // EMFILE and friends: leave the rest queued in the kernel
-                    // and try again later.
                     // and try again later. Warn once per episode, not each retry.
                     let level = if self.accept_paused_until.is_some() { log::Level::Debug } else { log::Level::Warn };
                     log::log!(
@@ -460,32 +722,62 @@ impl Server {
                     continue;
                 }
             };
+            let trusted = self.live.policy.trusts(&peer);
+            let mine = uid_conns.get(&peer.uid).copied().unwrap_or(0);
+            let refusal = if !trusted && mine >= l.max_clients_per_uid {
+                Some(format!(
+                    "too many connections from uid {} ({mine}, limits.max_clients_per_uid is {})",
+                    peer.uid, l.max_clients_per_uid
+                ))
+            } else if self.conns.len() + l.reserved_clients >= l.max_clients && !self.live.policy.names_peer(&peer) {
+                Some(format!(
+                    "the broker serves {} connections; the last {} of limits.max_clients = {} are kept for root, uid {} and peers a rule names",
+                    self.conns.len(),
+                    l.reserved_clients,
+                    l.max_clients,
+                    self.live.policy.owner()
+                ))
+            } else if self.fds_in_use() + l.reserved_clients >= self.nofile && !self.live.policy.names_peer(&peer) {
+                // Near RLIMIT_NOFILE the same reserve holds: idle strangers
+                // must not take the last descriptors, or accept() and every
+                // bind's duplicate would fail for everyone.
+                Some(format!(
+                    "the broker uses about {} of its {} descriptors; the last {} are kept for root, uid {} and peers a rule names",
+                    self.fds_in_use(),
+                    self.nofile,
+                    l.reserved_clients,
+                    self.live.policy.owner()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                crate::peer_log!(peer, log::Level::Warn, "connection refused: {why}");
+                // Best effort, never blocking: tell the client why.
+                let reply = Response::err(Value::Null, RpcError::new(code::TOO_MANY, why)).to_bytes();
+                let _ = stream.set_nonblocking(true);
+                let _ = fd::send_with_fds(stream.as_fd(), &reply, &[]);
+                continue;
+            }
             if let Err(e) = stream.set_nonblocking(true) {
                 log::warn!("{peer}: could not make the connection non-blocking, closing: {e}");
                 continue;
             }
+            *uid_conns.entry(peer.uid).or_default() += 1;
+            self.uid_use.entry(peer.uid).or_default().conns += 1;
             let id = self.next_conn;
             self.next_conn += 1;
-            self.conns.insert(
-                id,
-                Conn {
-                    stream,
-                    peer,
-                    framer: Framer::default(),
-                    outbox: VecDeque::new(),
-                    last_active: Instant::now(),
-                    read_closed: false,
-                    closing: false,
-                    takeover: None,
-                    received: VecDeque::new(),
-                },
-            );
+            self.conns.insert(id, Conn::new(stream, peer, l.max_request_bytes));
         }
     }
 
     /// Reads, answers and writes for one connection; drops it when done.
     fn service(&mut self, id: u64, events: PollFlags) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
+        if conn.zombie {
+            self.conns.insert(id, conn);
+            return;
+        }
         let keep = self.service_conn(&mut conn, events);
         if conn.takeover.is_some() && self.takeover.is_none() {
             // Even if the peer already hung up: hand_over() finds out and
@@ -495,30 +787,43 @@ impl Server {
             log::warn!("{}: another takeover is already under way; closing", conn.peer);
         } else if keep {
             self.conns.insert(id, conn);
+        } else {
+            self.close(id, conn);
         }
     }
 
     fn service_conn(&mut self, conn: &mut Conn, events: PollFlags) -> bool {
-        if events.contains(PollFlags::POLLIN) || events.contains(PollFlags::POLLHUP) {
+        if events.contains(PollFlags::POLLHUP) && conn.held {
+            // The peer is gone (POLLHUP on a stream socket: both directions
+            // closed) while a limit held its requests: nobody would read
+            // the answers, and poll() would report the hang-up every turn.
+            return false;
+        }
+        if (events.contains(PollFlags::POLLIN) || events.contains(PollFlags::POLLHUP)) && !conn.held {
             let mut buf = [0u8; READ_CHUNK];
             // recvmsg rather than read: `adopt` requests carry descriptors.
             match fd::recv_with_fds(conn.stream.as_fd(), &mut buf) {
                 Ok(got) if got.len == 0 => conn.read_closed = true,
                 Ok(got) => {
+                    // Bytes alone do not reset any clock: only a complete
+                    // request does (a byte a second must not keep a slot).
                     conn.framer.push(&buf[..got.len]);
+                    if conn.request_started.is_none() && conn.framer.has_partial() {
+                        conn.request_started = Some(Instant::now());
+                    }
                     if !got.fds.is_empty() && !self.may_adopt(conn.peer) {
                         // Only `adopt` takes descriptors, and only from these
                         // peers: anyone else's are closed at once, so they
                         // cannot fill the broker's descriptor table.
-                        log::info!(
-                            "{}: closed {} descriptors it sent (only root and the broker's user may adopt)",
+                        crate::peer_log!(
                             conn.peer,
+                            log::Level::Info,
+                            "closed {} descriptors it sent (only root and the broker's user may adopt)",
                             got.fds.len()
                         );
                     } else {
                         conn.received.extend(got.fds);
                     }
-                    conn.last_active = Instant::now();
                     if conn.received.len() > SCM_MAX_FD {
                         log::warn!(
                             "{}: sent {} descriptors not taken by an adopt request (at most {SCM_MAX_FD}); closing",
@@ -540,86 +845,204 @@ impl Server {
         }
         loop {
             let held_back = self.answer_ready(conn);
-            match flush(conn) {
+            match self.flush(conn) {
                 Ok(true) => {}
-                Ok(false) => return true, // the peer's buffer is full: wait for POLLOUT
+                Ok(false) => {
+                    conn.held = held_back;
+                    return true; // the peer's buffer is full: wait for POLLOUT
+                }
                 Err(e) => {
-                    // Info, not debug: an undelivered reply may be a
-                    // descriptor a daemon expected and never got.
-                    log::info!("{}: client went away before reading its reply: {e}", conn.peer);
+                    crate::peer_log!(
+                        conn.peer,
+                        log::Level::Warn,
+                        "sending the reply failed ({}): {e}; closing",
+                        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))
+                    );
                     return false;
                 }
             }
             if conn.closing {
                 return false;
             }
+            conn.held = held_back;
             // Everything queued is written; go on with requests that
-            // back-pressure held back, if any.
-            if !held_back {
+            // back-pressure held back, if any, unless a limit holds them.
+            if !held_back || self.spent_turn(conn) || self.over_limit(conn).is_some() {
                 break;
             }
         }
-        if conn.read_closed {
+        if conn.read_closed && !conn.held {
             if conn.framer.has_partial() {
-                log::info!("{}: connection closed in the middle of a request", conn.peer);
+                crate::peer_log!(conn.peer, log::Level::Info, "connection closed in the middle of a request");
             }
             return false;
         }
         true
     }
 
-    /// Answers every complete request in the buffer, up to the back-pressure
-    /// limit. Returns true when it stopped at that limit, so requests may be
-    /// left.
+    /// Which limit keeps the broker from answering another request of this
+    /// connection now, if any.
+    fn over_limit(&self, conn: &Conn) -> Option<&'static str> {
+        let l = self.limits();
+        if conn.outbox.len() >= MAX_QUEUED_REPLIES {
+            return Some("replies queued");
+        }
+        if conn.queued_bytes >= l.max_queued_bytes_per_connection {
+            return Some("limits.max_queued_bytes_per_connection");
+        }
+        if conn.in_flight() >= l.max_fds_in_flight_per_connection {
+            return Some("limits.max_fds_in_flight_per_connection");
+        }
+        if self.live.policy.trusts(&conn.peer) {
+            return None;
+        }
+        let per_uid = l.max_fds_in_flight_per_uid.min(self.in_flight_budget / 2);
+        if self.uid_use.get(&conn.peer.uid).is_some_and(|u| u.in_flight >= per_uid) {
+            return Some("limits.max_fds_in_flight_per_uid");
+        }
+        // The shared budgets hold back only connections that already have
+        // something unread: whoever filled them waits, while a peer that
+        // reads what it gets (a daemon asking for its socket) is still
+        // answered, overshooting by its one reply.
+        if self.untrusted_in_flight >= self.in_flight_budget && conn.in_flight() > 0 {
+            return Some("half of RLIMIT_NOFILE in flight to untrusted peers");
+        }
+        if self.untrusted_queued >= l.max_queued_bytes && conn.queued_bytes > 0 {
+            return Some("limits.max_queued_bytes");
+        }
+        None
+    }
+
+    /// Whether the connection's uid has used its share of work for this turn
+    /// of the loop ([`TURN_BUDGET`]): a uid pipelining costly requests on
+    /// many connections (a `list` page builds hundreds of entries) then
+    /// delays other uids by one share, not by all its requests.
+    fn spent_turn(&self, conn: &Conn) -> bool {
+        !self.live.policy.trusts(&conn.peer) && self.turn_spent.get(&conn.peer.uid).is_some_and(|s| *s >= TURN_BUDGET)
+    }
+
+    /// Answers every complete request in the buffer, up to the limits and
+    /// the uid's share of this turn. Returns true when either stopped it, so
+    /// requests may be left.
     fn answer_ready(&mut self, conn: &mut Conn) -> bool {
         loop {
             if conn.closing || conn.takeover.is_some() {
                 return false;
             }
-            if conn.outbox.len() >= MAX_QUEUED_REPLIES {
+            if self.spent_turn(conn) {
+                return true;
+            }
+            if let Some(limit) = self.over_limit(conn) {
+                if !conn.held {
+                    // Back-pressure on a client that does not read is routine;
+                    // a cap on what a peer may cost is worth a line.
+                    let level = if limit.starts_with("replies") { log::Level::Debug } else { log::Level::Info };
+                    crate::peer_log!(
+                        conn.peer,
+                        level,
+                        "not reading further requests until it reads its replies ({limit})"
+                    );
+                }
                 return true;
             }
             let (response, fds) = match conn.framer.next_value() {
-                None => return false,
-                Some(Ok(value)) => match Request::from_value(value) {
-                    Ok(req) if req.method == crate::upgrade::TAKEOVER_METHOD => {
-                        match crate::upgrade::authorize(conn.peer, conn.outbox.is_empty()) {
-                            Ok(()) => {
-                                conn.takeover = Some(req.id);
-                                return false;
+                None => {
+                    if !conn.framer.has_partial() {
+                        conn.request_started = None;
+                    }
+                    return false;
+                }
+                Some(Ok(value)) => {
+                    conn.last_active = Instant::now();
+                    conn.request_started = None;
+                    match Request::from_value(value) {
+                        Ok(req) if req.method == crate::upgrade::TAKEOVER_METHOD => {
+                            match crate::upgrade::authorize(conn.peer, conn.outbox.is_empty()) {
+                                Ok(()) => {
+                                    conn.takeover = Some(req.id);
+                                    return false;
+                                }
+                                Err(e) => (Response::err(req.id, e), Vec::new()),
                             }
-                            Err(e) => (Response::err(req.id, e), Vec::new()),
+                        }
+                        Ok(req) if req.method == crate::adopt::METHOD => {
+                            match self.adopt(conn.peer, &req.params, &mut conn.received) {
+                                Ok((value, fds)) => (Response::ok(req.id, value), fds),
+                                Err(e) => (Response::err(req.id, e), Vec::new()),
+                            }
+                        }
+                        Ok(req) => {
+                            *self.turn_spent.entry(conn.peer.uid).or_default() += cost(&req, self.limits());
+                            self.dispatch(conn.peer, req)
+                        }
+                        Err((id, error)) => {
+                            crate::peer_log!(conn.peer, log::Level::Info, "{}", error.message);
+                            (Response::err(id, error), Vec::new())
                         }
                     }
-                    Ok(req) if req.method == crate::adopt::METHOD => {
-                        let result = self.adopt(conn.peer, &req.params, &mut conn.received);
-                        match result {
-                            Ok((value, fds)) => (Response::ok(req.id, value), fds),
-                            Err(e) => (Response::err(req.id, e), Vec::new()),
-                        }
-                    }
-                    Ok(req) => self.dispatch(conn.peer, req),
-                    Err((id, error)) => {
-                        log::info!("{}: {}", conn.peer, error.message);
-                        (Response::err(id, error), Vec::new())
-                    }
-                },
+                }
                 Some(Err(e)) => {
                     let code = match e {
                         FrameError::TooLarge(_) => code::INVALID_REQUEST,
                         FrameError::Syntax(_) => code::PARSE_ERROR,
                     };
                     let message = match &e {
-                        FrameError::TooLarge(max) => format!("Invalid request: larger than {max} bytes"),
+                        FrameError::TooLarge(max) => {
+                            format!("Invalid request: larger than {max} bytes (limits.max_request_bytes)")
+                        }
                         FrameError::Syntax(_) => e.to_string(),
                     };
-                    log::info!("{}: {message}; closing the connection", conn.peer);
+                    crate::peer_log!(conn.peer, log::Level::Info, "{message}; closing the connection");
                     conn.closing = true;
                     (Response::err(Value::Null, RpcError::new(code, message)), Vec::new())
                 }
             };
-            push_reply(&mut conn.outbox, response.to_bytes(), fds);
+            let bytes = response.to_bytes();
+            conn.queued_bytes += bytes.len();
+            conn.queued_fds += fds.len();
+            if !self.live.policy.trusts(&conn.peer) {
+                self.untrusted_queued += bytes.len();
+            }
+            self.uid_use.entry(conn.peer.uid).or_default().in_flight += fds.len();
+            if !self.live.policy.trusts(&conn.peer) {
+                self.untrusted_in_flight += fds.len();
+            }
+            push_reply(&mut conn.outbox, bytes, fds);
         }
+    }
+
+    /// Writes queued replies. Ok(true) when everything is written, Ok(false)
+    /// when the socket is full.
+    fn flush(&mut self, conn: &mut Conn) -> io::Result<bool> {
+        let trusted = self.live.policy.trusts(&conn.peer);
+        while let Some(out) = conn.outbox.front_mut() {
+            let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
+            match fd::send_with_fds(conn.stream.as_fd(), &out.bytes[out.sent..], &fds) {
+                Ok(n) => {
+                    // The descriptors travelled with the first byte.
+                    let k = out.fds.len();
+                    out.fds.clear();
+                    conn.queued_fds -= k;
+                    conn.sent_fds += k;
+                    out.sent += n;
+                    conn.queued_bytes -= n;
+                    if !trusted {
+                        self.untrusted_queued = self.untrusted_queued.saturating_sub(n);
+                    }
+                    conn.last_active = Instant::now();
+                    if conn.unread_since.is_none() && k > 0 {
+                        conn.unread_since = Some(Instant::now());
+                    }
+                    if out.sent == out.bytes.len() {
+                        conn.outbox.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// Runs one request. Only a success carries descriptors.
@@ -628,11 +1051,11 @@ impl Server {
             "bind" => self.bind(peer, &req.params),
             "bind_many" => self.bind_many(peer, &req.params),
             "release" => self.release(peer, &req.params),
-            "list" => Ok((json!(introspect::list(&self.registry)), Vec::new())),
-            "status" => Ok((json!(self.status()), Vec::new())),
+            "list" => self.list(peer, &req.params),
+            "status" => self.status_for(peer),
             "reload" => self.reload(peer),
             other => {
-                log::info!("{peer} {other}: method not found");
+                crate::peer_log!(peer, log::Level::Info, "{other}: method not found");
                 Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
             }
         };
@@ -644,16 +1067,33 @@ impl Server {
 
     fn bind(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
         let params = BindParams::from_json(params).map_err(|e| invalid(peer, "bind", "bind".into(), &e))?;
-        let fd = self.bind_one(peer, &params)?;
+        let fd = self.bind_one(peer, &params, false)?;
         Ok((json!(true), vec![fd]))
     }
 
     /// One socket: parse, judge, find or open, duplicate. Access is judged
-    /// before anything is opened, so a refused peer creates nothing.
-    pub(crate) fn bind_one(&mut self, peer: PeerCred, params: &BindParams) -> Result<OwnedFd, RpcError> {
-        let target = params.target().map_err(|e| invalid(peer, "bind", params.describe(), &e))?;
+    /// before anything is opened, so a refused peer creates nothing. In a
+    /// batch (`quiet`), each item is logged at DEBUG only; the batch gets
+    /// one line.
+    pub(crate) fn bind_one(&mut self, peer: PeerCred, params: &BindParams, quiet: bool) -> Result<OwnedFd, RpcError> {
+        // In a batch, items go to DEBUG without touching the peer's log
+        // budget; the batch's own line is rate-limited.
+        macro_rules! note {
+            ($level:expr, $($arg:tt)+) => {
+                if quiet {
+                    log::debug!("{peer} {}", format_args!($($arg)+));
+                } else {
+                    crate::peer_log!(peer, $level, $($arg)+);
+                }
+            };
+        }
+        let target = params.target().map_err(|e| {
+            let message = format!("Invalid params: {}: {e}", params.describe());
+            note!(log::Level::Info, "bind: {message}");
+            RpcError::new(code::INVALID_PARAMS, message)
+        })?;
         let unknown = |name: &str| {
-            log::info!("{peer} bind name '{name}': unknown name");
+            note!(log::Level::Info, "bind name '{name}': unknown name");
             RpcError::new(code::UNKNOWN_NAME, crate::registry::UnknownName(name.to_string()).to_string())
         };
         let (name, key) = match &target {
@@ -663,18 +1103,28 @@ impl Server {
             }
             BindTarget::Spec(spec) => (self.registry.get(&spec.key).and_then(|h| h.name.clone()), spec.key.clone()),
         };
-        self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
-            log::warn!("{peer} bind {key}: refused: {denied}");
+        let grant = self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
+            note!(log::Level::Warn, "bind {key}: refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
         })?;
+        let (may_replace, unix_file) = (grant.may_replace(&key), grant.unix_file());
         let (held, new) = match &target {
             BindTarget::Name(name) => (self.registry.by_name(name).map_err(|_| unknown(name))?, false),
             BindTarget::Spec(spec) => {
-                let new = match self.registry.get_or_open(spec) {
+                let mut spec = spec.clone();
+                if let SocketKey::Unix { address: UnixAddress::Path(_), .. } = &spec.key {
+                    // Made for this peer: its owner and mode let it (and,
+                    // by default, its group) connect.
+                    let (owner, group, mode) = unix_file.for_peer(&peer);
+                    spec.options.user = Some(owner);
+                    spec.options.group = Some(group);
+                    spec.options.mode = Some(mode);
+                }
+                let new = match self.registry.get_or_open_for(&spec, Some(peer.uid), may_replace) {
                     Ok((_, new)) => new,
                     Err(e) => {
                         let hint = in_use_by_broker(&self.registry, &e);
-                        log::warn!("{peer} bind {}: could not bind: {e}{hint}", spec.key);
+                        note!(log::Level::Warn, "bind {}: could not bind: {e}{hint}", spec.key);
                         return Err(RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}{hint}")));
                     }
                 };
@@ -692,20 +1142,64 @@ impl Server {
         })?;
         held.handed_out += 1;
         held.last_peer = Some(peer);
-        log::info!(
-            "{peer} bind {}: ok ({}, fd {})",
-            held.key(),
-            if new { "new socket" } else { "held socket" },
-            held.fd().as_raw_fd()
-        );
+        let (key, raw) = (held.key().clone(), held.fd().as_raw_fd());
+        note!(log::Level::Info, "bind {key}: ok ({}, fd {raw})", if new { "new socket" } else { "held socket" });
         Ok(dup)
     }
+}
+
+/// Work units one untrusted uid may use per turn of the loop.
+const TURN_BUDGET: usize = 16;
+
+/// What a request costs of [`TURN_BUDGET`]: 1, plus its share of entries
+/// for `list` (16 a unit) and of items for `bind_many` (64 a unit).
+fn cost(req: &Request, limits: &Limits) -> usize {
+    match req.method.as_str() {
+        "list" => {
+            let limit = req.params.get("limit").and_then(Value::as_u64).map_or(limits.list_page_max, |l| l as usize);
+            1 + limit.min(limits.list_page_max) / 16
+        }
+        "bind_many" => 1 + req.params.as_array().map_or(0, Vec::len) / 64,
+        _ => 1,
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` (the daemon raises it before the loop starts).
+fn nofile() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
+    usize::try_from(soft).unwrap_or(usize::MAX)
+}
+
+/// Half the soft `RLIMIT_NOFILE` (read when the loop starts; the daemon
+/// raises it first): the most descriptors untrusted peers may have in flight
+/// together.
+fn in_flight_budget() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
+    let budget = usize::try_from(soft / 2).unwrap_or(usize::MAX).max(16);
+    log::info!(
+        "descriptors in flight to untrusted peers: at most {budget} together (half of RLIMIT_NOFILE {soft}), \
+         per uid the smaller of limits.max_fds_in_flight_per_uid and {}",
+        budget / 2
+    );
+    budget
+}
+
+/// Shuts a connection down for good, keeping it only to watch the
+/// descriptors its peer left unread.
+fn make_zombie(c: &mut Conn) {
+    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    c.zombie = true;
+    c.held = false;
+    // Unsent replies (and their duplicates) are dropped now.
+    c.outbox.clear();
+    c.queued_bytes = 0;
+    c.queued_fds = 0;
 }
 
 /// An invalid-params error, logged.
 pub(crate) fn invalid(peer: PeerCred, method: &str, what: String, e: &dyn std::fmt::Display) -> RpcError {
     let message = format!("Invalid params: {what}: {e}");
-    log::info!("{peer} {method}: {message}");
+    crate::peer_log!(peer, log::Level::Info, "{method}: {message}");
     RpcError::new(code::INVALID_PARAMS, message)
 }
 
@@ -725,29 +1219,6 @@ fn push_reply(outbox: &mut VecDeque<Outgoing>, bytes: Vec<u8>, mut fds: Vec<Owne
         let text = if i + 1 == chunks { bytes[i..].to_vec() } else { bytes[i..i + 1].to_vec() };
         outbox.push_back(Outgoing { bytes: text, sent: 0, fds: part });
     }
-}
-
-/// Writes queued replies. Ok(true) when everything is written, Ok(false)
-/// when the socket is full.
-fn flush(conn: &mut Conn) -> io::Result<bool> {
-    while let Some(out) = conn.outbox.front_mut() {
-        let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
-        match fd::send_with_fds(conn.stream.as_fd(), &out.bytes[out.sent..], &fds) {
-            Ok(n) => {
-                // The descriptors travelled with the first byte.
-                out.fds.clear();
-                out.sent += n;
-                conn.last_active = Instant::now();
-                if out.sent == out.bytes.len() {
-                    conn.outbox.pop_front();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
 }
 
 /// A client connection as [`crate::upgrade`] hands it to the next broker.
@@ -792,7 +1263,7 @@ impl Server {
     pub fn movable_connections(&self) -> Vec<ConnHandle<'_>> {
         self.conns
             .values()
-            .filter(|c| c.outbox.is_empty() && !c.closing && !c.read_closed)
+            .filter(|c| c.outbox.is_empty() && !c.closing && !c.read_closed && !c.zombie)
             .map(|c| ConnHandle { fd: c.stream.as_fd(), peer: c.peer, pending: c.framer.pending() })
             .collect()
     }
@@ -801,19 +1272,11 @@ impl Server {
     /// at once any complete request in `pending`.
     pub fn adopt_connection(&mut self, stream: UnixStream, peer: PeerCred, pending: &[u8]) -> io::Result<()> {
         stream.set_nonblocking(true)?;
-        let mut framer = Framer::default();
-        framer.push(pending);
-        let mut conn = Conn {
-            stream,
-            peer,
-            framer,
-            outbox: VecDeque::new(),
-            last_active: Instant::now(),
-            read_closed: false,
-            closing: false,
-            takeover: None,
-            received: VecDeque::new(),
-        };
+        let mut conn = Conn::new(stream, peer, self.limits().max_request_bytes);
+        conn.framer.push(pending);
+        if conn.framer.has_partial() {
+            conn.request_started = Some(Instant::now());
+        }
         if self.service_conn(&mut conn, PollFlags::empty()) {
             let id = self.next_conn;
             self.next_conn += 1;

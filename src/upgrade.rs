@@ -198,6 +198,10 @@ pub struct SocketState {
     pub handed_out: u64,
     /// The last client it went to.
     pub last_peer: Option<PeerCred>,
+    /// The uid whose request created it, who may release it (absent in
+    /// the state of older brokers).
+    #[serde(default)]
+    pub creator: Option<u32>,
 }
 
 /// The control socket as handed over.
@@ -277,6 +281,7 @@ fn snapshot<'a>(server: &'a Server, numbering: Numbering) -> (HandoverState, Vec
             created: held.created,
             handed_out: held.handed_out,
             last_peer: held.last_peer,
+            creator: held.creator,
         })
         .collect();
     let connections = server
@@ -339,6 +344,7 @@ impl Carried {
                     held.created = s.created;
                     held.handed_out = s.handed_out;
                     held.last_peer = s.last_peer;
+                    held.creator = s.creator;
                 }
                 Err((_, conflict)) => {
                     return Err(UpgradeError::State(format!("{}: {conflict}", s.key)));
@@ -840,6 +846,7 @@ mod tests {
                 created: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
                 handed_out: 9,
                 last_peer: Some(PeerCred { pid: 1, uid: 2, gid: 3 }),
+                creator: Some(2),
             }],
             connections: vec![ConnState {
                 fd: 2,

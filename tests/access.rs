@@ -193,15 +193,29 @@ fn release_and_reload_are_judged_too() {
     let theirs: sockbroker::spec::SocketSpec = format!("unix:@sbt-rel-{pid}-theirs").parse().unwrap();
     let mine: sockbroker::spec::SocketSpec = format!("unix:@sbt-rel-{pid}-mine").parse().unwrap();
     let theirs_fd = root.bind(&theirs).unwrap();
-    root.bind(&mine).unwrap();
+    assert_allowed(&bind_as_nobody(&broker, &[&mine.to_string()]));
 
     let out = broker.cli_as_nobody(&["release", &theirs.to_string()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("uid 65534 (nobody) may not release {theirs}")));
     assert_eq!(root.bind(&theirs).map(|fd| inode(fd.as_fd())).unwrap(), inode(theirs_fd.as_fd()), "still held");
 
+    // Its creator may release it.
     let out = broker.cli_as_nobody(&["release", &mine.to_string()]);
     assert!(out.status.success(), "{}", output_text(&out));
+
+    // A rule that grants a socket does not let a peer close it under the
+    // peer that made it: only its creator (and root) may release it.
+    let ours: sockbroker::spec::SocketSpec = format!("unix:@sbt-rel-{pid}-mine2").parse().unwrap();
+    let config = format!("{config}\n[[allow]]\nuser = \"nobody\"\non_demand = [\"{ours}\"]\n");
+    broker.write_config(&config);
+    assert!(broker.cli(&["reload"]).status.success());
+    let ours_fd = root.bind(&ours).unwrap();
+    let out = broker.cli_as_nobody(&["release", &ours.to_string()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("created by uid 0") && err.contains("code 10003"), "{}", output_text(&out));
+    assert_eq!(root.bind(&ours).map(|fd| inode(fd.as_fd())).unwrap(), inode(ours_fd.as_fd()), "still held");
 
     let out = broker.cli_as_nobody(&["reload"]);
     assert!(!out.status.success());

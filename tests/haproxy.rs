@@ -575,3 +575,52 @@ fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
     assert!(!Path::new(&format!("/proc/{second}")).exists(), "haproxy {second} left behind");
     drop((client, upstream));
 }
+
+/// `haproxy exec` hands HAProxy the sockets its configuration names and
+/// nothing else: a descriptor leaked to `sockbroker` by its own parent (not
+/// close-on-exec) is closed on exec, as `sockbroker exec` does.
+#[test]
+fn haproxy_exec_does_not_pass_on_a_leaked_descriptor() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let broker = Broker::start("haleak");
+    let (tcp, _held) = bind_free_tcp(&mut broker.client());
+    let port: u16 = tcp.rsplit(':').next().unwrap().parse().unwrap();
+    let template = broker.dir.join("leak.cfg.erb");
+    std::fs::write(&template, format!("frontend web\n  bind <%= bind_tcp('127.0.0.1', {port}) %>\n")).unwrap();
+    // A stand-in for HAProxy that writes down what it holds.
+    let seen = broker.dir.join("fds.txt");
+    let fake = broker.dir.join("fake-haproxy");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/usr/bin/python3\nimport os\nfds = []\nfor n in os.listdir('/proc/self/fd'):\n\
+             \x20   try:\n        fds.append(os.readlink('/proc/self/fd/' + n))\n    except OSError:\n        pass\n\
+             open({:?}, 'w').write(repr(sorted(fds)))\n",
+            seen.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let leak = std::fs::File::create(broker.dir.join("leaked-file")).unwrap();
+    let leak_raw = leak.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["haproxy", "exec", "--", fake.to_str().unwrap(), "-f", template.to_str().unwrap()])
+        .env("SOCKBROKER_SOCKET", &broker.control)
+        .current_dir(&broker.dir);
+    // SAFETY: dup2 in the forked child only; async-signal-safe. dup2 clears
+    // close-on-exec on the copy: the leak `sockbroker` inherits.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::dup2(leak_raw, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_success(&out, "haproxy exec -- fake-haproxy");
+    let fds = std::fs::read_to_string(&seen).unwrap();
+    assert!(!fds.contains("leaked-file"), "HAProxy got the leaked descriptor: {fds}");
+    assert!(fds.contains("socket:"), "HAProxy got its socket: {fds}");
+}

@@ -314,6 +314,12 @@ pub fn render_all(args: &HaproxyArgs, options: &RenderOptions) -> Result<Vec<Ren
 /// the rendered paths, descriptors left open), or exits after writing with
 /// `--erb-write-only`. Returns only on failure or with `--erb-write-only`.
 pub fn exec(argv: &[OsString], options: &RenderOptions) -> Result<(), HaproxyError> {
+    // As `sockbroker exec` does: a descriptor our own parent leaked to us
+    // (not close-on-exec) must not reach HAProxy, which gets exactly the
+    // sockets its configuration names.
+    if let Err(e) = crate::exec::seal_inherited_descriptors() {
+        log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
+    }
     let mut args = HaproxyArgs::parse(argv)?;
     args.rendered_dir = options.rendered_dir.clone();
     let rendered = render_all(&args, options)?;

@@ -37,6 +37,9 @@ pub mod code {
     /// `reload` found the configuration invalid (or a declared socket could
     /// not be opened); the old configuration stays in force.
     pub const RELOAD_FAILED: i64 = 10005;
+    /// A connection refused for a limit (per-uid connections, or the slots
+    /// kept in reserve); the message names the limit.
+    pub const TOO_MANY: i64 = 10006;
     /// `adopt` refused a descriptor: not a socket the broker can hold, or
     /// its key (or name) is held by a different socket. Nothing was adopted.
     pub const ADOPT_REFUSED: i64 = 10014;

@@ -1,0 +1,260 @@
+//! Legitimate-bind latency while a hostile local peer attacks the control
+//! socket: p50/p99 with no attack and during an idle flood, a slowloris, an
+//! unread `bind_many` flood and a `list` flood, side by side in one run.
+//! Target (issue 10): p99 under attack at most 2x p99 without, and within
+//! 100 ms.
+//!
+//! The broker is the release binary run as the shipped unit runs it: root
+//! with only `CAP_NET_BIND_SERVICE CAP_CHOWN CAP_FOWNER` (setpriv) and
+//! `LimitNOFILE=65536` (prlimit), default limits, log level info. The
+//! attacker is `tests/hostile/peer.py` as a user made with `useradd`; the
+//! legitimate peer is another such user, named by an allow rule, binding a
+//! declared socket on a new connection per request (multibinder's client),
+//! timed by `peer.py measure`. A root client in this process is timed too.
+//!
+//! Needs root (useradd, setpriv); otherwise it says so and exits. Under
+//! `cargo test` (no `--bench`) it runs with small counts.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sockbroker::fd::{recv_with_fds, send_with_fds};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sockbroker");
+const ATTACKER: &str = "sbtatk";
+const APP: &str = "sbtapp";
+
+fn user(name: &str) -> u32 {
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        let status = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .status()
+            .unwrap();
+        assert!(status.success() || status.code() == Some(9), "useradd {name}: {status}");
+    }
+    nix::unistd::User::from_name(name).unwrap().unwrap().uid.as_raw()
+}
+
+fn as_user(name: &str) -> Vec<String> {
+    vec![format!("--reuid={name}"), format!("--regid={name}"), "--clear-groups".into()]
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/peer.py")
+}
+
+struct Broker {
+    child: Child,
+    dir: PathBuf,
+    control: PathBuf,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = std::env::temp_dir().join(format!("sockbroker-bench-hostile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let app = user(APP);
+        user(ATTACKER);
+        let config = dir.join("sockbroker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[control]\nmode = \"0666\"\n\
+                 [[socket]]\nname = \"web\"\nlisten = \"unix:@sbt-bench-hostile-{}\"\n\
+                 [[allow]]\nuser = \"{ATTACKER}\"\nsockets = [\"web\"]\non_demand = [\"unix:@sbt-bench-many-*\"]\nintrospect = true\n\
+                 [[allow]]\nuid = {app}\nsockets = [\"web\"]\n",
+                std::process::id()
+            ),
+        )
+        .unwrap();
+        let control = dir.join("control.sock");
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        // LimitNOFILE=65536, or what this machine allows.
+        let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(65536, |(_, h)| h);
+        let nofile = hard.min(65536);
+        let mut child = Command::new("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .args(["setpriv", "--no-new-privs", "--inh-caps=-all"])
+            .arg("--bounding-set=-all,+net_bind_service,+chown,+fowner")
+            .arg(BIN)
+            .args(["serve", "--control"])
+            .arg(&control)
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 512];
+        loop {
+            if let Ok(n) = notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                    break;
+                }
+            }
+            assert!(child.try_wait().unwrap().is_none(), "broker exited before READY=1");
+            assert!(Instant::now() < deadline, "broker not ready after 20s");
+        }
+        Broker { child, dir, control }
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A hostile peer, killed when dropped.
+struct Attack(Child);
+
+impl Drop for Attack {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn peer(broker: &Broker, who: &str, mode: &str, conns: usize, arg: usize) -> (Child, String) {
+    let mut child = Command::new("setpriv")
+        .args(as_user(who))
+        .arg("/usr/bin/python3")
+        .arg(script())
+        .arg(&broker.control)
+        .args([mode, &conns.to_string(), &arg.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (child, line)
+}
+
+fn attack(broker: &Broker, mode: &str, conns: usize, arg: usize) -> Attack {
+    let (child, line) = peer(broker, ATTACKER, mode, conns, arg);
+    assert!(line.starts_with("ready"), "{mode}: {line:?}");
+    Attack(child)
+}
+
+/// Latencies (µs, sorted) of `n` binds by the legitimate user.
+fn measure_app(broker: &Broker, n: usize) -> Vec<u64> {
+    let (mut child, line) = peer(broker, APP, "measure", n, 0);
+    let _ = child.wait();
+    let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    assert_eq!(v.len(), n, "measure: {line:?}");
+    v
+}
+
+/// Latencies (µs, sorted) of `n` binds by root from this process.
+fn measure_root(broker: &Broker, n: usize) -> Vec<u64> {
+    let request = br#"{"jsonrpc":"2.0","method":"bind","params":[{"name":"web"}],"id":1}"#;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = UnixStream::connect(&broker.control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        send_with_fds(s.as_fd(), request, &[]).unwrap();
+        let mut buf = [0u8; 4096];
+        let got = recv_with_fds(s.as_fd(), &mut buf).unwrap();
+        assert_eq!(got.fds.len(), 1, "{}", String::from_utf8_lossy(&buf[..got.len]));
+        out.push(t.elapsed().as_micros() as u64);
+    }
+    out.sort_unstable();
+    out
+}
+
+fn pct(v: &[u64], p: f64) -> f64 {
+    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i] as f64 / 1000.0
+}
+
+fn wait_fds(broker: &Broker, at_most: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while broker.fds() > at_most && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    if !nix::unistd::geteuid().is_root() {
+        println!("hostile: needs root (useradd, setpriv); skipped");
+        return;
+    }
+    let n = if full { 2000 } else { 100 };
+    let broker = Broker::start();
+    // Sockets for `list` to page through.
+    let held = if full { 1000 } else { 100 };
+    let many: Vec<String> =
+        (0..held).map(|i| format!("{{\"spec\":\"unix:@sbt-bench-many-{}-{i}\"}}", std::process::id())).collect();
+    let req = format!("{{\"jsonrpc\":\"2.0\",\"method\":\"bind_many\",\"params\":[{}],\"id\":1}}", many.join(","));
+    {
+        let s = UnixStream::connect(&broker.control).unwrap();
+        send_with_fds(s.as_fd(), req.as_bytes(), &[]).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut text = Vec::new();
+        while serde_json::from_slice::<serde_json::Value>(&text).is_err() {
+            let got = recv_with_fds(s.as_fd(), &mut buf).unwrap();
+            assert!(got.len > 0);
+            text.extend_from_slice(&buf[..got.len]);
+        }
+    }
+    let baseline_fds = broker.fds();
+
+    let phases: [(&str, &str, usize, usize); 5] = [
+        ("no attack", "", 0, 0),
+        ("idle flood (4,200 conns)", "idle", 4200, 0),
+        ("slowloris (4,200 conns)", "slowloris", 4200, 0),
+        ("unread bind_many (20 x 1,000)", "unread", 20, 1000),
+        ("list flood (128 x 40 lists)", "list", 128, 40),
+    ];
+    println!("legitimate bind latency, ms ({n} binds per column; broker under the unit's capabilities)");
+    println!(
+        "{:<32} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9}",
+        "attack", "app p50", "app p99", "root p50", "root p99", "fds", "RSS MiB"
+    );
+    for (label, mode, conns, arg) in phases {
+        let attack = (!mode.is_empty()).then(|| attack(&broker, mode, conns, arg));
+        let app = measure_app(&broker, n);
+        let root = measure_root(&broker, n);
+        println!(
+            "{:<32} {:>9.2} {:>9.2} {:>10.2} {:>10.2} {:>8} {:>9.1}",
+            label,
+            pct(&app, 0.5),
+            pct(&app, 0.99),
+            pct(&root, 0.5),
+            pct(&root, 0.99),
+            broker.fds(),
+            broker.rss_kib() as f64 / 1024.0
+        );
+        drop(attack);
+        wait_fds(&broker, baseline_fds);
+    }
+}
