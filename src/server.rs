@@ -852,12 +852,18 @@ impl Server {
                     return true; // the peer's buffer is full: wait for POLLOUT
                 }
                 Err(e) => {
-                    crate::peer_log!(
-                        conn.peer,
-                        log::Level::Warn,
-                        "sending the reply failed ({}): {e}; closing",
-                        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))
-                    );
+                    // Warn, not debug: an undelivered reply may be a
+                    // descriptor a daemon expected and never got, and a
+                    // failing sendmsg (ETOOMANYREFS) is how a starved broker
+                    // shows. Rate-limited per uid like every peer's line.
+                    let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0));
+                    let what = match errno {
+                        nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET => {
+                            "client went away before reading its reply"
+                        }
+                        _ => "sending the reply failed",
+                    };
+                    crate::peer_log!(conn.peer, log::Level::Warn, "{what} ({errno}): {e}; closing");
                     return false;
                 }
             }
