@@ -107,6 +107,9 @@ pub enum Command {
         /// After SIGTERM, how long a generation may take to stop before SIGKILL.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         stop_timeout: Duration,
+        /// Proof of readiness, drain bounds.
+        #[command(flatten)]
+        reload: ReloadArgs,
         /// The daemon and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
         command: Vec<OsString>,
@@ -114,6 +117,84 @@ pub enum Command {
     /// HAProxy with the broker's sockets: templates, checked zero-downtime reloads.
     #[command(subcommand)]
     Haproxy(HaproxyCommand),
+    /// Talk to a running supervisor (`run`, `haproxy run`) by its pid.
+    #[command(subcommand)]
+    Supervisor(SupervisorCommand),
+}
+
+/// `sockbroker supervisor …`
+#[derive(Debug, Subcommand)]
+pub enum SupervisorCommand {
+    /// Reload and wait for the outcome: exit 0 once the new generation serves
+    /// and the old one was told to retire; exit 1 with the reason on stderr
+    /// when the reload failed and the old generation serves on.
+    ///
+    /// For ExecReload=: `sockbroker supervisor reload --pid $MAINPID`. Root
+    /// and the supervisor's own user may ask. Requests that arrive during a
+    /// reload wait for the next one, which serves them all.
+    Reload {
+        /// The supervisor's pid (systemd's $MAINPID).
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+        /// Give up waiting after this long (the reload itself goes on) [default: wait for the outcome].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// The generations alive and the status line.
+    Status {
+        /// The supervisor's pid.
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How `run` and `haproxy run` prove a new generation and bound old ones.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReloadArgs {
+    /// After a new generation says it is ready, it must stay alive this long
+    /// (and pass --ready-probe) before the old one is retired; both accept meanwhile.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub ready_grace: Duration,
+    /// A shell command that must exit 0 before the old generation is retired, run
+    /// with SOCKBROKER_GENERATION and SOCKBROKER_GENERATION_PID set; retried until --ready-timeout.
+    #[arg(long, value_name = "COMMAND")]
+    pub ready_probe: Option<String>,
+    /// Stop a retiring generation hard (SIGKILL; HAProxy: hard stop) this long after
+    /// the retire signal: `off` lets it drain as long as it needs.
+    #[arg(long, value_name = "DURATION|off", default_value = "off", value_parser = parse_optional_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// At most this many generations alive at once; beyond it the oldest draining one is stopped hard.
+    #[arg(long, value_name = "N", default_value_t = crate::supervisor::DEFAULT_MAX_GENERATIONS,
+          value_parser = parse_max_generations)]
+    pub max_generations: usize,
+}
+
+impl ReloadArgs {
+    /// The supervisor's view of these options.
+    pub fn split(self) -> (crate::supervisor::Proof, crate::supervisor::Drain) {
+        (
+            crate::supervisor::Proof { grace: self.ready_grace, probe: self.ready_probe },
+            crate::supervisor::Drain { timeout: self.drain_timeout, max_generations: self.max_generations },
+        )
+    }
+}
+
+fn parse_optional_duration(text: &str) -> Result<Option<Duration>, String> {
+    match text {
+        "off" | "none" | "infinity" => Ok(None),
+        _ => parse_duration(text).map(Some),
+    }
+}
+
+fn parse_max_generations(text: &str) -> Result<usize, String> {
+    let n: usize = text.parse().map_err(|_| format!("'{text}': not a number"))?;
+    if n < 2 {
+        return Err(format!("{n}: at least 2 (the serving generation and the one starting)"));
+    }
+    Ok(n)
 }
 
 /// `sockbroker haproxy …`
@@ -171,6 +252,9 @@ pub enum HaproxyCommand {
         /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
         #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
         ready: crate::haproxy::reload::Readiness,
+        /// Proof of readiness, drain bounds.
+        #[command(flatten)]
+        reload: ReloadArgs,
         /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
         command: Vec<std::ffi::OsString>,
@@ -210,6 +294,9 @@ pub enum CliError {
     /// The HAProxy commands failed.
     #[error(transparent)]
     Haproxy(#[from] crate::haproxy::HaproxyError),
+    /// Talking to a supervisor failed.
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::control::ControlError),
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -280,8 +367,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Exec { sockets, command } => {
             return Err(crate::exec::run(&sockets.sockets, sockets.fallback_bind, &command).into());
         }
-        Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, command } => {
+        Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, reload, command } => {
+            let (proof, drain) = reload.split();
             return Ok(crate::supervisor::run(RunOptions {
+                proof,
+                drain,
                 sockets: sockets.sockets,
                 fallback_bind: sockets.fallback_bind,
                 ready,
@@ -292,6 +382,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             })?);
         }
         Command::Haproxy(command) => return run_haproxy(command),
+        Command::Supervisor(command) => return Ok(supervisor_command(command)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -334,8 +425,11 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         HaproxyCommand::Exec { fallback_bind, rendered_dir, command } => {
             haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;
         }
-        HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, command } => {
+        HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
+            let (proof, drain) = reload.split();
             let options = haproxy::reload::RunOptions {
+                proof,
+                drain,
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,
@@ -344,6 +438,27 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sockbroker supervisor …`: exit 0 on success, 1 with the reason on stderr.
+fn supervisor_command(command: SupervisorCommand) -> Result<ExitCode, crate::supervisor::control::ControlError> {
+    use crate::supervisor::control::{self, Request};
+    let (pid, request, timeout, json) = match command {
+        SupervisorCommand::Reload { pid, timeout } => (pid, Request::Reload, timeout, false),
+        SupervisorCommand::Status { pid, json } => (pid, Request::Status, None, json),
+    };
+    let reply = control::call(nix::unistd::Pid::from_raw(pid), request, timeout)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    } else if reply.ok {
+        println!("{}", reply.message);
+        for g in &reply.generations {
+            println!("generation {} pid {} {}", g.number, g.pid, g.state);
+        }
+    } else {
+        eprintln!("sockbroker: {}", reply.message);
+    }
+    Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {

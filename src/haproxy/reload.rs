@@ -73,6 +73,10 @@ pub struct RunOptions {
     pub ready_timeout: Duration,
     /// How readiness is detected.
     pub readiness: Readiness,
+    /// What a new instance must show after READY=1.
+    pub proof: supervisor::Proof,
+    /// How long and how many old instances may drain.
+    pub drain: supervisor::Drain,
 }
 
 /// What made one generation fail to start.
@@ -151,8 +155,11 @@ pub fn run(argv: &[OsString], options: RunOptions) -> Result<ExitCode, HaproxyEr
         hard_stop_signal: Some(Signal::SIGTERM),
         resend_after: &SOFT_STOP_RESENDS,
         // HAProxy drains as long as its connections last (hard-stop-after
-        // bounds it), and systemd's TimeoutStopSec= bounds the service.
+        // bounds it, and --drain-timeout), and systemd's TimeoutStopSec=
+        // bounds the service.
         stop_timeout: None,
+        proof: options.proof.clone(),
+        drain: options.drain,
     };
     let render = options.render;
     Ok(supervisor::supervise(how, move || Haproxy::new(args, render))?)
@@ -270,9 +277,11 @@ impl Daemon for Haproxy {
             }
             None => "starting".to_string(),
         };
+        // Until a reload succeeds, the line says the last one failed: the
+        // serving instance is the old one, whatever else changed since.
         match view.last_failure {
-            Some(failure) if view.failed_now => format!("reload failed, {status}: {failure}"),
-            _ => status,
+            Some(failure) => format!("reload failed, {status}: {failure}"),
+            None => status,
         }
     }
 }
