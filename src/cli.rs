@@ -165,7 +165,7 @@ pub struct ReloadArgs {
     /// Stop a retiring generation hard (SIGKILL; HAProxy: hard stop) this long after
     /// the retire signal: `off` lets it drain as long as it needs.
     #[arg(long, value_name = "DURATION|off", default_value = "off", value_parser = parse_optional_duration)]
-    pub drain_timeout: Option<Duration>,
+    pub drain_timeout: MaybeDuration,
     /// At most this many generations alive at once; beyond it the oldest draining one is stopped hard.
     #[arg(long, value_name = "N", default_value_t = crate::supervisor::DEFAULT_MAX_GENERATIONS,
           value_parser = parse_max_generations)]
@@ -177,15 +177,19 @@ impl ReloadArgs {
     pub fn split(self) -> (crate::supervisor::Proof, crate::supervisor::Drain) {
         (
             crate::supervisor::Proof { grace: self.ready_grace, probe: self.ready_probe },
-            crate::supervisor::Drain { timeout: self.drain_timeout, max_generations: self.max_generations },
+            crate::supervisor::Drain { timeout: self.drain_timeout.0, max_generations: self.max_generations },
         )
     }
 }
 
-fn parse_optional_duration(text: &str) -> Result<Option<Duration>, String> {
+/// A duration, or `off` (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaybeDuration(pub Option<Duration>);
+
+fn parse_optional_duration(text: &str) -> Result<MaybeDuration, String> {
     match text {
-        "off" | "none" | "infinity" => Ok(None),
-        _ => parse_duration(text).map(Some),
+        "off" | "none" | "infinity" => Ok(MaybeDuration(None)),
+        _ => parse_duration(text).map(|d| MaybeDuration(Some(d))),
     }
 }
 
@@ -498,6 +502,27 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn reload_options() {
+        let parse = |extra: &[&str]| {
+            let args = [&["sockbroker", "run", "--socket", "web"][..], extra, &["--", "true"]].concat();
+            match Cli::try_parse_from(args).map_err(|e| e.to_string())?.command {
+                Command::Run { reload, .. } => Ok::<_, String>(reload.split()),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (proof, drain) = parse(&[]).unwrap();
+        assert_eq!(proof.grace, crate::supervisor::DEFAULT_READY_GRACE);
+        assert_eq!(drain, crate::supervisor::Drain::default());
+        let (proof, drain) =
+            parse(&["--ready-grace", "0", "--drain-timeout", "90s", "--max-generations", "3", "--ready-probe", "true"])
+                .unwrap();
+        assert_eq!((proof.grace, proof.probe.as_deref()), (Duration::ZERO, Some("true")));
+        assert_eq!((drain.timeout, drain.max_generations), (Some(Duration::from_secs(90)), 3));
+        assert_eq!(parse(&["--drain-timeout", "off"]).unwrap().1.timeout, None);
+        assert!(parse(&["--max-generations", "1"]).unwrap_err().contains("at least 2"));
     }
 
     #[test]

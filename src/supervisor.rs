@@ -759,6 +759,11 @@ impl<D: Daemon> Supervisor<D> {
         while i < self.reading.len() {
             match self.reading[i].read_request() {
                 Ok(None) => i += 1,
+                Ok(Some(_)) if self.reading[i].refused.is_some() => {
+                    let conn = self.reading.swap_remove(i);
+                    let why = conn.refused.clone().unwrap_or_default();
+                    conn.answer(&Reply::new(false, why));
+                }
                 Err(why) => {
                     let conn = self.reading.swap_remove(i);
                     log::debug!("control client (uid {}): {why}", conn.uid);

@@ -167,6 +167,9 @@ pub struct Connection {
     buf: Vec<u8>,
     /// The peer's uid, for the log.
     pub uid: u32,
+    /// Why the peer may not ask: answered once its request is read (closing
+    /// with its request unread would reset the connection, losing the reply).
+    pub refused: Option<String>,
 }
 
 impl Connection {
@@ -264,16 +267,12 @@ impl Server {
                     continue;
                 }
             };
+            let mut conn = Connection { stream, buf: Vec::new(), uid: cred.uid(), refused: None };
             if cred.uid() != 0 && cred.uid() != self.uid.as_raw() {
-                log::warn!(
-                    "control socket: refused pid {} (uid {}): only root and uid {} may ask for reloads",
-                    cred.pid(),
-                    cred.uid(),
-                    self.uid
-                );
-                continue;
+                let why = format!("uid {} may not ask: only root and uid {} (the supervisor's)", cred.uid(), self.uid);
+                log::warn!("control socket: refused pid {}: {why}", cred.pid());
+                conn.refused = Some(why);
             }
-            let conn = Connection { stream, buf: Vec::new(), uid: cred.uid() };
             if room == 0 {
                 log::warn!("control socket: {MAX_CONNECTIONS} connections already open; refusing pid {}", cred.pid());
                 conn.answer(&Reply::new(false, "too many requests waiting; try again"));
