@@ -868,13 +868,16 @@ impl<D: Daemon> Supervisor<D> {
         let serving = self.serving().map(Generation::label).unwrap_or_else(|| "nothing".into());
         log::error!("reload failed: {reason}; {serving} keeps serving");
         let message = format!("reload failed: {detail}\n{serving} keeps serving");
-        self.answer_waiters(self.reloads_begun, false, &message);
         self.last_failure = Some(reason);
+        // systemd gets STATUS= before the waiting callers (ExecReload=) exit,
+        // so `systemctl status` right after a failed `systemctl reload` says why.
         if self.serving().is_some() {
             self.phase = Phase::Serving;
             notify::ready(&self.status_line(true));
+            self.answer_waiters(self.reloads_begun, false, &message);
         } else {
             // The old generation died during the reload and the new one failed.
+            self.answer_waiters(self.reloads_begun, false, &message);
             self.begin_stop();
         }
     }
@@ -920,17 +923,20 @@ impl<D: Daemon> Supervisor<D> {
                 retired.push(g.label());
             }
         }
-        if self.phase == Phase::Reloading {
+        let reloaded = self.phase == Phase::Reloading;
+        if reloaded {
             self.reloads_ok += 1;
             self.last_failure = None;
+        }
+        self.phase = Phase::Serving;
+        notify::ready(&self.status_line(false));
+        if reloaded {
             let mut message = format!("{label} serves");
             if !retired.is_empty() {
                 message.push_str(&format!("; told {} to retire ({signal})", retired.join(", ")));
             }
             self.answer_waiters(self.reloads_begun, true, &message);
         }
-        self.phase = Phase::Serving;
-        notify::ready(&self.status_line(false));
     }
 
     /// Stops a generation that failed to start with the stop signal: it may
