@@ -403,16 +403,32 @@ fn a_broken_config_never_replaces_the_running_instance() {
     load.wait_for(20);
     assert_eq!(run.haproxy_pids(), serving);
 
+    // The same reload asked for on the control socket (ExecReload=): it
+    // fails, with HAProxy's output on stderr.
+    let out = Command::new(BIN)
+        .args(["supervisor", "reload", "--pid", &run.child.id().to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("generation 3: haproxy -c refused the config"), "{text}");
+    assert!(text.contains("unknown keyword 'no-such-keyword'"), "{text}");
+    assert!(text.contains("generation 1 (pid") && text.contains("keeps serving"), "{text}");
+    let status = next_ready(&run.notify, &mut run.child);
+    assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
+    assert_eq!(run.haproxy_pids(), serving);
+
     // A template error is caught before HAProxy is even asked.
     std::fs::write(&template, good.replace("frontend", "<% oops %>\nfrontend")).unwrap();
     let status = run.reload();
     assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
     assert_eq!(run.haproxy_pids(), serving);
 
-    // Fixed: the next reload goes through.
+    // Fixed: the next reload goes through (each refused one used a number).
     std::fs::write(&template, &good).unwrap();
     let status = run.reload();
-    assert!(status.contains("STATUS=serving: generation 4"), "{status}");
+    assert!(status.contains("STATUS=serving: generation 5"), "{status}");
     load.wait_for(20);
     let (_, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{errors:?}");
