@@ -206,7 +206,6 @@ impl Haproxy {
                 child.wait().map_err(spawn_err)?
             }
         };
-        log::debug!("generation {number}: haproxy -c took {:?}", started.elapsed());
         let output = std::fs::read_to_string(&log_path).unwrap_or_default();
         let _ = std::fs::remove_file(&log_path);
         if !status.success() {
@@ -232,9 +231,12 @@ impl Daemon for Haproxy {
 
     /// Renders, checks and starts generation `number`.
     fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, ReloadError> {
+        let t0 = Instant::now();
         let rendered = render_all(&self.args, &self.render)?;
         let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
+        let t1 = Instant::now();
         self.check(number, &fds)?;
+        let t2 = Instant::now();
 
         let mut cmd = Command::new(&self.args.program);
         cmd.args(self.args.supervised_args()).stdin(Stdio::null());
@@ -256,7 +258,13 @@ impl Daemon for Haproxy {
         // it with waitpid(-1): dropping `child` neither waits nor kills.
         drop(fds);
         drop(rendered);
-        log::info!("generation {number}: started haproxy pid {}", child.id());
+        log::info!(
+            "generation {number}: started haproxy pid {} (render {:.1?}, haproxy -c {:.1?}, spawn {:.1?})",
+            child.id(),
+            t1 - t0,
+            t2 - t1,
+            t2.elapsed()
+        );
         Ok(Pid::from_raw(child.id() as i32))
     }
 
