@@ -496,3 +496,46 @@ fn bounded_draining_over_many_reloads() {
     let status = wait_timeout(&mut run.0, Duration::from_secs(20)).expect("run did not stop");
     assert!(status.success(), "{status}");
 }
+
+/// `--ready-probe`: the old generation retires only once the probe passes
+/// for the new one (run with its number and pid); a probe that keeps
+/// failing fails the reload at the readiness timeout.
+#[test]
+fn ready_probe_gates_the_retirement() {
+    let broker = Broker::start("run_probe");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let daemon = listen_http();
+    let marks = broker.dir.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    // Passes once a file names this generation, and only for a live pid.
+    let probe = format!(
+        "kill -0 $SOCKBROKER_GENERATION_PID && echo $SOCKBROKER_GENERATION_PID > {m}/probed-$SOCKBROKER_GENERATION \
+         && test -e {m}/ok-$SOCKBROKER_GENERATION",
+        m = marks.display()
+    );
+    std::fs::write(marks.join("ok-1"), "").unwrap();
+    let run = Run::start(
+        &broker,
+        &["--socket", &spec, "--ready-grace", "0", "--ready-timeout", "3s", "--ready-probe", &probe],
+        &["python3", daemon.to_str().unwrap()],
+    );
+    let load = Load::start(tcp_addr(&spec), 2, Duration::from_secs(60));
+    load.wait_requests(10);
+
+    let out = run.supervisor(&["reload"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("generation 2 (pid") && text.contains("did not pass --ready-probe within 3s"), "{text}");
+    assert!(marks.join("probed-2").exists(), "the probe never ran for generation 2");
+    assert!(run.status().contains("serving generation 1 "));
+
+    std::fs::write(marks.join("ok-3"), "").unwrap();
+    let out = run.supervisor(&["reload"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let probed: i32 = std::fs::read_to_string(marks.join("probed-3")).unwrap().trim().parse().unwrap();
+    let status = run.status();
+    assert!(status.contains(&format!("generation 3 pid {probed} serving")), "the probe got another pid: {status}");
+    load.wait_requests(10);
+    let report = load.finish();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+}
