@@ -28,14 +28,14 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::args::{ArgsError, HaproxyArgs};
@@ -44,9 +44,6 @@ use crate::supervisor::{self, Daemon, StatusView, Supervision};
 
 /// The nice value of `haproxy -c`.
 const CHECK_NICE: i32 = 10;
-
-/// How long HAProxy may take to check a config.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// When SIGUSR1 is sent again to an instance still running, counted from the
 /// first one. HAProxy 2.6's master sends READY=1 *before* it installs its
@@ -174,19 +171,23 @@ pub struct Haproxy {
     render: RenderOptions,
     /// A folder only this process can enter, for the checks' output.
     dir: PathBuf,
+    /// Checks started and not yet handed to the supervisor: generation, pid, start.
+    checks: Vec<(u64, Pid, Instant)>,
+    /// When each check handed over started, for the log.
+    check_started: std::collections::HashMap<u64, Instant>,
 }
 
 impl Haproxy {
     /// Prepares the private folder; nothing is rendered yet.
     pub fn new(args: HaproxyArgs, render: RenderOptions) -> Result<Haproxy, ReloadError> {
-        Ok(Haproxy { args, render, dir: private_dir()? })
+        Ok(Haproxy { args, render, dir: private_dir()?, checks: Vec::new(), check_started: Default::default() })
     }
 
-    /// `haproxy -c` on the rendered config, with its descriptors open.
-    fn check(&self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
+    /// Starts `haproxy -c` on the rendered config, with its descriptors
+    /// open, output to a file; the supervisor waits for it ([`Daemon::gate`]).
+    fn spawn_check(&mut self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
         let program = self.args.program.to_string_lossy().into_owned();
         let spawn_err = |source| ReloadError::Spawn { generation: number, program: program.clone(), source };
-        // Output to a file, not a pipe: nothing to drain while waiting with a deadline.
         let log_path = self.dir.join(format!("check-{number}.log"));
         let log = std::fs::File::create(&log_path).map_err(setup(format!("creating {}", log_path.display())))?;
         let mut cmd = Command::new(&self.args.program);
@@ -197,25 +198,10 @@ impl Haproxy {
             .stderr(log);
         keep_open_in_child(&mut cmd, fds);
         lower_priority(&mut cmd);
-        let started = Instant::now();
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        let status = match wait_until(&mut child, started + CHECK_TIMEOUT).map_err(spawn_err)? {
-            Some(status) => status,
-            None => {
-                let _ = child.kill();
-                child.wait().map_err(spawn_err)?
-            }
-        };
-        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let _ = std::fs::remove_file(&log_path);
-        if !status.success() {
-            let output = if started.elapsed() >= CHECK_TIMEOUT {
-                format!("killed after {CHECK_TIMEOUT:?}\n{output}")
-            } else {
-                output
-            };
-            return Err(ReloadError::Check { generation: number, status, output: output.trim_end().into() });
-        }
+        // Reaped by the supervisor (waitpid(-1)), which hands the status to
+        // `gate_result`; dropping the handle neither waits nor kills.
+        let child = cmd.spawn().map_err(spawn_err)?;
+        self.checks.push((number, Pid::from_raw(child.id() as i32), Instant::now()));
         Ok(())
     }
 }
@@ -229,13 +215,19 @@ impl Drop for Haproxy {
 impl Daemon for Haproxy {
     type Error = ReloadError;
 
-    /// Renders, checks and starts generation `number`.
+    /// Renders generation `number`, then starts `haproxy -c` and the new
+    /// instance side by side: each parses the config once, on its own core if
+    /// there is one, so the reload costs one parse, not two in a row. The
+    /// check is the generation's gate: it may not replace the old instance
+    /// until the check passed, and a refused config fails the reload with
+    /// HAProxy's output (the new instance, which parsed the same config,
+    /// has normally exited already; if not, it is soft-stopped).
     fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, ReloadError> {
         let t0 = Instant::now();
         let rendered = render_all(&self.args, &self.render)?;
         let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
         let t1 = Instant::now();
-        self.check(number, &fds)?;
+        self.spawn_check(number, &fds)?;
         let t2 = Instant::now();
 
         let mut cmd = Command::new(&self.args.program);
@@ -253,19 +245,53 @@ impl Daemon for Haproxy {
         keep_open_in_child(&mut cmd, &fds);
         soft_stop_with_parent(&mut cmd);
         let program = self.args.program.to_string_lossy().into_owned();
-        let child = cmd.spawn().map_err(|source| ReloadError::Spawn { generation: number, program, source })?;
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(source) => {
+                // No instance: its check is of no use.
+                if let Some((_, pid, _)) = self.checks.pop() {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                }
+                return Err(ReloadError::Spawn { generation: number, program, source });
+            }
+        };
         // The instance has its own copies now; ours go. The supervisor reaps
         // it with waitpid(-1): dropping `child` neither waits nor kills.
         drop(fds);
         drop(rendered);
         log::info!(
-            "generation {number}: started haproxy pid {} (render {:.1?}, haproxy -c {:.1?}, spawn {:.1?})",
+            "generation {number}: started haproxy pid {} next to its check (render {:.1?}, check spawn {:.1?}, spawn {:.1?})",
             child.id(),
             t1 - t0,
             t2 - t1,
             t2.elapsed()
         );
         Ok(Pid::from_raw(child.id() as i32))
+    }
+
+    fn gate(&mut self, number: u64) -> Option<Pid> {
+        let i = self.checks.iter().position(|(n, _, _)| *n == number)?;
+        let (_, pid, started) = self.checks.swap_remove(i);
+        self.check_started.insert(number, started);
+        Some(pid)
+    }
+
+    fn gate_result(&mut self, number: u64, status: &WaitStatus) -> Result<(), ReloadError> {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(started) = self.check_started.remove(&number) {
+            log::info!("generation {number}: haproxy -c took {:.1?}", started.elapsed());
+        }
+        let log_path = self.dir.join(format!("check-{number}.log"));
+        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&log_path);
+        let raw = match *status {
+            WaitStatus::Exited(_, 0) => return Ok(()),
+            WaitStatus::Exited(_, code) => code << 8,
+            WaitStatus::Signaled(_, sig, _) => sig as i32,
+            _ => 0xff << 8,
+        };
+        let status = ExitStatus::from_raw(raw);
+        Err(ReloadError::Check { generation: number, status, output: output.trim_end().into() })
     }
 
     /// HAProxy's first alert when the check failed, else the first line of the error.
@@ -290,33 +316,6 @@ impl Daemon for Haproxy {
         match view.last_failure {
             Some(failure) => format!("reload failed, {status}: {failure}"),
             None => status,
-        }
-    }
-}
-
-/// Waits until `child` exits or `deadline` passes (`None`), sleeping in
-/// `poll` on a pidfd: this process's signals stay queued for the supervisor.
-fn wait_until(child: &mut Child, deadline: Instant) -> io::Result<Option<ExitStatus>> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers; on success it
-    // returns a new descriptor (close-on-exec by definition) that we own.
-    let raw = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, child.id() as nix::libc::pid_t, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` was just returned by pidfd_open and nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(None);
-        }
-        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, crate::signals::poll_timeout(Some(deadline - now))) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
         }
     }
 }
