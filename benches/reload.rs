@@ -13,10 +13,13 @@
 //! Then, in the same run, reload-to-serving time, p50/p99, side by side:
 //! - `run`: signal → READY=1 from `run` (the new generation said READY=1 and
 //!   the old one was told to retire), from the reloads above;
-//! - `haproxy run`: the same for `sockbroker haproxy run` (render, `haproxy
-//!   -c`, start `haproxy -Ws`, READY=1), with the time of each step from its log;
-//! - HAProxy alone: `haproxy -Ws -db` spawned → READY=1 on our NOTIFY_SOCKET,
-//!   and `haproxy -c` alone, on an equivalent config.
+//! - `haproxy run`: for `sockbroker haproxy run` (render, then `haproxy -c`
+//!   and `haproxy -Ws` side by side): signal → first response from the new
+//!   config (each reload's config answers with its own string), and signal →
+//!   READY=1 from the supervisor (the check passed too and the old instance
+//!   was told to retire), with HAProxy's own times from the supervisor's log;
+//! - HAProxy alone: `haproxy -Ws -db` spawned → READY=1 on our NOTIFY_SOCKET
+//!   and → first response, and `haproxy -c` alone, on an equivalent config.
 //!
 //! Both supervisors run with `--ready-grace 0`: the grace window delays only
 //! the old generation's retirement (both serve meanwhile), and back-to-back
@@ -129,40 +132,96 @@ fn main() {
         println!("  {HAPROXY} not found: haproxy figures skipped");
         return;
     }
-    let (mut hr, steps) = haproxy_run_reloads(&broker, n);
-    let (mut alone, mut check) = haproxy_alone(&broker, n);
-    hr.sort();
-    alone.sort();
-    check.sort();
-    let p = |v: &[Duration]| format!("{:7.1} / {:7.1} ms", ms(percentile(v, 50.0)), ms(percentile(v, 99.0)));
+    let hr = haproxy_run_reloads(&broker, n);
+    let alone = haproxy_alone(&broker, n);
+    let p = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        format!("{:7.1} / {:7.1} ms", ms(percentile(&v, 50.0)), ms(percentile(&v, 99.0)))
+    };
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        percentile(&v, 50.0).as_secs_f64()
+    };
     println!();
-    println!("reload-to-serving, p50 / p99 (signal -> READY=1 from the supervisor; --ready-grace 0)");
-    println!("  sockbroker run (python3 daemon):   {}  ({} reloads)", p(&run_reloads), run_reloads.len());
-    println!("  sockbroker haproxy run:            {}  ({} reloads)", p(&hr), hr.len());
-    println!("    of which render / haproxy -c / spawn (p50): {steps}");
-    println!("  haproxy -Ws start-to-ready alone:  {}  ({} starts)", p(&alone), alone.len());
-    println!("  haproxy -c alone:                  {}  ({} checks)", p(&check), check.len());
+    println!("reload-to-serving, p50 / p99 (--ready-grace 0)");
+    println!("  run, signal -> READY=1 from run:            {}  ({} reloads)", p(&run_reloads), run_reloads.len());
+    println!("  haproxy run, signal -> new config answers:  {}  ({} reloads)", p(&hr.serving), hr.serving.len());
+    println!("  haproxy run, signal -> READY=1 from run:    {}", p(&hr.ready));
+    println!("    its render, in the supervisor:            {}", p(&hr.render));
+    println!("    its haproxy -Ws start -> READY=1:         {}", p(&hr.start));
+    println!("    its haproxy -c (alongside):               {}", p(&hr.check));
+    println!("  HAProxy alone, spawn -> READY=1:            {}  ({} starts)", p(&alone.ready), alone.ready.len());
+    println!("  HAProxy alone, spawn -> first answer:       {}", p(&alone.serving));
+    println!("  HAProxy alone, haproxy -c:                  {}", p(&alone.check));
     println!(
-        "  haproxy run / haproxy alone (p50): {:.2}x",
-        percentile(&hr, 50.0).as_secs_f64() / percentile(&alone, 50.0).as_secs_f64()
+        "  ratios (p50): haproxy run serving / HAProxy alone ready {:.2}x, haproxy run READY / HAProxy alone ready {:.2}x",
+        p50(&hr.serving) / p50(&alone.ready),
+        p50(&hr.ready) / p50(&alone.ready)
     );
+}
+
+/// One GET; the body, if the server answered 200.
+fn answer(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let status = reply.lines().next().unwrap_or("");
+    (status.starts_with("HTTP/1.") && status.contains(" 200 "))
+        .then(|| reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// Polls until the server answers `want` (bounded); when it did.
+fn until_answer(addr: std::net::SocketAddr, want: &str) -> Instant {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if answer(addr).is_some_and(|body| body.trim() == want) {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "{want} never answered");
+        // Polling flat out would take a core from the HAProxy starting.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[derive(Default)]
+struct HaproxyRun {
+    serving: Vec<Duration>,
+    ready: Vec<Duration>,
+    render: Vec<Duration>,
+    start: Vec<Duration>,
+    check: Vec<Duration>,
+}
+
+#[derive(Default)]
+struct HaproxyAlone {
+    ready: Vec<Duration>,
+    serving: Vec<Duration>,
+    check: Vec<Duration>,
 }
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
 
-fn haproxy_config(bind: &str) -> String {
+fn haproxy_config(bind: &str, answer: &str) -> String {
     format!(
         "global\n  maxconn 1000\ndefaults\n  mode http\n  timeout client 10s\n  timeout server 10s\n  timeout connect 2s\n\
-         frontend web\n  bind {bind}\n  http-request return status 200 content-type text/plain string ok\n"
+         frontend web\n  bind {bind}\n  http-request return status 200 content-type text/plain string {answer}\n"
     )
 }
 
-/// `n` reloads of `sockbroker haproxy run`: signal → READY=1 each, and the
-/// p50 of each step of the start, from the supervisor's log.
-fn haproxy_run_reloads(broker: &Broker, n: usize) -> (Vec<Duration>, String) {
+/// `n` reloads of `sockbroker haproxy run`, each with a config that answers
+/// its own string: signal → first answer and → READY=1, and each step's
+/// time from the supervisor's log.
+fn haproxy_run_reloads(broker: &Broker, n: usize) -> HaproxyRun {
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let addr: std::net::SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
     let template = broker.dir.join("bench.cfg.sb");
-    std::fs::write(&template, haproxy_config(&format!("{{{{ sockbroker \"{spec}\" }}}}"))).unwrap();
+    let bind = format!("{{{{ sockbroker \"{spec}\" }}}}");
+    std::fs::write(&template, haproxy_config(&bind, "gen-1")).unwrap();
     let notify = Notify::bind(&broker.dir, "haproxy-run-notify.sock");
     let log = broker.dir.join("haproxy-run.log");
     let mut run = Reaped(
@@ -180,33 +239,42 @@ fn haproxy_run_reloads(broker: &Broker, n: usize) -> (Vec<Duration>, String) {
     );
     notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
     let pid = Pid::from_raw(run.0.id() as i32);
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
+    let mut out = HaproxyRun::default();
+    for i in 0..n {
+        // Generation 1 serves; reload i starts generation i + 2.
+        let want = format!("gen-{}", i + 2);
+        std::fs::write(&template, haproxy_config(&bind, &want)).unwrap();
         let begin = Instant::now();
         kill(pid, Signal::SIGHUP).unwrap();
+        out.serving.push(until_answer(addr, &want) - begin);
         notify.wait_line(&mut run.0, "RELOADING=1", START_TIMEOUT);
         let ready = notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
-        times.push(begin.elapsed());
+        out.ready.push(begin.elapsed());
         assert!(!ready.contains("reload failed"), "{ready}");
     }
     kill(pid, Signal::SIGTERM).unwrap();
     wait_timeout(&mut run.0, Duration::from_secs(30)).expect("haproxy run did not stop");
-    // "(render 1.2ms, haproxy -c 40.1ms, spawn 1.0ms)" per generation.
+    // The supervisor's log, per generation: "(render 1.2ms, …", "haproxy -c
+    // took 40.1ms", "says it is ready after 60.2ms" (since its spawn).
     let text = std::fs::read_to_string(&log).unwrap();
-    let mut steps: [Vec<Duration>; 3] = Default::default();
-    for line in text.lines().filter_map(|l| l.split("(render ").nth(1)) {
-        for (i, part) in line.trim_end_matches(')').split(", ").enumerate().take(3) {
-            if let Some(d) = part.rsplit(' ').next().and_then(parse_debug_duration) {
-                steps[i].push(d);
+    let after = |line: &str, marker: &str| {
+        line.split(marker).nth(1)?.split([' ', ',', ';', ')']).next().and_then(parse_debug_duration)
+    };
+    // With no grace window, a generation whose check passed first logs only
+    // "(pid P) ready after X"; one still waiting for its check logs "says it
+    // is ready after X" first: the first of the two per generation counts.
+    let mut seen = std::collections::HashSet::new();
+    for line in text.lines().skip_while(|l| !l.contains("reload 1:")) {
+        out.render.extend(after(line, "(render "));
+        out.check.extend(after(line, "haproxy -c took "));
+        let generation = line.split("generation ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
+        if let Some(d) = after(line, " ready after ") {
+            if seen.insert(generation.to_string()) {
+                out.start.push(d);
             }
         }
     }
-    let p50 = |v: &mut Vec<Duration>| {
-        v.sort();
-        format!("{:.1}", percentile(v, 50.0).as_secs_f64() * 1000.0)
-    };
-    let [mut a, mut b, mut c] = steps;
-    (times, format!("{} / {} / {} ms", p50(&mut a), p50(&mut b), p50(&mut c)))
+    out
 }
 
 /// "1.2ms", "40.1µs", "1.5s" as Debug prints a Duration.
@@ -225,15 +293,16 @@ fn parse_debug_duration(text: &str) -> Option<Duration> {
 }
 
 /// HAProxy by itself on an equivalent config: `n` starts of `haproxy -Ws
-/// -db` (spawn → READY=1) and `n` runs of `haproxy -c`.
-fn haproxy_alone(broker: &Broker, n: usize) -> (Vec<Duration>, Vec<Duration>) {
+/// -db` (spawn → READY=1, spawn → first answer) and `n` runs of `haproxy -c`.
+fn haproxy_alone(broker: &Broker, n: usize) -> HaproxyAlone {
     let config = broker.dir.join("alone.cfg");
     let port = common::free_port();
-    std::fs::write(&config, haproxy_config(&format!("127.0.0.1:{port}"))).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let notify = Notify::bind(&broker.dir, "haproxy-alone-notify.sock");
-    let mut starts = Vec::with_capacity(n);
-    let mut checks = Vec::with_capacity(n);
-    for _ in 0..n {
+    let mut out = HaproxyAlone::default();
+    for i in 0..n {
+        let want = format!("alone-{i}");
+        std::fs::write(&config, haproxy_config(&format!("127.0.0.1:{port}"), &want)).unwrap();
         let begin = Instant::now();
         let mut child = Reaped(
             Command::new(HAPROXY)
@@ -247,7 +316,8 @@ fn haproxy_alone(broker: &Broker, n: usize) -> (Vec<Duration>, Vec<Duration>) {
                 .unwrap(),
         );
         notify.wait_line(&mut child.0, "READY=1", START_TIMEOUT);
-        starts.push(begin.elapsed());
+        out.ready.push(begin.elapsed());
+        out.serving.push(until_answer(addr, &want) - begin);
         kill(Pid::from_raw(child.0.id() as i32), Signal::SIGUSR1).unwrap();
         // The master may drop a SIGUSR1 sent before its handler exists:
         // the Reaped guard kills it if it has not stopped by then.
@@ -255,8 +325,8 @@ fn haproxy_alone(broker: &Broker, n: usize) -> (Vec<Duration>, Vec<Duration>) {
 
         let begin = Instant::now();
         let status = Command::new(HAPROXY).args(["-c", "-q", "-f"]).arg(&config).status().unwrap();
-        checks.push(begin.elapsed());
+        out.check.push(begin.elapsed());
         assert!(status.success());
     }
-    (starts, checks)
+    out
 }

@@ -42,9 +42,6 @@ use super::args::{ArgsError, HaproxyArgs};
 use super::{keep_open_in_child, render_all, HaproxyError, RenderOptions};
 use crate::supervisor::{self, Daemon, StatusView, Supervision};
 
-/// The nice value of `haproxy -c`.
-const CHECK_NICE: i32 = 10;
-
 /// When SIGUSR1 is sent again to an instance still running, counted from the
 /// first one. HAProxy 2.6's master sends READY=1 *before* it installs its
 /// SIGUSR1 handler (`mworker_loop`), and a SIGUSR1 that arrives in between is
@@ -197,7 +194,6 @@ impl Haproxy {
             .stdout(log.try_clone().map_err(setup("check log"))?)
             .stderr(log);
         keep_open_in_child(&mut cmd, fds);
-        lower_priority(&mut cmd);
         // Reaped by the supervisor (waitpid(-1)), which hands the status to
         // `gate_result`; dropping the handle neither waits nor kills.
         let child = cmd.spawn().map_err(spawn_err)?;
@@ -217,7 +213,10 @@ impl Daemon for Haproxy {
 
     /// Renders generation `number`, then starts `haproxy -c` and the new
     /// instance side by side: each parses the config once, on its own core if
-    /// there is one, so the reload costs one parse, not two in a row. The
+    /// there is one, so the reload costs one parse, not two in a row. (The
+    /// check is not niced: the old instance is retired only once it passed,
+    /// so a slower check is a slower reload, and the new instance's own
+    /// start costs the serving one as much CPU anyway.) The
     /// check is the generation's gate: it may not replace the old instance
     /// until the check passed, and a refused config fails the reload with
     /// HAProxy's output (the new instance, which parsed the same config,
@@ -336,22 +335,6 @@ fn soft_stop_with_parent(cmd: &mut Command) {
             // The supervisor may have died before the prctl took effect.
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::other("the supervisor exited"));
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Runs the check at a lower CPU priority (nice +10): it competes for the CPU
-/// with the instance that serves meanwhile, and a slower check costs only
-/// reload time, never a connection's latency.
-fn lower_priority(cmd: &mut Command) {
-    // SAFETY: runs between fork and exec; setpriority is an async-signal-safe
-    // system call on the calling process and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            if nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, CHECK_NICE) != 0 {
-                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
