@@ -8,12 +8,20 @@
 //!    broker once ([`crate::exec::fetch`]), and start generation 1 as `exec`
 //!    would ([`crate::exec::Launch::spawn`]): sockets at 3.. in the child only.
 //! 2. **Serving**: once generation 1 is ready, tell systemd `READY=1`.
-//! 3. **Reloading** (SIGHUP): `RELOADING=1` + `MONOTONIC_USEC`, start
-//!    generation N+1 with the same sockets, wait until it is ready, and only
-//!    then send the retire signal to generation N, which drains while N+1
-//!    already accepts from the same kernel queue. Then `READY=1`. If N+1 exits
-//!    or is not ready within `--ready-timeout`, it is stopped, N keeps
-//!    serving, and the failure is logged and put in `STATUS=`.
+//! 3. **Reloading** (SIGHUP, or a request on the control socket,
+//!    [`control`]): `RELOADING=1` + `MONOTONIC_USEC`, stop the oldest
+//!    draining generations hard if `--max-generations` would be exceeded,
+//!    start generation N+1 with the same sockets, wait until it says it is
+//!    ready, then prove it ([`Proof`]: it stays alive `--ready-grace`, passes
+//!    `--ready-probe` and the daemon's gate, such as HAProxy's `haproxy -c`),
+//!    and only then send the retire signal to generation N, which drains
+//!    while N+1 already accepts from the same kernel queue (stopped hard at
+//!    `--drain-timeout`, [`Drain`]). Then `READY=1`, and the callers waiting
+//!    on the control socket get the outcome. If N+1 exits or is not proven
+//!    within `--ready-timeout`, it is stopped, N keeps serving (it was never
+//!    told to retire), the failure is logged, stays in `STATUS=` until a
+//!    reload succeeds, and is the waiting callers' answer. Requests during a
+//!    reload coalesce into one more reload after it.
 //! 4. **Stopping** (SIGTERM, SIGINT, or the serving generation died):
 //!    `STOPPING=1`, SIGTERM to every generation (SIGKILL after the stop
 //!    timeout), reap everything, exit with the serving generation's status.
