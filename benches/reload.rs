@@ -13,11 +13,11 @@
 //! Then, in the same run, reload-to-serving time, p50/p99, side by side:
 //! - `run`: signal → READY=1 from `run` (the new generation said READY=1 and
 //!   the old one was told to retire), from the reloads above;
-//! - `haproxy run`: for `sockbroker haproxy run` (render, then `haproxy -c`
-//!   and `haproxy -Ws` side by side): signal → first response from the new
-//!   config (each reload's config answers with its own string), and signal →
-//!   READY=1 from the supervisor (the check passed too and the old instance
-//!   was told to retire), with HAProxy's own times from the supervisor's log;
+//! - `haproxy run`: for `sockbroker haproxy run` (render, start `haproxy
+//!   -Ws`; no separate `haproxy -c` on a successful reload): signal → first
+//!   response from the new config (each reload's config answers with its own
+//!   string), and signal → READY=1 from the supervisor (the old instance was
+//!   told to retire), with the render and HAProxy's start from its log;
 //! - HAProxy alone: `haproxy -Ws -db` spawned → READY=1 on our NOTIFY_SOCKET
 //!   and → first response, and `haproxy -c` alone, on an equivalent config.
 //!
@@ -151,7 +151,6 @@ fn main() {
     println!("  haproxy run, signal -> READY=1 from run:    {}", p(&hr.ready));
     println!("    its render, in the supervisor:            {}", p(&hr.render));
     println!("    its haproxy -Ws start -> READY=1:         {}", p(&hr.start));
-    println!("    its haproxy -c (alongside):               {}", p(&hr.check));
     println!("  HAProxy alone, spawn -> READY=1:            {}  ({} starts)", p(&alone.ready), alone.ready.len());
     println!("  HAProxy alone, spawn -> first answer:       {}", p(&alone.serving));
     println!("  HAProxy alone, haproxy -c:                  {}", p(&alone.check));
@@ -194,7 +193,6 @@ struct HaproxyRun {
     ready: Vec<Duration>,
     render: Vec<Duration>,
     start: Vec<Duration>,
-    check: Vec<Duration>,
 }
 
 #[derive(Default)]
@@ -254,8 +252,8 @@ fn haproxy_run_reloads(broker: &Broker, n: usize) -> HaproxyRun {
     }
     kill(pid, Signal::SIGTERM).unwrap();
     wait_timeout(&mut run.0, Duration::from_secs(30)).expect("haproxy run did not stop");
-    // The supervisor's log, per generation: "(render 1.2ms, …", "haproxy -c
-    // took 40.1ms", "says it is ready after 60.2ms" (since its spawn).
+    // The supervisor's log, per generation: "(render 1.2ms, …" and "ready
+    // after 60.2ms" (since its spawn).
     let text = std::fs::read_to_string(&log).unwrap();
     let after = |line: &str, marker: &str| {
         line.split(marker).nth(1)?.split([' ', ',', ';', ')']).next().and_then(parse_debug_duration)
@@ -266,7 +264,6 @@ fn haproxy_run_reloads(broker: &Broker, n: usize) -> HaproxyRun {
     let mut seen = std::collections::HashSet::new();
     for line in text.lines().skip_while(|l| !l.contains("reload 1:")) {
         out.render.extend(after(line, "(render "));
-        out.check.extend(after(line, "haproxy -c took "));
         let generation = line.split("generation ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
         if let Some(d) = after(line, " ready after ") {
             if seen.insert(generation.to_string()) {

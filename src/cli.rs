@@ -237,11 +237,12 @@ pub enum HaproxyCommand {
     },
     /// Run HAProxy in the foreground and reload it with zero failed connections.
     ///
-    /// Renders, checks with `haproxy -c`, starts `haproxy -Ws` and waits for
-    /// READY=1. SIGHUP or SIGUSR2 reloads: a new instance is rendered,
-    /// checked and started, and only once it is ready does the old one get
-    /// SIGUSR1 (soft stop). A config that fails the check never replaces the
-    /// running instance. SIGTERM, SIGINT or SIGUSR1 soft-stop everything and exit.
+    /// Renders, starts `haproxy -Ws` and waits for READY=1 and --ready-grace.
+    /// A reload (`sockbroker supervisor reload --pid PID`, which waits for the
+    /// outcome, or SIGHUP/SIGUSR2): a new instance is rendered and started, and
+    /// only once it is proven ready does the old one get SIGUSR1 (soft stop).
+    /// A config HAProxy refuses never replaces the running instance; `haproxy -c`
+    /// then says why. SIGTERM, SIGINT or SIGUSR1 soft-stop everything and exit.
     Run {
         /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
         #[arg(long)]

@@ -13,7 +13,7 @@
 //!    draining generations hard if `--max-generations` would be exceeded,
 //!    start generation N+1 with the same sockets, wait until it says it is
 //!    ready, then prove it ([`Proof`]: it stays alive `--ready-grace`, passes
-//!    `--ready-probe` and the daemon's gate, such as HAProxy's `haproxy -c`),
+//!    `--ready-probe`),
 //!    and only then send the retire signal to generation N, which drains
 //!    while N+1 already accepts from the same kernel queue (stopped hard at
 //!    `--drain-timeout`, [`Drain`]). Then `READY=1`, and the callers waiting
@@ -266,17 +266,11 @@ pub trait Daemon {
     /// else it starts (a config check) before it returns.
     fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, Self::Error>;
 
-    /// A process started with generation `number` that must exit with
-    /// status 0 before the generation may replace the old one (HAProxy's
-    /// `haproxy -c`, run next to the new instance); the supervisor reaps it
-    /// and hands its status to [`Daemon::gate_result`].
-    fn gate(&mut self, _number: u64) -> Option<Pid> {
+    /// Generation `number` exited before it said it was ready: the daemon's
+    /// own explanation, when it has a better one than the exit status
+    /// (HAProxy: what `haproxy -c` says about the config it was given).
+    fn explain_failure(&mut self, _number: u64) -> Option<Self::Error> {
         None
-    }
-
-    /// What the gate's exit means: Ok, or why generation `number` may not serve.
-    fn gate_result(&mut self, _number: u64, _status: &WaitStatus) -> Result<(), Self::Error> {
-        Ok(())
     }
 
     /// One line about a start failure, for STATUS=.
@@ -390,9 +384,6 @@ struct Generation {
     hard: bool,
     /// The readiness probe: running now, passed, next run.
     probe: ProbeState,
-    /// The daemon's gate ([`Daemon::gate`]) while it runs; `gate_passed` once it exited 0.
-    gate: Option<Pid>,
-    gate_passed: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -645,10 +636,7 @@ impl<D: Daemon> Supervisor<D> {
         let notify_env = self.notify_sock.as_ref().map(|(_, name)| OsString::from(name));
         let env = [(GENERATION_ENV, Some(OsString::from(number.to_string()))), ("NOTIFY_SOCKET", notify_env)];
         let pid = self.daemon.start(number, &env)?;
-        let gate = self.daemon.gate(number);
         self.gens.push(Generation {
-            gate,
-            gate_passed: gate.is_none(),
             number,
             pid,
             main: None,
@@ -717,8 +705,8 @@ impl<D: Daemon> Supervisor<D> {
                     GenState::Proving { ready_at } => {
                         let timeout = g.started + self.how.ready_timeout;
                         let mut at = timeout.min(g.probe.next.unwrap_or(timeout));
-                        // A running probe or gate ends with SIGCHLD, not a deadline.
-                        let waiting = !g.gate_passed || (self.how.proof.probe.is_some() && !g.probe.passed);
+                        // A running probe ends with SIGCHLD, not a deadline.
+                        let waiting = self.how.proof.probe.is_some() && !g.probe.passed;
                         if !waiting {
                             at = at.min(ready_at + self.how.proof.grace);
                         }
@@ -919,7 +907,7 @@ impl<D: Daemon> Supervisor<D> {
     /// one still serves.
     fn signalled_ready(&mut self, idx: usize) {
         let proof = &self.how.proof;
-        if proof.grace.is_zero() && proof.probe.is_none() && self.gens[idx].gate_passed {
+        if proof.grace.is_zero() && proof.probe.is_none() {
             self.promote(idx);
             return;
         }
@@ -982,9 +970,6 @@ impl<D: Daemon> Supervisor<D> {
         if let Some(probe) = g.probe.running.take() {
             let _ = kill(probe, Signal::SIGKILL);
         }
-        if let Some(gate) = g.gate.take() {
-            let _ = kill(gate, Signal::SIGKILL);
-        }
     }
 
     fn fail_start(&mut self, number: u64, pid: Pid, reason: String) {
@@ -1001,45 +986,6 @@ impl<D: Daemon> Supervisor<D> {
             self.begin_stop();
         } else if self.phase != Phase::Stopping {
             self.reload_failed(reason, detail);
-        }
-    }
-
-    /// The gate of generation `idx` exited: passed, or the generation is
-    /// stopped and its start failed with the daemon's reason.
-    fn on_gate_exit(&mut self, idx: usize, status: &WaitStatus) {
-        let number = self.gens[idx].number;
-        self.gens[idx].gate = None;
-        match self.daemon.gate_result(number, status) {
-            Ok(()) => self.gens[idx].gate_passed = true,
-            Err(e) => {
-                let target = self.gens[idx].target();
-                log::error!("generation {number} may not serve: {}", crate::error_chain(&e));
-                self.abandon(idx);
-                let summary = self.daemon.summary(&e);
-                self.fail_start_with(number, target, summary, crate::error_chain(&e));
-            }
-        }
-    }
-
-    /// A generation exited before it was proven while its gate still runs:
-    /// the gate (parsing the same config) says why, so wait for it, at most
-    /// [`HARD_KILL_AFTER`]. Returns the gate's verdict when it failed.
-    fn wait_gate(&mut self, number: u64, gate: Pid) -> Option<D::Error> {
-        let deadline = Instant::now() + HARD_KILL_AFTER;
-        loop {
-            match waitpid(gate, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Ok(WaitStatus::StillAlive) => {
-                    let _ = kill(gate, Signal::SIGKILL);
-                    let _ = waitpid(gate, None);
-                    return None;
-                }
-                Ok(status) => return self.daemon.gate_result(number, &status).err(),
-                Err(Errno::EINTR) => {}
-                Err(_) => return None,
-            }
         }
     }
 
@@ -1083,10 +1029,6 @@ impl<D: Daemon> Supervisor<D> {
             self.on_probe_exit(idx, &status);
             return;
         }
-        if let Some(idx) = self.gens.iter().position(|g| g.gate == Some(pid)) {
-            self.on_gate_exit(idx, &status);
-            return;
-        }
         let Some(idx) = self.gens.iter().position(|g| g.pid == pid || g.main == Some(pid)) else {
             log::debug!("reaped pid {pid} (adopted orphan): {}", describe(&status));
             return;
@@ -1107,18 +1049,15 @@ impl<D: Daemon> Supervisor<D> {
         if let Some(probe) = g.probe.running {
             let _ = kill(probe, Signal::SIGKILL);
         }
-        if let Some(gate) = g.gate {
-            if matches!(g.state, GenState::Starting | GenState::Proving { .. }) {
-                if let Some(e) = self.wait_gate(g.number, gate) {
-                    let summary = self.daemon.summary(&e);
-                    self.fail_start_with(g.number, g.target(), summary, crate::error_chain(&e));
-                    if self.phase != Phase::Stopping {
-                        notify::status(&self.status_line(false));
-                    }
-                    return;
+        if g.state == GenState::Starting && self.phase != Phase::Stopping {
+            if let Some(e) = self.daemon.explain_failure(g.number) {
+                log::error!("{} {}: {}", g.label(), describe(&status), crate::error_chain(&e));
+                let summary = self.daemon.summary(&e);
+                self.fail_start_with(g.number, g.target(), summary, crate::error_chain(&e));
+                if self.phase != Phase::Stopping {
+                    notify::status(&self.status_line(false));
                 }
-            } else {
-                let _ = kill(gate, Signal::SIGKILL);
+                return;
             }
         }
         let what = describe(&status);
@@ -1295,18 +1234,12 @@ impl<D: Daemon> Supervisor<D> {
                 }
                 GenState::Proving { ready_at } => {
                     let probe = self.gens[i].probe;
-                    let proven = (self.how.proof.probe.is_none() || probe.passed) && self.gens[i].gate_passed;
+                    let proven = self.how.proof.probe.is_none() || probe.passed;
                     if proven && now >= ready_at + self.how.proof.grace {
                         self.promote(i);
                     } else if now >= started + timeout {
                         self.abandon(i);
-                        let why = if !self.gens[i].gate_passed {
-                            "did not finish its start check"
-                        } else if proven {
-                            "was not proven ready"
-                        } else {
-                            "did not pass --ready-probe"
-                        };
+                        let why = if proven { "was not proven ready" } else { "did not pass --ready-probe" };
                         self.fail_start(number, target, format!("{why} within {timeout:?}; stopped it"));
                     } else if probe.running.is_none() && probe.next.is_some_and(|at| now >= at) {
                         self.run_probe(i);

@@ -3,14 +3,15 @@
 //!
 //! This is `sockbroker run`'s generation supervisor ([`crate::supervisor`])
 //! with HAProxy as the daemon: every generation is a master-worker instance
-//! (`haproxy -Ws`) started from a freshly rendered and checked config.
+//! (`haproxy -Ws`) started from a freshly rendered config.
 //!
 //! ```text
 //! start/reload:  render template (fresh fd@N from the broker)     [Haproxy::start]
-//!                → haproxy -c with those descriptors open          (fails: old instance serves on)
 //!                → spawn haproxy -Ws, NOTIFY_SOCKET = the supervisor's private socket
-//!                → wait for READY=1 (or the pid file)              (exits/times out: soft-stop it, old serves on)
-//!                → SIGUSR1 (soft stop) to the previous instance, which drains and exits
+//!                → wait for READY=1 (or the pid file)              (exits: haproxy -c says why
+//!                                                                   [explain_failure]; old serves on;
+//!                                                                   times out: soft-stop it, old serves on)
+//!                → --ready-grace, then SIGUSR1 (soft stop) to the previous instance, which drains and exits
 //! SIGHUP/SIGUSR2: reload          SIGTERM/SIGINT/SIGUSR1: SIGUSR1 to every instance, wait, exit
 //!                                 (a second one: SIGTERM, HAProxy's hard stop)
 //! ```
@@ -35,12 +36,15 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use nix::sys::wait::WaitStatus;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::args::{ArgsError, HaproxyArgs};
 use super::{keep_open_in_child, render_all, HaproxyError, RenderOptions};
 use crate::supervisor::{self, Daemon, StatusView, Supervision};
+
+/// How long `haproxy -c` may take when it explains a failed start.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// When SIGUSR1 is sent again to an instance still running, counted from the
 /// first one. HAProxy 2.6's master sends READY=1 *before* it installs its
@@ -168,23 +172,22 @@ pub struct Haproxy {
     render: RenderOptions,
     /// A folder only this process can enter, for the checks' output.
     dir: PathBuf,
-    /// Checks started and not yet handed to the supervisor: generation, pid, start.
-    checks: Vec<(u64, Pid, Instant)>,
-    /// When each check handed over started, for the log.
-    check_started: std::collections::HashMap<u64, Instant>,
 }
 
 impl Haproxy {
     /// Prepares the private folder; nothing is rendered yet.
     pub fn new(args: HaproxyArgs, render: RenderOptions) -> Result<Haproxy, ReloadError> {
-        Ok(Haproxy { args, render, dir: private_dir()?, checks: Vec::new(), check_started: Default::default() })
+        Ok(Haproxy { args, render, dir: private_dir()? })
     }
 
-    /// Starts `haproxy -c` on the rendered config, with its descriptors
-    /// open, output to a file; the supervisor waits for it ([`Daemon::gate`]).
-    fn spawn_check(&mut self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
+    /// `haproxy -c` on the rendered config, with its descriptors open; run
+    /// only to explain a failed start, so it may block the supervisor (at
+    /// most [`CHECK_TIMEOUT`]).
+    fn check(&self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
+        use std::os::unix::process::ExitStatusExt;
         let program = self.args.program.to_string_lossy().into_owned();
         let spawn_err = |source| ReloadError::Spawn { generation: number, program: program.clone(), source };
+        // Output to a file, not a pipe: nothing to drain while waiting with a deadline.
         let log_path = self.dir.join(format!("check-{number}.log"));
         let log = std::fs::File::create(&log_path).map_err(setup(format!("creating {}", log_path.display())))?;
         let mut cmd = Command::new(&self.args.program);
@@ -194,10 +197,36 @@ impl Haproxy {
             .stdout(log.try_clone().map_err(setup("check log"))?)
             .stderr(log);
         keep_open_in_child(&mut cmd, fds);
-        // Reaped by the supervisor (waitpid(-1)), which hands the status to
-        // `gate_result`; dropping the handle neither waits nor kills.
+        let started = Instant::now();
         let child = cmd.spawn().map_err(spawn_err)?;
-        self.checks.push((number, Pid::from_raw(child.id() as i32), Instant::now()));
+        let pid = Pid::from_raw(child.id() as i32);
+        // waitpid on this pid alone: the supervisor's waitpid(-1) is not
+        // running meanwhile (one thread), and its generations stay unreaped.
+        let status = loop {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if started.elapsed() < CHECK_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                }
+                Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
+                Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(spawn_err(e.into())),
+            }
+        };
+        log::info!("generation {number}: haproxy -c took {:.1?}", started.elapsed());
+        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&log_path);
+        if !status.success() {
+            let output = if started.elapsed() >= CHECK_TIMEOUT {
+                format!("killed after {CHECK_TIMEOUT:?}\n{output}")
+            } else {
+                output
+            };
+            return Err(ReloadError::Check { generation: number, status, output: output.trim_end().into() });
+        }
         Ok(())
     }
 }
@@ -211,23 +240,18 @@ impl Drop for Haproxy {
 impl Daemon for Haproxy {
     type Error = ReloadError;
 
-    /// Renders generation `number`, then starts `haproxy -c` and the new
-    /// instance side by side: each parses the config once, on its own core if
-    /// there is one, so the reload costs one parse, not two in a row. (The
-    /// check is not niced: the old instance is retired only once it passed,
-    /// so a slower check is a slower reload, and the new instance's own
-    /// start costs the serving one as much CPU anyway.) The
-    /// check is the generation's gate: it may not replace the old instance
-    /// until the check passed, and a refused config fails the reload with
-    /// HAProxy's output (the new instance, which parsed the same config,
-    /// has normally exited already; if not, it is soft-stopped).
+    /// Renders generation `number` and starts it. There is no `haproxy -c`
+    /// first: the new master parses the config before it says READY=1 and
+    /// exits if it refuses it, so a check would only parse it a second time
+    /// on the reload's path (it did: about half of a reload's time). A
+    /// refused config fails the reload all the same, and the old instance
+    /// was never touched; [`Daemon::explain_failure`] then runs `haproxy -c`
+    /// to say why, with HAProxy's own words.
     fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, ReloadError> {
         let t0 = Instant::now();
         let rendered = render_all(&self.args, &self.render)?;
         let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
         let t1 = Instant::now();
-        self.spawn_check(number, &fds)?;
-        let t2 = Instant::now();
 
         let mut cmd = Command::new(&self.args.program);
         cmd.args(self.args.supervised_args()).stdin(Stdio::null());
@@ -244,53 +268,27 @@ impl Daemon for Haproxy {
         keep_open_in_child(&mut cmd, &fds);
         soft_stop_with_parent(&mut cmd);
         let program = self.args.program.to_string_lossy().into_owned();
-        let child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(source) => {
-                // No instance: its check is of no use.
-                if let Some((_, pid, _)) = self.checks.pop() {
-                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-                }
-                return Err(ReloadError::Spawn { generation: number, program, source });
-            }
-        };
+        let child = cmd.spawn().map_err(|source| ReloadError::Spawn { generation: number, program, source })?;
         // The instance has its own copies now; ours go. The supervisor reaps
         // it with waitpid(-1): dropping `child` neither waits nor kills.
         drop(fds);
         drop(rendered);
         log::info!(
-            "generation {number}: started haproxy pid {} next to its check (render {:.1?}, check spawn {:.1?}, spawn {:.1?})",
+            "generation {number}: started haproxy pid {} (render {:.1?}, spawn {:.1?})",
             child.id(),
             t1 - t0,
-            t2 - t1,
-            t2.elapsed()
+            t1.elapsed()
         );
         Ok(Pid::from_raw(child.id() as i32))
     }
 
-    fn gate(&mut self, number: u64) -> Option<Pid> {
-        let i = self.checks.iter().position(|(n, _, _)| *n == number)?;
-        let (_, pid, started) = self.checks.swap_remove(i);
-        self.check_started.insert(number, started);
-        Some(pid)
-    }
-
-    fn gate_result(&mut self, number: u64, status: &WaitStatus) -> Result<(), ReloadError> {
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(started) = self.check_started.remove(&number) {
-            log::info!("generation {number}: haproxy -c took {:.1?}", started.elapsed());
-        }
-        let log_path = self.dir.join(format!("check-{number}.log"));
-        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let _ = std::fs::remove_file(&log_path);
-        let raw = match *status {
-            WaitStatus::Exited(_, 0) => return Ok(()),
-            WaitStatus::Exited(_, code) => code << 8,
-            WaitStatus::Signaled(_, sig, _) => sig as i32,
-            _ => 0xff << 8,
+    fn explain_failure(&mut self, number: u64) -> Option<ReloadError> {
+        let rendered = match render_all(&self.args, &self.render) {
+            Ok(r) => r,
+            Err(e) => return Some(e.into()),
         };
-        let status = ExitStatus::from_raw(raw);
-        Err(ReloadError::Check { generation: number, status, output: output.trim_end().into() })
+        let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
+        self.check(number, &fds).err()
     }
 
     /// HAProxy's first alert when the check failed, else the first line of the error.
