@@ -405,6 +405,18 @@ fn supervisor_reload_refuses_other_users() {
     let out = supervisor_cmd(std::process::id() as i32, &["reload"]).output().unwrap();
     assert!(!out.status.success());
     assert!(output_text(&out).contains("cannot reach the supervisor of pid"), "{}", output_text(&out));
+
+    // Someone else squatting on another pid's name is not believed.
+    use std::os::linux::net::SocketAddrExt;
+    let other = Reaped(Command::new("sleep").arg("30").spawn().unwrap());
+    let name = format!("sockbroker-supervisor/{}", other.0.id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _squatter = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let out = supervisor_cmd(other.0.id() as i32, &["reload"]).output().unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    let want = format!("is served by pid {}, not by {}: refusing to trust it", std::process::id(), other.0.id());
+    assert!(text.contains(&want), "{text}");
 }
 
 /// Generations alive now: `run`'s children (zombies included, until reaped).
