@@ -591,3 +591,48 @@ fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
     assert!(!Path::new(&format!("/proc/{second}")).exists(), "haproxy {second} left behind");
     drop((client, upstream));
 }
+
+/// `--drain-timeout`: an old instance still draining (a request in progress
+/// at a backend that never answers) is hard-stopped (SIGTERM, HAProxy's hard
+/// stop) when the deadline passes, not before, and logged at WARN.
+#[test]
+fn drain_timeout_hard_stops_a_draining_instance() {
+    let (broker, addr, template) = web_setup("hadrain");
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = std::fs::read_to_string(&template).unwrap().replace(
+        "  http-request return status 200 content-type text/plain string ok\n",
+        &format!("  default_backend slow\nbackend slow\n  server s1 {}\n", backend.local_addr().unwrap()),
+    );
+    std::fs::write(&template, text).unwrap();
+    let mut run = Run::start(&broker, "web", &template, &["--ready-grace", "0", "--drain-timeout", "1500ms"], &[]);
+    let first = run.haproxy_pids();
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // Generation 1 is the only instance: the request reaches the backend through it.
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    backend.set_nonblocking(false).unwrap();
+    let (mut upstream, _) = backend.accept().unwrap();
+    upstream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(upstream.read(&mut buf).unwrap() > 0, "the backend got the request");
+
+    let status = run.reload();
+    assert!(status.contains("STATUS=serving: generation 2"), "{status}");
+    let retired = Instant::now();
+    let gone = |pid: i32| !Path::new(&format!("/proc/{pid}")).exists() || !run.haproxy_pids().contains(&pid);
+    let deadline = retired + Duration::from_secs(15);
+    while !gone(first[0]) {
+        assert!(Instant::now() < deadline, "generation 1 still draining 15 s after a 1.5 s --drain-timeout");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = retired.elapsed();
+    assert!(after >= Duration::from_millis(1400), "stopped after {after:?}, before its drain deadline");
+    let log = run.log_text();
+    assert!(log.contains("(--drain-timeout): stopping it hard (SIGTERM)"), "{log}");
+    // The request it held ends with it.
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    let _ = client.read_to_end(&mut reply);
+    drop(upstream);
+}
