@@ -164,7 +164,10 @@ impl Instances {
                 let notify_path = dir.join("run-notify.sock");
                 let notify = UnixDatagram::bind(&notify_path).unwrap();
                 let child = Command::new(BIN)
-                    .args(["haproxy", "run", "--", HAPROXY, "-f", me.config.to_str().unwrap()])
+                    // No grace window: it only delays the old instance's
+                    // retirement, and these back-to-back reloads would
+                    // queue behind it.
+                    .args(["haproxy", "run", "--ready-grace", "0", "--", HAPROXY, "-f", me.config.to_str().unwrap()])
                     .env("SOCKBROKER_SOCKET", &control)
                     .env("NOTIFY_SOCKET", &notify_path)
                     .env("RUST_LOG", "info")

@@ -208,6 +208,9 @@ pub enum Command {
         /// After SIGTERM, how long a generation may take to stop before SIGKILL.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         stop_timeout: Duration,
+        /// Proof of readiness, drain bounds.
+        #[command(flatten)]
+        reload: ReloadArgs,
         /// The daemon and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
         command: Vec<OsString>,
@@ -223,6 +226,88 @@ pub enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Talk to a running supervisor (`run`, `haproxy run`) by its pid.
+    #[command(subcommand)]
+    Supervisor(SupervisorCommand),
+}
+
+/// `sockbroker supervisor …`
+#[derive(Debug, Subcommand)]
+pub enum SupervisorCommand {
+    /// Reload and wait for the outcome: exit 0 once the new generation serves
+    /// and the old one was told to retire; exit 1 with the reason on stderr
+    /// when the reload failed and the old generation serves on.
+    ///
+    /// For ExecReload=: `sockbroker supervisor reload --pid $MAINPID`. Root
+    /// and the supervisor's own user may ask. Requests that arrive during a
+    /// reload wait for the next one, which serves them all.
+    Reload {
+        /// The supervisor's pid (systemd's $MAINPID).
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+        /// Give up waiting after this long (the reload itself goes on) [default: wait for the outcome].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// The generations alive and the status line.
+    Status {
+        /// The supervisor's pid.
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How `run` and `haproxy run` prove a new generation and bound old ones.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReloadArgs {
+    /// After a new generation says it is ready, it must stay alive this long
+    /// (and pass --ready-probe) before the old one is retired; both accept meanwhile.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub ready_grace: Duration,
+    /// A shell command that must exit 0 before the old generation is retired, run
+    /// with SOCKBROKER_GENERATION and SOCKBROKER_GENERATION_PID set; retried until --ready-timeout.
+    #[arg(long, value_name = "COMMAND")]
+    pub ready_probe: Option<String>,
+    /// Stop a retiring generation hard (SIGKILL; HAProxy: hard stop) this long after
+    /// the retire signal: `off` lets it drain as long as it needs.
+    #[arg(long, value_name = "DURATION|off", default_value = "off", value_parser = parse_optional_duration)]
+    pub drain_timeout: MaybeDuration,
+    /// At most this many generations alive at once; beyond it the oldest draining one is stopped hard.
+    #[arg(long, value_name = "N", default_value_t = crate::supervisor::DEFAULT_MAX_GENERATIONS,
+          value_parser = parse_max_generations)]
+    pub max_generations: usize,
+}
+
+impl ReloadArgs {
+    /// The supervisor's view of these options.
+    pub fn split(self) -> (crate::supervisor::Proof, crate::supervisor::Drain) {
+        (
+            crate::supervisor::Proof { grace: self.ready_grace, probe: self.ready_probe },
+            crate::supervisor::Drain { timeout: self.drain_timeout.0, max_generations: self.max_generations },
+        )
+    }
+}
+
+/// A duration, or `off` (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaybeDuration(pub Option<Duration>);
+
+fn parse_optional_duration(text: &str) -> Result<MaybeDuration, String> {
+    match text {
+        "off" | "none" | "infinity" => Ok(MaybeDuration(None)),
+        _ => parse_duration(text).map(|d| MaybeDuration(Some(d))),
+    }
+}
+
+fn parse_max_generations(text: &str) -> Result<usize, String> {
+    let n: usize = text.parse().map_err(|_| format!("'{text}': not a number"))?;
+    if n < 2 {
+        return Err(format!("{n}: at least 2 (the serving generation and the one starting)"));
+    }
+    Ok(n)
 }
 
 /// `sockbroker haproxy …`
@@ -261,11 +346,12 @@ pub enum HaproxyCommand {
     },
     /// Run HAProxy in the foreground and reload it with zero failed connections.
     ///
-    /// Renders, checks with `haproxy -c`, starts `haproxy -Ws` and waits for
-    /// READY=1. SIGHUP or SIGUSR2 reloads: a new instance is rendered,
-    /// checked and started, and only once it is ready does the old one get
-    /// SIGUSR1 (soft stop). A config that fails the check never replaces the
-    /// running instance. SIGTERM, SIGINT or SIGUSR1 soft-stop everything and exit.
+    /// Renders, starts `haproxy -Ws` and waits for READY=1 and --ready-grace.
+    /// A reload (`sockbroker supervisor reload --pid PID`, which waits for the
+    /// outcome, or SIGHUP/SIGUSR2): a new instance is rendered and started, and
+    /// only once it is proven ready does the old one get SIGUSR1 (soft stop).
+    /// A config HAProxy refuses never replaces the running instance; `haproxy -c`
+    /// then says why. SIGTERM, SIGINT or SIGUSR1 soft-stop everything and exit.
     Run {
         /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
         #[arg(long)]
@@ -280,6 +366,9 @@ pub enum HaproxyCommand {
         /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
         #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
         ready: crate::haproxy::reload::Readiness,
+        /// Proof of readiness, drain bounds.
+        #[command(flatten)]
+        reload: ReloadArgs,
         /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
         command: Vec<std::ffi::OsString>,
@@ -322,6 +411,9 @@ pub enum CliError {
     /// `adopt` could not copy the sockets.
     #[error(transparent)]
     Adopt(#[from] crate::adopt::AdoptError),
+    /// Talking to a supervisor failed.
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::control::ControlError),
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -432,8 +524,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Exec { sockets, command } => {
             return Err(crate::exec::run(&sockets.sockets, sockets.fallback_bind, &command).into());
         }
-        Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, command } => {
+        Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, reload, command } => {
+            let (proof, drain) = reload.split();
             return Ok(crate::supervisor::run(RunOptions {
+                proof,
+                drain,
                 sockets: sockets.sockets,
                 fallback_bind: sockets.fallback_bind,
                 ready,
@@ -449,6 +544,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 say(format_args!("{}\n", path.display()))?;
             }
         }
+        Command::Supervisor(command) => return Ok(supervisor_command(command)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -531,8 +627,11 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         HaproxyCommand::Exec { fallback_bind, rendered_dir, command } => {
             haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;
         }
-        HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, command } => {
+        HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
+            let (proof, drain) = reload.split();
             let options = haproxy::reload::RunOptions {
+                proof,
+                drain,
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,
@@ -541,6 +640,27 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sockbroker supervisor …`: exit 0 on success, 1 with the reason on stderr.
+fn supervisor_command(command: SupervisorCommand) -> Result<ExitCode, crate::supervisor::control::ControlError> {
+    use crate::supervisor::control::{self, Request};
+    let (pid, request, timeout, json) = match command {
+        SupervisorCommand::Reload { pid, timeout } => (pid, Request::Reload, timeout, false),
+        SupervisorCommand::Status { pid, json } => (pid, Request::Status, None, json),
+    };
+    let reply = control::call(nix::unistd::Pid::from_raw(pid), request, timeout)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    } else if reply.ok {
+        println!("{}", reply.message);
+        for g in &reply.generations {
+            println!("generation {} pid {} {}", g.number, g.pid, g.state);
+        }
+    } else {
+        eprintln!("sockbroker: {}", reply.message);
+    }
+    Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {
@@ -580,6 +700,27 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn reload_options() {
+        let parse = |extra: &[&str]| {
+            let args = [&["sockbroker", "run", "--socket", "web"][..], extra, &["--", "true"]].concat();
+            match Cli::try_parse_from(args).map_err(|e| e.to_string())?.command {
+                Command::Run { reload, .. } => Ok::<_, String>(reload.split()),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (proof, drain) = parse(&[]).unwrap();
+        assert_eq!(proof.grace, crate::supervisor::DEFAULT_READY_GRACE);
+        assert_eq!(drain, crate::supervisor::Drain::default());
+        let (proof, drain) =
+            parse(&["--ready-grace", "0", "--drain-timeout", "90s", "--max-generations", "3", "--ready-probe", "true"])
+                .unwrap();
+        assert_eq!((proof.grace, proof.probe.as_deref()), (Duration::ZERO, Some("true")));
+        assert_eq!((drain.timeout, drain.max_generations), (Some(Duration::from_secs(90)), 3));
+        assert_eq!(parse(&["--drain-timeout", "off"]).unwrap().1.timeout, None);
+        assert!(parse(&["--max-generations", "1"]).unwrap_err().contains("at least 2"));
     }
 
     #[test]

@@ -8,12 +8,20 @@
 //!    broker once ([`crate::exec::fetch`]), and start generation 1 as `exec`
 //!    would ([`crate::exec::Launch::spawn`]): sockets at 3.. in the child only.
 //! 2. **Serving**: once generation 1 is ready, tell systemd `READY=1`.
-//! 3. **Reloading** (SIGHUP): `RELOADING=1` + `MONOTONIC_USEC`, start
-//!    generation N+1 with the same sockets, wait until it is ready, and only
-//!    then send the retire signal to generation N, which drains while N+1
-//!    already accepts from the same kernel queue. Then `READY=1`. If N+1 exits
-//!    or is not ready within `--ready-timeout`, it is stopped, N keeps
-//!    serving, and the failure is logged and put in `STATUS=`.
+//! 3. **Reloading** (SIGHUP, or a request on the control socket,
+//!    [`control`]): `RELOADING=1` + `MONOTONIC_USEC`, stop the oldest
+//!    draining generations hard if `--max-generations` would be exceeded,
+//!    start generation N+1 with the same sockets, wait until it says it is
+//!    ready, then prove it ([`Proof`]: it stays alive `--ready-grace`, passes
+//!    `--ready-probe`),
+//!    and only then send the retire signal to generation N, which drains
+//!    while N+1 already accepts from the same kernel queue (stopped hard at
+//!    `--drain-timeout`, [`Drain`]). Then `READY=1`, and the callers waiting
+//!    on the control socket get the outcome. If N+1 exits or is not proven
+//!    within `--ready-timeout`, it is stopped, N keeps serving (it was never
+//!    told to retire), the failure is logged, stays in `STATUS=` until a
+//!    reload succeeds, and is the waiting callers' answer. Requests during a
+//!    reload coalesce into one more reload after it.
 //! 4. **Stopping** (SIGTERM, SIGINT, or the serving generation died):
 //!    `STOPPING=1`, SIGTERM to every generation (SIGKILL after the stop
 //!    timeout), reap everything, exit with the serving generation's status.
@@ -60,10 +68,30 @@ use nix::unistd::Pid;
 use crate::exec::{self, ExecError, Launch, PassedSocket, SocketArg};
 use crate::systemd::notify;
 
+pub mod control;
+
+use control::{Connection, GenerationInfo, Reply, Request};
+
 /// Environment variable telling each generation its number (1, 2, …).
 pub const GENERATION_ENV: &str = "SOCKBROKER_GENERATION";
 /// How often a pidfile is looked at while a generation starts.
 pub const PIDFILE_POLL: Duration = Duration::from_millis(10);
+/// Default `--ready-grace`: how long a generation that said it is ready must
+/// stay alive before the old one is retired. gunicorn says READY=1 before its
+/// workers import the application; a broken one makes it exit well within
+/// this, on a loaded machine too. Both generations accept meanwhile, so the
+/// window costs reload time, never a request's latency.
+pub const DEFAULT_READY_GRACE: Duration = Duration::from_secs(2);
+/// Default `--max-generations`: generations alive at once (the serving one,
+/// one starting, the rest draining). Beyond it the oldest draining one is
+/// stopped hard, so frequent reloads with long-lived connections cannot pile
+/// up processes, memory and descriptors without bound.
+pub const DEFAULT_MAX_GENERATIONS: usize = 8;
+/// How long a generation stopped hard with a signal other than SIGKILL (HAProxy's
+/// SIGTERM) may take before SIGKILL.
+pub const HARD_KILL_AFTER: Duration = Duration::from_secs(5);
+/// How soon a failed `--ready-probe` runs again (until the readiness timeout).
+pub const PROBE_RETRY: Duration = Duration::from_millis(250);
 
 /// How `run` learns that a generation is ready to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +154,10 @@ pub struct RunOptions {
     pub ready: Readiness,
     /// How long a new generation may take to become ready.
     pub ready_timeout: Duration,
+    /// How a generation proves it is ready after it says so.
+    pub proof: Proof,
+    /// How old generations are bounded.
+    pub drain: Drain,
     /// Sent to the old generation once the new one is ready.
     pub retire_signal: Signal,
     /// After SIGTERM, how long a stopping generation may take before SIGKILL.
@@ -159,6 +191,48 @@ pub struct Supervision {
     /// How long a stopping generation may take before SIGKILL; `None`: as
     /// long as it needs to drain.
     pub stop_timeout: Option<Duration>,
+    /// What a generation must show after it says it is ready.
+    pub proof: Proof,
+    /// How long and how many old generations may drain.
+    pub drain: Drain,
+}
+
+/// What a new generation must show, after it says it is ready, before the
+/// old one is retired. Meanwhile both accept from the shared sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    /// It must stay alive this long (`--ready-grace`).
+    pub grace: Duration,
+    /// A shell command that must exit 0 (`--ready-probe`), run with
+    /// `SOCKBROKER_GENERATION` and `SOCKBROKER_GENERATION_PID` set; run again
+    /// every [`PROBE_RETRY`] until it does, or until the readiness timeout.
+    pub probe: Option<String>,
+}
+
+impl Default for Proof {
+    fn default() -> Self {
+        Proof { grace: DEFAULT_READY_GRACE, probe: None }
+    }
+}
+
+/// How old generations are bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// A retiring generation still running this long after the retire signal
+    /// is stopped hard (`--drain-timeout`); `None`: it drains as long as it
+    /// needs (the default, as before: only the operator knows how long a
+    /// websocket may legitimately live).
+    pub timeout: Option<Duration>,
+    /// At most this many generations alive at once (`--max-generations`, at
+    /// least 2): before a new one starts, the oldest draining ones are stopped
+    /// hard until it fits.
+    pub max_generations: usize,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain { timeout: None, max_generations: DEFAULT_MAX_GENERATIONS }
+    }
 }
 
 /// What a STATUS= line is made from.
@@ -176,6 +250,8 @@ pub struct StatusView<'a> {
     pub last_failure: Option<&'a str>,
     /// This line reports the reload that just failed.
     pub failed_now: bool,
+    /// A new generation said it is ready and is being proven.
+    pub proving: Option<u64>,
 }
 
 /// What differs between the daemons the supervisor runs: how one generation
@@ -190,6 +266,13 @@ pub trait Daemon {
     /// else it starts (a config check) before it returns.
     fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, Self::Error>;
 
+    /// Generation `number` exited before it said it was ready: the daemon's
+    /// own explanation, when it has a better one than the exit status
+    /// (HAProxy: what `haproxy -c` says about the config it was given).
+    fn explain_failure(&mut self, _number: u64) -> Option<Self::Error> {
+        None
+    }
+
     /// One line about a start failure, for STATUS=.
     fn summary(&self, err: &Self::Error) -> String {
         crate::error_chain(err)
@@ -201,9 +284,15 @@ pub trait Daemon {
             Some((number, pid)) => format!("serving generation {number} (pid {pid})"),
             None => "no generation serving".to_string(),
         };
-        line.push_str(&format!("; {} reloads, {} failed", view.reloads_ok, view.reloads_failed));
+        if let Some(number) = view.proving {
+            line.push_str(&format!("; generation {number} said ready, in its grace window"));
+        }
+        line.push_str(&format!(
+            "; {} draining; {} reloads, {} failed",
+            view.draining, view.reloads_ok, view.reloads_failed
+        ));
         if let Some(f) = view.last_failure {
-            line.push_str(&format!("; last failure: {f}"));
+            line.push_str(&format!("; last reload failed: {f}"));
         }
         line
     }
@@ -258,10 +347,13 @@ pub enum Phase {
 enum GenState {
     /// Started, not ready yet.
     Starting,
+    /// Said it is ready at `ready_at`; serves next to the old one while it
+    /// proves it ([`Proof`]).
+    Proving { ready_at: Instant },
     /// Ready and serving.
     Serving,
-    /// Sent the retire signal; draining.
-    Retiring,
+    /// Sent the retire signal; draining, stopped hard at `until`.
+    Retiring { until: Option<Instant> },
     /// Sent the stop signal; SIGKILL at the deadline, if there is one.
     Stopping { kill_at: Option<Instant> },
 }
@@ -288,6 +380,17 @@ struct Generation {
     /// The started process exited with status 0 while a pidfile daemon forked.
     launcher_exited: bool,
     sent: Option<Sent>,
+    /// Stopped hard (drain deadline, generation cap): not chosen again.
+    hard: bool,
+    /// The readiness probe: running now, passed, next run.
+    probe: ProbeState,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ProbeState {
+    running: Option<Pid>,
+    passed: bool,
+    next: Option<Instant>,
 }
 
 impl Generation {
@@ -299,6 +402,17 @@ impl Generation {
         format!("generation {} (pid {})", self.number, self.target())
     }
 
+    fn info(&self) -> GenerationInfo {
+        let state = match self.state {
+            GenState::Starting => "starting",
+            GenState::Proving { .. } => "proving",
+            GenState::Serving => "serving",
+            GenState::Retiring { .. } => "retiring",
+            GenState::Stopping { .. } => "stopping",
+        };
+        GenerationInfo { number: self.number, pid: self.target().as_raw(), state: state.into() }
+    }
+
     /// Sends `signal` now; the retire and stop signals are sent again on schedule.
     fn send(&mut self, signal: Signal) {
         if let Err(e) = kill(self.target(), signal) {
@@ -308,7 +422,7 @@ impl Generation {
     }
 
     fn resend_due(&self, schedule: &[Duration]) -> Option<Instant> {
-        if !matches!(self.state, GenState::Retiring | GenState::Stopping { .. }) {
+        if !matches!(self.state, GenState::Retiring { .. } | GenState::Stopping { .. }) {
             return None;
         }
         let sent = self.sent?;
@@ -326,6 +440,15 @@ struct Supervisor<D: Daemon> {
     next_number: u64,
     phase: Phase,
     reload_queued: bool,
+    /// Reloads begun so far: the number of the current or last one.
+    reloads_begun: u64,
+    /// The reload began, but its generation waits for room under the cap.
+    start_pending: bool,
+    /// The control socket, and the connections whose request is being read.
+    control: Option<control::Server>,
+    reading: Vec<Connection>,
+    /// Callers waiting for the outcome of reload number >= theirs.
+    waiters: Vec<(Connection, u64)>,
     stop_requests: u32,
     reloads_ok: u64,
     reloads_failed: u64,
@@ -352,6 +475,8 @@ pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
         hard_stop_signal: None,
         resend_after: &[],
         stop_timeout: Some(opts.stop_timeout),
+        proof: opts.proof.clone(),
+        drain: opts.drain,
     };
     supervise(how, || ListenFdsDaemon::fetch(&opts.sockets, opts.fallback_bind, opts.command.clone()))
 }
@@ -406,6 +531,21 @@ pub fn supervise<D: Daemon>(
         Readiness::Notify => Some(notify_socket().map_err(|source| RunError::Setup { what: "notify socket", source })?),
         _ => None,
     };
+    // Without it, SIGHUP still reloads; only waiting for the outcome is lost.
+    let control = match control::Server::bind() {
+        Ok(server) => {
+            log::info!(
+                "control socket {}: `sockbroker supervisor reload --pid {}`",
+                server.address(),
+                std::process::id()
+            );
+            Some(server)
+        }
+        Err(e) => {
+            log::error!("control socket @{}: {e}; reloads by signal only", control::name(nix::unistd::getpid()));
+            None
+        }
+    };
     let mut sup = Supervisor {
         how,
         daemon,
@@ -415,6 +555,11 @@ pub fn supervise<D: Daemon>(
         next_number: 1,
         phase: Phase::Starting,
         reload_queued: false,
+        reloads_begun: 0,
+        start_pending: false,
+        control,
+        reading: Vec::new(),
+        waiters: Vec::new(),
         stop_requests: 0,
         reloads_ok: 0,
         reloads_failed: 0,
@@ -468,8 +613,11 @@ impl<D: Daemon> Supervisor<D> {
     }
 
     fn status_line(&self, failed_now: bool) -> String {
-        let draining =
-            self.gens.iter().filter(|g| matches!(g.state, GenState::Retiring | GenState::Stopping { .. })).count();
+        let draining = self
+            .gens
+            .iter()
+            .filter(|g| matches!(g.state, GenState::Retiring { .. } | GenState::Stopping { .. }))
+            .count();
         self.daemon.status_line(&StatusView {
             serving: self.serving().map(|g| (g.number, g.target())),
             draining,
@@ -477,6 +625,7 @@ impl<D: Daemon> Supervisor<D> {
             reloads_failed: self.reloads_failed,
             last_failure: self.last_failure.as_deref(),
             failed_now,
+            proving: self.gens.iter().find(|g| matches!(g.state, GenState::Proving { .. })).map(|g| g.number),
         })
     }
 
@@ -495,6 +644,8 @@ impl<D: Daemon> Supervisor<D> {
             started: Instant::now(),
             launcher_exited: false,
             sent: None,
+            hard: false,
+            probe: ProbeState::default(),
         });
         Ok(())
     }
@@ -502,6 +653,7 @@ impl<D: Daemon> Supervisor<D> {
     fn event_loop(&mut self) -> Result<(), RunError<D::Error>> {
         loop {
             if self.phase == Phase::Stopping && self.gens.is_empty() {
+                self.answer_waiters(u64::MAX, false, "the supervisor stopped");
                 return Ok(());
             }
             let timeout = crate::signals::poll_timeout(
@@ -511,16 +663,27 @@ impl<D: Daemon> Supervisor<D> {
             if let Some((sock, _)) = &self.notify_sock {
                 fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
             }
+            if let Some(server) = &self.control {
+                fds.push(PollFd::new(server.as_fd(), PollFlags::POLLIN));
+            }
+            for conn in &self.reading {
+                fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+            }
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(RunError::Loop(e.into())),
             }
+            drop(fds);
             self.read_signals();
             self.read_notify();
+            self.read_control();
             self.check_timers();
             if self.phase == Phase::Serving && self.reload_queued {
                 self.reload_queued = false;
-                self.begin_reload();
+                self.begin_reload_by("queued request");
+            }
+            if self.phase == Phase::Reloading && self.start_pending {
+                self.start_when_room();
             }
         }
     }
@@ -539,8 +702,19 @@ impl<D: Daemon> Supervisor<D> {
                             Readiness::PidFile(_) => timeout.min(Instant::now() + PIDFILE_POLL),
                         })
                     }
+                    GenState::Proving { ready_at } => {
+                        let timeout = g.started + self.how.ready_timeout;
+                        let mut at = timeout.min(g.probe.next.unwrap_or(timeout));
+                        // A running probe ends with SIGCHLD, not a deadline.
+                        let waiting = self.how.proof.probe.is_some() && !g.probe.passed;
+                        if !waiting {
+                            at = at.min(ready_at + self.how.proof.grace);
+                        }
+                        Some(at)
+                    }
                     GenState::Stopping { kill_at } => kill_at,
-                    GenState::Serving | GenState::Retiring => None,
+                    GenState::Retiring { until } => until,
+                    GenState::Serving => None,
                 };
                 own.into_iter().chain(g.resend_due(self.how.resend_after)).min()
             })
@@ -565,14 +739,7 @@ impl<D: Daemon> Supervisor<D> {
                     }
                 }
             } else if self.how.reload_signals.contains(&sig) {
-                match self.phase {
-                    Phase::Serving => self.begin_reload_by(sig),
-                    Phase::Starting | Phase::Reloading => {
-                        log::info!("{sig}: a reload will follow the current start");
-                        self.reload_queued = true;
-                    }
-                    Phase::Stopping => log::info!("{sig}: ignored while stopping"),
-                }
+                self.request_reload(sig.as_ref());
             } else {
                 log::debug!("{sig}: ignored");
             }
@@ -582,34 +749,180 @@ impl<D: Daemon> Supervisor<D> {
         self.reap();
     }
 
-    fn begin_reload(&mut self) {
-        self.begin_reload_by(Signal::SIGHUP);
+    /// A reload asked for by a signal or a control request: now, or after
+    /// the start or reload in progress (requests meanwhile coalesce into
+    /// one). Returns the number of the reload whose outcome answers it.
+    fn request_reload(&mut self, why: &str) -> Option<u64> {
+        let number = self.reloads_begun + 1;
+        match self.phase {
+            Phase::Serving => self.begin_reload_by(why),
+            Phase::Starting | Phase::Reloading => {
+                log::info!("{why}: a reload will follow the current one");
+                self.reload_queued = true;
+            }
+            Phase::Stopping => {
+                log::info!("{why}: ignored while stopping");
+                return None;
+            }
+        }
+        Some(number)
     }
 
-    fn begin_reload_by(&mut self, sig: Signal) {
+    /// Accepts control connections, reads their requests and answers or
+    /// queues them.
+    fn read_control(&mut self) {
+        let Some(server) = &self.control else { return };
+        let room = control::MAX_CONNECTIONS.saturating_sub(self.reading.len() + self.waiters.len());
+        let new = server.accept(room);
+        self.reading.extend(new);
+        let mut i = 0;
+        while i < self.reading.len() {
+            match self.reading[i].read_request() {
+                Ok(None) => i += 1,
+                Ok(Some(_)) if self.reading[i].refused.is_some() => {
+                    let conn = self.reading.swap_remove(i);
+                    let why = conn.refused.clone().unwrap_or_default();
+                    conn.answer(&Reply::new(false, why));
+                }
+                Err(why) => {
+                    let conn = self.reading.swap_remove(i);
+                    log::debug!("control client (uid {}): {why}", conn.uid);
+                    conn.answer(&Reply::new(false, why));
+                }
+                Ok(Some(Request::Status)) => {
+                    let conn = self.reading.swap_remove(i);
+                    let mut reply = Reply::new(true, self.status_line(false));
+                    reply.generations = self.gens.iter().map(Generation::info).collect();
+                    conn.answer(&reply);
+                }
+                Ok(Some(Request::Reload)) => {
+                    let conn = self.reading.swap_remove(i);
+                    let why = format!("reload requested on the control socket (uid {})", conn.uid);
+                    // Registered before the reload begins: a start that fails
+                    // at once answers it.
+                    let number = self.reloads_begun + 1;
+                    self.waiters.push((conn, number));
+                    if self.request_reload(&why).is_none() {
+                        self.answer_waiters(u64::MAX, false, "the supervisor is stopping");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers every caller waiting for reload `number` or an earlier one.
+    fn answer_waiters(&mut self, number: u64, ok: bool, message: &str) {
+        let (due, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiters).into_iter().partition(|(_, n)| *n <= number);
+        self.waiters = rest;
+        for (conn, _) in due {
+            conn.answer(&Reply::new(ok, message));
+        }
+    }
+
+    fn begin_reload_by(&mut self, why: &str) {
         self.phase = Phase::Reloading;
+        self.reloads_begun += 1;
         let old = self.serving().map(Generation::label).unwrap_or_default();
-        log::info!("{sig}: reloading; starting generation {} next to {old}", self.next_number);
+        log::info!("{why}: reload {}: starting generation {} next to {old}", self.reloads_begun, self.next_number);
         notify::reload_started(Some(format!("reloading: starting generation {}; {old} serving", self.next_number)));
+        self.make_room();
+        self.start_pending = true;
+        self.start_when_room();
+    }
+
+    /// Stops the oldest draining generations hard until a new one fits
+    /// under `--max-generations`.
+    fn make_room(&mut self) {
+        let cap = self.how.drain.max_generations.max(2);
+        loop {
+            let alive = self.gens.iter().filter(|g| !g.hard).count();
+            if alive < cap {
+                return;
+            }
+            let oldest = self
+                .gens
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| !g.hard && matches!(g.state, GenState::Retiring { .. } | GenState::Stopping { .. }))
+                .min_by_key(|(_, g)| g.number)
+                .map(|(i, _)| i);
+            let Some(idx) = oldest else { return };
+            self.stop_hard(idx, &format!("{alive} generations alive, --max-generations is {cap}"));
+        }
+    }
+
+    /// Starts the reload's generation once the generations stopped hard for
+    /// room have exited.
+    fn start_when_room(&mut self) {
+        let cap = self.how.drain.max_generations.max(2);
+        if self.gens.len() >= cap {
+            log::debug!("{} generations alive: the new one waits for a hard-stopped one to exit", self.gens.len());
+            return;
+        }
+        self.start_pending = false;
         if let Err(e) = self.start_generation() {
             let number = self.next_number - 1;
             log::error!("generation {number} could not start: {}", crate::error_chain(&e));
-            self.reload_failed(format!("generation {number} could not start: {}", self.daemon.summary(&e)));
+            let detail = format!("generation {number} could not start: {}", crate::error_chain(&e));
+            self.reload_failed(format!("generation {number} could not start: {}", self.daemon.summary(&e)), detail);
         }
     }
 
-    fn reload_failed(&mut self, reason: String) {
+    /// A generation's drain deadline passed, or the cap needs its place:
+    /// the hard stop signal (SIGKILL, or the daemon's own hard stop, then
+    /// SIGKILL after [`HARD_KILL_AFTER`]).
+    fn stop_hard(&mut self, idx: usize, why: &str) {
+        let signal = self.how.hard_stop_signal.unwrap_or(Signal::SIGKILL);
+        let g = &mut self.gens[idx];
+        log::warn!("{}: {why}: stopping it hard ({signal})", g.label());
+        g.hard = true;
+        g.state = GenState::Stopping { kill_at: (signal != Signal::SIGKILL).then(|| Instant::now() + HARD_KILL_AFTER) };
+        g.send(signal);
+    }
+
+    /// `reason` goes to STATUS= and the log, `detail` (with a config
+    /// check's whole output) to the callers waiting for this reload.
+    fn reload_failed(&mut self, reason: String, detail: String) {
         self.reloads_failed += 1;
         let serving = self.serving().map(Generation::label).unwrap_or_else(|| "nothing".into());
         log::error!("reload failed: {reason}; {serving} keeps serving");
+        let message = format!("reload failed: {detail}\n{serving} keeps serving");
         self.last_failure = Some(reason);
+        // systemd gets STATUS= before the waiting callers (ExecReload=) exit,
+        // so `systemctl status` right after a failed `systemctl reload` says why.
         if self.serving().is_some() {
             self.phase = Phase::Serving;
             notify::ready(&self.status_line(true));
+            self.answer_waiters(self.reloads_begun, false, &message);
         } else {
             // The old generation died during the reload and the new one failed.
+            self.answer_waiters(self.reloads_begun, false, &message);
             self.begin_stop();
         }
+    }
+
+    /// A starting generation said it is ready (or its delay or pidfile
+    /// says so): promoted now, or proven first ([`Proof`]) while the old
+    /// one still serves.
+    fn signalled_ready(&mut self, idx: usize) {
+        let proof = &self.how.proof;
+        if proof.grace.is_zero() && proof.probe.is_none() {
+            self.promote(idx);
+            return;
+        }
+        let now = Instant::now();
+        let g = &mut self.gens[idx];
+        g.state = GenState::Proving { ready_at: now };
+        g.probe.next = proof.probe.as_ref().map(|_| now);
+        log::info!(
+            "{} says it is ready after {:?}; proving it (grace {:?}{}) before anything retires",
+            g.label(),
+            g.started.elapsed(),
+            proof.grace,
+            if proof.probe.is_some() { ", probe" } else { "" }
+        );
+        notify::status(&self.status_line(false));
     }
 
     /// A starting generation is ready: it serves, and every other serving
@@ -620,19 +933,30 @@ impl<D: Daemon> Supervisor<D> {
         let label = self.gens[idx].label();
         log::info!("{label} ready after {elapsed:?}");
         let signal = self.how.retire_signal;
+        let until = self.how.drain.timeout.map(|t| Instant::now() + t);
+        let mut retired = Vec::new();
         for (i, g) in self.gens.iter_mut().enumerate() {
             if i != idx && g.state == GenState::Serving {
                 log::info!("{} retiring with {signal}", g.label());
-                g.state = GenState::Retiring;
+                g.state = GenState::Retiring { until };
                 g.send(signal);
+                retired.push(g.label());
             }
         }
-        if self.phase == Phase::Reloading {
+        let reloaded = self.phase == Phase::Reloading;
+        if reloaded {
             self.reloads_ok += 1;
             self.last_failure = None;
         }
         self.phase = Phase::Serving;
         notify::ready(&self.status_line(false));
+        if reloaded {
+            let mut message = format!("{label} serves");
+            if !retired.is_empty() {
+                message.push_str(&format!("; told {} to retire ({signal})", retired.join(", ")));
+            }
+            self.answer_waiters(self.reloads_begun, true, &message);
+        }
     }
 
     /// Stops a generation that failed to start with the stop signal: it may
@@ -643,16 +967,25 @@ impl<D: Daemon> Supervisor<D> {
         let g = &mut self.gens[idx];
         g.state = GenState::Stopping { kill_at };
         g.send(self.how.stop_signal);
+        if let Some(probe) = g.probe.running.take() {
+            let _ = kill(probe, Signal::SIGKILL);
+        }
     }
 
     fn fail_start(&mut self, number: u64, pid: Pid, reason: String) {
         let label = format!("generation {number} (pid {pid})");
+        let reason = format!("{label} {reason}");
+        self.fail_start_with(number, pid, reason.clone(), reason);
+    }
+
+    /// `reason` for STATUS= and the log, `detail` for the waiting callers.
+    fn fail_start_with(&mut self, number: u64, pid: Pid, reason: String, detail: String) {
         if number == 1 && self.phase == Phase::Starting {
-            log::error!("{label} {reason}");
-            self.start_failure = Some(RunError::FirstGeneration { pid, reason });
+            log::error!("{detail}");
+            self.start_failure = Some(RunError::FirstGeneration { pid, reason: detail });
             self.begin_stop();
         } else if self.phase != Phase::Stopping {
-            self.reload_failed(format!("{label} {reason}"));
+            self.reload_failed(reason, detail);
         }
     }
 
@@ -661,6 +994,7 @@ impl<D: Daemon> Supervisor<D> {
             self.phase = Phase::Stopping;
             self.serving_at_stop = self.serving().map(|g| g.number);
             notify::stopping();
+            self.answer_waiters(u64::MAX, false, "the supervisor is stopping");
         }
         let kill_at = self.how.stop_timeout.map(|t| Instant::now() + t);
         let signal = self.how.stop_signal;
@@ -691,6 +1025,10 @@ impl<D: Daemon> Supervisor<D> {
     }
 
     fn on_exit(&mut self, pid: Pid, status: WaitStatus) {
+        if let Some(idx) = self.gens.iter().position(|g| g.probe.running == Some(pid)) {
+            self.on_probe_exit(idx, &status);
+            return;
+        }
         let Some(idx) = self.gens.iter().position(|g| g.pid == pid || g.main == Some(pid)) else {
             log::debug!("reaped pid {pid} (adopted orphan): {}", describe(&status));
             return;
@@ -708,9 +1046,31 @@ impl<D: Daemon> Supervisor<D> {
             return;
         }
         let g = self.gens.remove(idx);
+        if let Some(probe) = g.probe.running {
+            let _ = kill(probe, Signal::SIGKILL);
+        }
+        if g.state == GenState::Starting && self.phase != Phase::Stopping {
+            if let Some(e) = self.daemon.explain_failure(g.number) {
+                log::error!("{} {}: {}", g.label(), describe(&status), crate::error_chain(&e));
+                let summary = self.daemon.summary(&e);
+                self.fail_start_with(g.number, g.target(), summary, crate::error_chain(&e));
+                if self.phase != Phase::Stopping {
+                    notify::status(&self.status_line(false));
+                }
+                return;
+            }
+        }
         let what = describe(&status);
         match g.state {
             GenState::Starting => self.fail_start(g.number, g.target(), format!("{what} before it was ready")),
+            GenState::Proving { ready_at } => {
+                let reason = format!(
+                    "{what} {:.1?} after it said it was ready, inside its {:?} --ready-grace window",
+                    ready_at.elapsed(),
+                    self.how.proof.grace
+                );
+                self.fail_start(g.number, g.target(), reason);
+            }
             GenState::Serving => {
                 log::error!("{} {what} while serving", g.label());
                 self.final_status = Some(status);
@@ -720,7 +1080,7 @@ impl<D: Daemon> Supervisor<D> {
                     self.begin_stop();
                 }
             }
-            GenState::Retiring => log::info!("{} retired: {what}", g.label()),
+            GenState::Retiring { .. } => log::info!("{} retired: {what}", g.label()),
             GenState::Stopping { .. } => {
                 log::info!("{} stopped: {what}", g.label());
                 if self.serving_at_stop == Some(g.number) {
@@ -730,6 +1090,41 @@ impl<D: Daemon> Supervisor<D> {
         }
         if self.phase != Phase::Stopping {
             notify::status(&self.status_line(false));
+        }
+    }
+
+    fn on_probe_exit(&mut self, idx: usize, status: &WaitStatus) {
+        let g = &mut self.gens[idx];
+        g.probe.running = None;
+        if matches!(status, WaitStatus::Exited(_, 0)) {
+            log::info!("{}: --ready-probe passed", g.label());
+            g.probe.passed = true;
+        } else {
+            log::info!("{}: --ready-probe {}; again in {PROBE_RETRY:?}", g.label(), describe(status));
+            g.probe.next = Some(Instant::now() + PROBE_RETRY);
+        }
+    }
+
+    /// Runs the `--ready-probe` command for generation `idx`.
+    fn run_probe(&mut self, idx: usize) {
+        let Some(command) = self.how.proof.probe.clone() else { return };
+        let g = &mut self.gens[idx];
+        g.probe.next = None;
+        let spawned = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&command)
+            .env(GENERATION_ENV, g.number.to_string())
+            .env("SOCKBROKER_GENERATION_PID", g.target().to_string())
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            // Reaped by waitpid(-1) in `reap`; dropping the handle neither waits nor kills.
+            Ok(child) => g.probe.running = Some(Pid::from_raw(child.id() as i32)),
+            Err(e) => {
+                log::warn!("{}: --ready-probe: cannot run /bin/sh: {e}", g.label());
+                g.probe.next = Some(Instant::now() + PROBE_RETRY);
+            }
         }
     }
 
@@ -796,7 +1191,7 @@ impl<D: Daemon> Supervisor<D> {
             match line.split_once('=') {
                 Some(("READY", "1")) if self.gens[idx].state == GenState::Starting => {
                     log::debug!("{}: READY=1 from pid {sender}", self.gens[idx].label());
-                    self.promote(idx);
+                    self.signalled_ready(idx);
                 }
                 Some(("STATUS", status)) => log::info!("{}: {status}", self.gens[idx].label()),
                 _ => log::debug!("{}: {line}", self.gens[idx].label()),
@@ -804,8 +1199,8 @@ impl<D: Daemon> Supervisor<D> {
         }
     }
 
-    /// Delay and pidfile readiness, readiness timeouts, signals sent again,
-    /// stop deadlines.
+    /// Delay and pidfile readiness, readiness timeouts, grace windows and
+    /// probes, signals sent again, drain and stop deadlines.
     fn check_timers(&mut self) {
         let now = Instant::now();
         let mut i = 0;
@@ -822,6 +1217,7 @@ impl<D: Daemon> Supervisor<D> {
                     sent.resent += 1;
                 }
             }
+            let timeout = self.how.ready_timeout;
             match state {
                 GenState::Starting => {
                     let ready = match self.how.ready.clone() {
@@ -830,12 +1226,28 @@ impl<D: Daemon> Supervisor<D> {
                         Readiness::PidFile(path) => self.pidfile_ready(&path, i),
                     };
                     if ready {
-                        self.promote(i);
-                    } else if now >= started + self.how.ready_timeout {
-                        let timeout = self.how.ready_timeout;
+                        self.signalled_ready(i);
+                    } else if now >= started + timeout {
                         self.abandon(i);
                         self.fail_start(number, target, format!("was not ready within {timeout:?}; stopped it"));
                     }
+                }
+                GenState::Proving { ready_at } => {
+                    let probe = self.gens[i].probe;
+                    let proven = self.how.proof.probe.is_none() || probe.passed;
+                    if proven && now >= ready_at + self.how.proof.grace {
+                        self.promote(i);
+                    } else if now >= started + timeout {
+                        self.abandon(i);
+                        let why = if proven { "was not proven ready" } else { "did not pass --ready-probe" };
+                        self.fail_start(number, target, format!("{why} within {timeout:?}; stopped it"));
+                    } else if probe.running.is_none() && probe.next.is_some_and(|at| now >= at) {
+                        self.run_probe(i);
+                    }
+                }
+                GenState::Retiring { until: Some(until) } if now >= until => {
+                    let drain = self.how.drain.timeout.unwrap_or_default();
+                    self.stop_hard(i, &format!("still draining {drain:?} after the retire signal (--drain-timeout)"));
                 }
                 GenState::Stopping { kill_at: Some(kill_at) } if now >= kill_at => {
                     log::warn!(

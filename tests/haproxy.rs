@@ -403,16 +403,32 @@ fn a_broken_config_never_replaces_the_running_instance() {
     load.wait_for(20);
     assert_eq!(run.haproxy_pids(), serving);
 
+    // The same reload asked for on the control socket (ExecReload=): it
+    // fails, with HAProxy's output on stderr.
+    let out = Command::new(BIN)
+        .args(["supervisor", "reload", "--pid", &run.child.id().to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("generation 3: haproxy -c refused the config"), "{text}");
+    assert!(text.contains("unknown keyword 'no-such-keyword'"), "{text}");
+    assert!(text.contains("generation 1 (pid") && text.contains("keeps serving"), "{text}");
+    let status = next_ready(&run.notify, &mut run.child);
+    assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
+    assert_eq!(run.haproxy_pids(), serving);
+
     // A template error is caught before HAProxy is even asked.
     std::fs::write(&template, good.replace("frontend", "<% oops %>\nfrontend")).unwrap();
     let status = run.reload();
     assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
     assert_eq!(run.haproxy_pids(), serving);
 
-    // Fixed: the next reload goes through.
+    // Fixed: the next reload goes through (each refused one used a number).
     std::fs::write(&template, &good).unwrap();
     let status = run.reload();
-    assert!(status.contains("STATUS=serving: generation 4"), "{status}");
+    assert!(status.contains("STATUS=serving: generation 5"), "{status}");
     load.wait_for(20);
     let (_, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{errors:?}");
@@ -623,4 +639,49 @@ fn haproxy_exec_does_not_pass_on_a_leaked_descriptor() {
     let fds = std::fs::read_to_string(&seen).unwrap();
     assert!(!fds.contains("leaked-file"), "HAProxy got the leaked descriptor: {fds}");
     assert!(fds.contains("socket:"), "HAProxy got its socket: {fds}");
+}
+
+/// `--drain-timeout`: an old instance still draining (a request in progress
+/// at a backend that never answers) is hard-stopped (SIGTERM, HAProxy's hard
+/// stop) when the deadline passes, not before, and logged at WARN.
+#[test]
+fn drain_timeout_hard_stops_a_draining_instance() {
+    let (broker, addr, template) = web_setup("hadrain");
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = std::fs::read_to_string(&template).unwrap().replace(
+        "  http-request return status 200 content-type text/plain string ok\n",
+        &format!("  default_backend slow\nbackend slow\n  server s1 {}\n", backend.local_addr().unwrap()),
+    );
+    std::fs::write(&template, text).unwrap();
+    let mut run = Run::start(&broker, "web", &template, &["--ready-grace", "0", "--drain-timeout", "1500ms"], &[]);
+    let first = run.haproxy_pids();
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // Generation 1 is the only instance: the request reaches the backend through it.
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    backend.set_nonblocking(false).unwrap();
+    let (mut upstream, _) = backend.accept().unwrap();
+    upstream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(upstream.read(&mut buf).unwrap() > 0, "the backend got the request");
+
+    let status = run.reload();
+    assert!(status.contains("STATUS=serving: generation 2"), "{status}");
+    let retired = Instant::now();
+    let gone = |pid: i32| !Path::new(&format!("/proc/{pid}")).exists() || !run.haproxy_pids().contains(&pid);
+    let deadline = retired + Duration::from_secs(15);
+    while !gone(first[0]) {
+        assert!(Instant::now() < deadline, "generation 1 still draining 15 s after a 1.5 s --drain-timeout");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = retired.elapsed();
+    assert!(after >= Duration::from_millis(1400), "stopped after {after:?}, before its drain deadline");
+    let log = run.log_text();
+    assert!(log.contains("(--drain-timeout): stopping it hard (SIGTERM)"), "{log}");
+    // The request it held ends with it.
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    let _ = client.read_to_end(&mut reply);
+    drop(upstream);
 }

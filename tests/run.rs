@@ -98,7 +98,11 @@ fn twenty_reloads_under_load_fail_no_connection() {
     let broker = Broker::start("run_reloads");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
-    let mut run = Run::start(&broker, &["--socket", &format!("web={spec}")], &["python3", daemon.to_str().unwrap()]);
+    let mut run = Run::start(
+        &broker,
+        &["--socket", &format!("web={spec}"), "--ready-grace", "300ms"],
+        &["python3", daemon.to_str().unwrap()],
+    );
     let addr = tcp_addr(&spec);
     let load = Load::start(addr, 2, Duration::from_secs(120));
     load.wait_requests(20);
@@ -274,4 +278,276 @@ fn sigint_stops_everything_and_reaps_orphans() {
     assert!(!alive(orphan), "run exited but the daemon's orphan {orphan} lives on");
     let log = std::fs::read_to_string(&run.log).unwrap();
     assert!(log.contains(&format!("orphan pid {orphan}")), "{log}");
+}
+
+impl Run {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// `sockbroker supervisor ARGS --pid PID` (as `setpriv PRIV…` if given).
+    fn supervisor(&self, args: &[&str]) -> std::process::Output {
+        supervisor_cmd(self.pid(), args).output().unwrap()
+    }
+
+    /// The supervisor's status line, from its control socket.
+    fn status(&self) -> String {
+        let out = self.supervisor(&["status"]);
+        assert!(out.status.success(), "{}", output_text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn supervisor_cmd(pid: i32, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("supervisor").args(args).args(["--pid", &pid.to_string()]).stdin(Stdio::null());
+    cmd
+}
+
+/// `supervisor reload` returns 0 only once the new generation serves, and
+/// non-zero with the reason for a generation that exits before READY=1, one
+/// that exits 500 ms after it, and one never ready; the old one serves
+/// throughout with no failed request, and STATUS= says so until a success.
+#[test]
+fn supervisor_reload_waits_for_the_outcome() {
+    let broker = Broker::start("run_waitable");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let daemon = listen_http();
+    let d = daemon.to_str().unwrap();
+    let run = Run::start(
+        &broker,
+        &["--socket", &spec, "--ready-timeout", "5s", "--ready-grace", "1500ms"],
+        &["python3", d, "--exit-on-gen", "2", "--die-after-ready-on-gen", "3", "--hang-on-gen", "4"],
+    );
+    let addr = tcp_addr(&spec);
+    let load = Load::start(addr, 2, Duration::from_secs(120));
+    load.wait_requests(10);
+
+    let fails = |needles: &[&str]| {
+        let out = run.supervisor(&["reload"]);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        for n in needles {
+            assert!(text.contains(n), "no {n:?} in: {text}");
+        }
+        assert!(text.contains("generation 1 (pid") && text.contains("keeps serving"), "{text}");
+        let status = run.status();
+        assert!(status.contains("serving generation 1 "), "{status}");
+        assert!(status.contains("last reload failed: "), "{status}");
+        load.wait_requests(10);
+    };
+    fails(&["generation 2", "exited with status 3 before it was ready"]);
+    fails(&["generation 3", "exited with status 4", "after it said it was ready", "--ready-grace"]);
+    fails(&["generation 4", "not ready within 5s"]);
+
+    let out = run.supervisor(&["reload"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("generation 5 (pid") && text.contains("serves"), "{text}");
+    assert!(text.contains("told generation 1 (pid") && text.contains("to retire (SIGTERM)"), "{text}");
+    // The outcome came after the new generation was proven: it serves now.
+    let status = run.status();
+    assert!(status.contains("serving generation 5 ") && status.contains("generation 5 pid"), "{status}");
+    assert!(!status.contains("last reload failed"), "a success clears the failure: {status}");
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    while generation(&http_get(addr).unwrap()) != Some(5) {
+        assert!(std::time::Instant::now() < deadline, "generation 5 never answered");
+    }
+    load.wait_requests(10);
+    let report = load.finish();
+    assert_eq!(report.failed, 0, "failed connections: {:?}", report.errors);
+    assert!(report.generations.iter().all(|g| [1, 5].contains(g)), "served by {:?}", report.generations);
+}
+
+/// Requests made while a reload runs wait for the next one, which serves
+/// them all; a caller never gets the outcome of a reload that began before
+/// its request. SIGHUP joins in the same way.
+#[test]
+fn concurrent_reload_requests_coalesce() {
+    let broker = Broker::start("run_coalesce");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let daemon = listen_http();
+    let run = Run::start(&broker, &["--socket", &spec, "--ready-grace", "1s"], &["python3", daemon.to_str().unwrap()]);
+    let first = supervisor_cmd(run.pid(), &["reload"]).stdout(Stdio::piped()).spawn().unwrap();
+    wait_until(START_TIMEOUT, "generation 2 to start", || run.status().contains("generation 2 pid"));
+    let later: Vec<_> =
+        (0..3).map(|_| supervisor_cmd(run.pid(), &["reload"]).stdout(Stdio::piped()).spawn().unwrap()).collect();
+    run.signal(Signal::SIGHUP);
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success() && output_text(&out).contains("generation 2 (pid"), "{}", output_text(&out));
+    for child in later {
+        let out = child.wait_with_output().unwrap();
+        let text = output_text(&out);
+        assert!(out.status.success() && text.contains("generation 3 (pid") && text.contains("serves"), "{text}");
+    }
+    let status = run.status();
+    assert!(status.contains("serving generation 3 "), "{status}");
+    assert!(!status.contains("generation 4"), "requests during a reload made more than one more: {status}");
+}
+
+/// Only root and the supervisor's own uid may ask; anyone else is told why.
+#[test]
+fn supervisor_reload_refuses_other_users() {
+    let broker = Broker::start("run_control_access");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let daemon = listen_http();
+    let run = Run::start(&broker, &["--socket", &spec, "--ready-grace", "0"], &["python3", daemon.to_str().unwrap()]);
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "supervisor", "reload", "--pid"])
+        .arg(run.pid().to_string())
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("may not ask: only root and uid 0"), "{text}");
+    assert!(run.status().contains("serving generation 1 "), "a refused request reloaded");
+    // A pid that is no supervisor: a clear error, not a hang.
+    let out = supervisor_cmd(std::process::id() as i32, &["reload"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(output_text(&out).contains("cannot reach the supervisor of pid"), "{}", output_text(&out));
+
+    // Someone else squatting on another pid's name is not believed.
+    use std::os::linux::net::SocketAddrExt;
+    let other = Reaped(Command::new("sleep").arg("30").spawn().unwrap());
+    let name = format!("sockbroker-supervisor/{}", other.0.id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _squatter = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let out = supervisor_cmd(other.0.id() as i32, &["reload"]).output().unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    let want = format!("is served by pid {}, not by {}: refusing to trust it", std::process::id(), other.0.id());
+    assert!(text.contains(&want), "{text}");
+}
+
+/// Generations alive now: `run`'s children (zombies included, until reaped).
+fn children(pid: i32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .map(|text| text.split_whitespace().count())
+        .sum()
+}
+
+/// Many reloads, each generation holding a silent connection open (as a
+/// websocket would), so none finishes draining by itself: never more than
+/// --max-generations alive, and --drain-timeout after the last reload only
+/// the serving one is left. 200 reloads (SOCKBROKER_TEST_RELOADS overrides),
+/// --ready-grace 0 and a 3 s drain deadline keep it within about a minute.
+#[test]
+fn bounded_draining_over_many_reloads() {
+    use std::io::Write;
+    let reloads: u64 = std::env::var("SOCKBROKER_TEST_RELOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let broker = Broker::start("run_bounded");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let addr = tcp_addr(&spec);
+    let daemon = listen_http();
+    let log = broker.dir.join("run.log");
+    let cap = 4;
+    let mut run = Reaped(
+        Command::new(BIN)
+            .args(["run", "--socket", &spec, "--ready-grace", "0", "--drain-timeout", "3s"])
+            .args(["--max-generations", &cap.to_string(), "--", "python3", daemon.to_str().unwrap()])
+            .args(["--conn-timeout", "3600"])
+            .env("SOCKBROKER_SOCKET", &broker.control)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = run.0.id() as i32;
+    wait_until(START_TIMEOUT, "generation 1 serving", || {
+        let out = supervisor_cmd(pid, &["status"]).output().unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("serving generation 1 ")
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let monitor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(children(pid));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            most
+        })
+    };
+    let mut held = Vec::new();
+    let started = std::time::Instant::now();
+    for n in 2..=reloads + 1 {
+        // Half a request: the serving generation accepts it and waits for
+        // the rest, so it cannot finish draining by itself.
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.write_all(b"GET / HTTP/1.0\r\n").unwrap();
+        held.push(conn);
+        let out = supervisor_cmd(pid, &["reload"]).output().unwrap();
+        let text = output_text(&out);
+        assert!(out.status.success() && text.contains(&format!("generation {n} (pid")), "reload {n}: {text}");
+    }
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let most = monitor.join().unwrap();
+    assert!(most <= cap, "{most} generations alive at once, --max-generations {cap}");
+    assert!(most >= 2, "the monitor saw no overlap at all ({most}): it measured nothing");
+
+    // After the drain deadline, only the serving generation is left.
+    wait_until(Duration::from_secs(3) + START_TIMEOUT, "the drain deadline to stop every old generation", || {
+        children(pid) == 1
+    });
+    let status = String::from_utf8_lossy(&supervisor_cmd(pid, &["status"]).output().unwrap().stdout).into_owned();
+    assert!(
+        status.contains(&format!("serving generation {} ", reloads + 1)) && status.contains("0 draining"),
+        "{status}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(&format!("--max-generations is {cap}: stopping it hard (SIGKILL)")), "no WARN for the cap");
+    assert!(text.contains("(--drain-timeout): stopping it hard (SIGKILL)"), "no WARN for the drain deadline");
+    println!("{reloads} reloads in {took:.1?}, at most {most} generations alive");
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    let status = wait_timeout(&mut run.0, Duration::from_secs(20)).expect("run did not stop");
+    assert!(status.success(), "{status}");
+}
+
+/// `--ready-probe`: the old generation retires only once the probe passes
+/// for the new one (run with its number and pid); a probe that keeps
+/// failing fails the reload at the readiness timeout.
+#[test]
+fn ready_probe_gates_the_retirement() {
+    let broker = Broker::start("run_probe");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let daemon = listen_http();
+    let marks = broker.dir.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    // Passes once a file names this generation, and only for a live pid.
+    let probe = format!(
+        "kill -0 $SOCKBROKER_GENERATION_PID && echo $SOCKBROKER_GENERATION_PID > {m}/probed-$SOCKBROKER_GENERATION \
+         && test -e {m}/ok-$SOCKBROKER_GENERATION",
+        m = marks.display()
+    );
+    std::fs::write(marks.join("ok-1"), "").unwrap();
+    let run = Run::start(
+        &broker,
+        &["--socket", &spec, "--ready-grace", "0", "--ready-timeout", "3s", "--ready-probe", &probe],
+        &["python3", daemon.to_str().unwrap()],
+    );
+    let load = Load::start(tcp_addr(&spec), 2, Duration::from_secs(60));
+    load.wait_requests(10);
+
+    let out = run.supervisor(&["reload"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("generation 2 (pid") && text.contains("did not pass --ready-probe within 3s"), "{text}");
+    assert!(marks.join("probed-2").exists(), "the probe never ran for generation 2");
+    assert!(run.status().contains("serving generation 1 "));
+
+    std::fs::write(marks.join("ok-3"), "").unwrap();
+    let out = run.supervisor(&["reload"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let probed: i32 = std::fs::read_to_string(marks.join("probed-3")).unwrap().trim().parse().unwrap();
+    let status = run.status();
+    assert!(status.contains(&format!("generation 3 pid {probed} serving")), "the probe got another pid: {status}");
+    load.wait_requests(10);
+    let report = load.finish();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
 }

@@ -23,7 +23,14 @@
 //!    the control socket's group set up as docs/haproxy.md says) serves,
 //!    reloads under load with zero failed connections, and a broken template
 //!    fails `systemctl reload` while the running instance serves on;
-//! 6. in a second, fresh container: the Debian package and the recipes of
+//! 6. `systemctl reload` of `sockbroker-run@` returns only once the new
+//!    generation serves, and fails (the unit active, the old generation
+//!    serving, no failed request, `systemctl status` saying why) for a daemon
+//!    that exits before READY=1 and one that exits 500 ms after it;
+//! 7. the recipes of docs/generic-daemons.md, copied from the doc: gunicorn
+//!    with and without `--preload` and uWSGI, reloaded under load, and a
+//!    broken application failing `systemctl reload` with no failed request.
+//! 8. in a second, fresh container: the Debian package and the recipes of
 //!    README.md and docs/haproxy.md, run as written (tests/systemd/package.rs).
 //!
 //! Runs as root (CI); skipped otherwise, or with SOCKBROKER_TEST_SYSTEMD=0.
@@ -48,7 +55,8 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// machine do not rebuild each other's tree.
 const TREES: &str = "/var/cache/sockbroker-test";
 /// What the tree holds; a tree made with another list is made again.
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,python3,curl,iproute2,procps,haproxy";
+const PACKAGES: &str =
+    "systemd,systemd-sysv,dbus,python3,curl,iproute2,procps,haproxy,gunicorn,uwsgi-core,uwsgi-plugin-python3";
 const STAMP: &str = ".sockbroker-test-tree";
 /// The whole suite, tree building included (about a minute the first time).
 const SUITE_DEADLINE: Duration = Duration::from_secs(600);
@@ -96,7 +104,16 @@ fn main() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| suite(&machine)));
     if result.is_err() {
         eprintln!("--- journal of sockbroker in the container:");
-        let units = ["sockbroker", "sbtest-consumer", "sockbroker-run@web", "haproxy@web"];
+        let units = [
+            "sockbroker",
+            "sbtest-consumer",
+            "sockbroker-run@web",
+            "sockbroker-run@flaky",
+            "sockbroker-run@gunicorn",
+            "sockbroker-run@gunicorn-preload",
+            "sockbroker-run@uwsgi",
+            "haproxy@web",
+        ];
         let args: Vec<&str> = units.iter().flat_map(|u| ["-u", *u]).collect();
         eprintln!("{}", machine.run(&[&["journalctl", "--no-pager"], &args[..]].concat()).1);
     }
@@ -122,6 +139,8 @@ fn suite(m: &Machine) {
     setup(m);
     restarts(m);
     run_unit(m);
+    run_failures(m);
+    recipes(m);
     haproxy_unit(m);
     adopt_haproxy(m);
 }
@@ -247,6 +266,9 @@ fn run_unit(m: &Machine) {
     let t = Instant::now();
     for n in 2..RELOADS + 2 {
         m.ok(&["systemctl", "reload", unit]);
+        // `systemctl reload` returned: the new generation serves already.
+        let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", unit]);
+        assert!(status.starts_with(&format!("serving generation {n} (pid ")), "reload {n} returned early: {status}");
         // The old generation may still win a few accepts from the shared
         // queue while it retires; the new one answers soon after.
         let gen = format!("gen={n}");
@@ -309,10 +331,17 @@ fn haproxy_unit(m: &Machine) {
     let journal = m.ok(&["journalctl", "--no-pager", "-o", "cat", "-u", unit]);
     assert!(journal.contains("unknown keyword 'no-such-keyword'"), "HAProxy's alert in the journal: {journal}");
     assert_eq!(m.ok(&["systemctl", "is-active", unit]).trim(), "active");
+    // `systemctl status` says why, and that the old instance serves.
+    let status = m.ok(&["systemctl", "status", "--no-pager", "-n", "20", unit]);
+    assert!(status.contains("reload failed, serving: generation 6"), "{status}");
+    assert!(status.contains("no-such-keyword"), "{status}");
 
     // Fixed: the next reload goes through.
     m.write("/etc/haproxy/web.cfg.erb", HAPROXY_TEMPLATE);
     m.ok(&["systemctl", "reload", unit]);
+    let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", unit]);
+    // The refused config used up number 7.
+    assert!(status.starts_with("serving: generation 8 "), "a success clears the failure: {status}");
     client.wait_for_server(|s| !workers.contains(s));
     client.wait_for(client.ok() + 20);
     let (ok, failed, errors) = client.stop();
@@ -392,6 +421,115 @@ fn adopt_haproxy(m: &Machine) {
     );
     assert_eq!(failed, 0, "failed connections while moving HAProxy: {errors:?}");
     m.ok(&["systemctl", "stop", "haproxy@web2"]);
+}
+
+/// `systemctl reload` fails for a generation that exits before READY=1 and
+/// for one that exits 500 ms after it; the unit stays active, the old
+/// generation serves on with no failed request, and `systemctl status` says
+/// why until a reload succeeds.
+fn run_failures(m: &Machine) {
+    let unit = "sockbroker-run@flaky";
+    m.write(
+        "/etc/sockbroker/run/flaky.env",
+        "SOCKETS=--socket http=tcp://127.0.0.1:8094\n\
+         COMMAND=/usr/bin/python3 /opt/sbdaemons/listen_http.py --exit-on-gen 2 --die-after-ready-on-gen 3\n",
+    );
+    m.ok(&["systemctl", "start", unit]);
+    let main_pid = m.ok(&["systemctl", "show", "-p", "MainPID", "--value", unit]);
+    let client = Client::start(m.leader, &[(8094, Proto::Http)]);
+    client.wait_for(20);
+    for (gen, why) in [(2, "exited with status 3 before it was ready"), (3, "exited with status 4 ")] {
+        let (reloaded, out) = m.run(&["systemctl", "reload", unit]);
+        assert!(!reloaded, "generation {gen} failed, yet systemctl reload succeeded: {out}");
+        assert_eq!(m.ok(&["systemctl", "is-active", unit]).trim(), "active");
+        let status = m.ok(&["systemctl", "status", "--no-pager", "-n", "30", unit]);
+        assert!(status.contains("serving generation 1 (pid"), "{status}");
+        assert!(status.contains(&format!("last reload failed: generation {gen} (pid")), "{status}");
+        assert!(status.contains(why), "{status}");
+        client.wait_for(client.ok() + 20);
+    }
+    let journal = m.ok(&["journalctl", "--no-pager", "-o", "cat", "-u", unit]);
+    assert!(journal.contains("after it said it was ready, inside its 2s --ready-grace window"), "{journal}");
+    m.ok(&["systemctl", "reload", unit]);
+    let status = m.ok(&["systemctl", "show", "-p", "StatusText", "--value", unit]);
+    assert!(status.starts_with("serving generation 4 ") && !status.contains("last reload failed"), "{status}");
+    client.wait_for_server(|s| s.ends_with("gen=4"));
+    client.wait_for(client.ok() + 20);
+    let servers = client.servers();
+    let (ok, failed, errors) = client.stop();
+    assert_eq!(failed, 0, "{unit}: failed connections: {errors:?}");
+    assert!(servers.iter().all(|s| s.ends_with("gen=1") || s.ends_with("gen=4")), "{servers:?}");
+    assert_eq!(m.ok(&["systemctl", "show", "-p", "MainPID", "--value", unit]), main_pid);
+    assert_eq!(m.ok(&["systemctl", "show", "-p", "NRestarts", "--value", unit]).trim(), "0");
+    println!("systemd_boot: {unit}: 2 failed reloads and 1 good one, {ok} connections answered, {failed} failed");
+    m.ok(&["systemctl", "stop", unit]);
+}
+
+/// A fenced block of docs/generic-daemons.md: the one after
+/// `<!-- tested: PATH -->`.
+fn recipe(path: &str) -> String {
+    let doc = std::fs::read_to_string(format!("{ROOT}/docs/generic-daemons.md")).unwrap();
+    let marker = format!("<!-- tested: {path} -->");
+    let after = doc.split(&marker).nth(1).unwrap_or_else(|| panic!("no {marker} in docs/generic-daemons.md"));
+    let block = after.split("```").nth(1).unwrap();
+    // Past the info string (```sh).
+    block.split_once('\n').unwrap().1.to_string()
+}
+
+/// The recipes of docs/generic-daemons.md, as the doc shows them.
+fn recipes(m: &Machine) {
+    let app = recipe("/srv/myapp/app.py");
+    m.write("/srv/myapp/app.py", &app);
+    for path in [
+        "/etc/sockbroker/run/gunicorn.env",
+        "/etc/sockbroker/run/gunicorn-preload.env",
+        "/etc/sockbroker/run/uwsgi.ini",
+        "/etc/sockbroker/run/uwsgi.env",
+    ] {
+        m.write(path, &recipe(path));
+    }
+    let broken = "raise RuntimeError('a broken deploy')\n";
+    for (name, port, why) in [
+        ("gunicorn", 8091, "exited with status 3 "),
+        ("gunicorn-preload", 8092, "exited with status 1 before it was ready"),
+        ("uwsgi", 8093, "before it was ready"),
+    ] {
+        let unit = format!("sockbroker-run@{name}");
+        m.ok(&["systemctl", "start", &unit]);
+        let client = Client::start(m.leader, &[(port, Proto::Http)]);
+        client.wait_for(20);
+        let t = Instant::now();
+        for n in 2..RELOADS + 2 {
+            m.ok(&["systemctl", "reload", &unit]);
+            let gen = format!("gen={n}");
+            client.wait_for_server(|s| s.ends_with(&gen));
+        }
+        let per_reload = t.elapsed() / RELOADS as u32;
+        // A broken deploy: the reload fails, the old generation serves on.
+        m.write("/srv/myapp/app.py", broken);
+        let (reloaded, out) = m.run(&["systemctl", "reload", &unit]);
+        assert!(!reloaded, "{unit}: a broken app was reloaded: {out}");
+        assert_eq!(m.ok(&["systemctl", "is-active", &unit]).trim(), "active");
+        let status = m.ok(&["systemctl", "status", "--no-pager", "-n", "30", &unit]);
+        let serving = format!("serving generation {} (pid", RELOADS + 1);
+        assert!(status.contains(&serving) && status.contains("last reload failed"), "{status}");
+        assert!(status.contains(why), "{unit}: {why:?} not in: {status}");
+        client.wait_for(client.ok() + 50);
+        m.write("/srv/myapp/app.py", &app);
+        m.ok(&["systemctl", "reload", &unit]);
+        let gen = format!("gen={}", RELOADS + 3);
+        client.wait_for_server(|s| s.ends_with(&gen));
+        client.wait_for(client.ok() + 20);
+        let (ok, failed, errors) = client.stop();
+        assert_eq!(failed, 0, "{unit}: failed connections: {errors:?}");
+        assert_eq!(m.ok(&["systemctl", "show", "-p", "NRestarts", "--value", &unit]).trim(), "0");
+        println!(
+            "systemd_boot: {unit}: {} reloads (one broken app refused), {ok} connections answered, {failed} failed, \
+             {per_reload:.1?} per systemctl reload",
+            RELOADS + 2
+        );
+        m.ok(&["systemctl", "stop", &unit]);
+    }
 }
 
 /// The cached tree for PACKAGES: its folder is named by a hash of the list.

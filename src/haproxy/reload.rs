@@ -3,14 +3,15 @@
 //!
 //! This is `sockbroker run`'s generation supervisor ([`crate::supervisor`])
 //! with HAProxy as the daemon: every generation is a master-worker instance
-//! (`haproxy -Ws`) started from a freshly rendered and checked config.
+//! (`haproxy -Ws`) started from a freshly rendered config.
 //!
 //! ```text
 //! start/reload:  render template (fresh fd@N from the broker)     [Haproxy::start]
-//!                → haproxy -c with those descriptors open          (fails: old instance serves on)
 //!                → spawn haproxy -Ws, NOTIFY_SOCKET = the supervisor's private socket
-//!                → wait for READY=1 (or the pid file)              (exits/times out: soft-stop it, old serves on)
-//!                → SIGUSR1 (soft stop) to the previous instance, which drains and exits
+//!                → wait for READY=1 (or the pid file)              (exits: haproxy -c says why
+//!                                                                   [explain_failure]; old serves on;
+//!                                                                   times out: soft-stop it, old serves on)
+//!                → --ready-grace, then SIGUSR1 (soft stop) to the previous instance, which drains and exits
 //! SIGHUP/SIGUSR2: reload          SIGTERM/SIGINT/SIGUSR1: SIGUSR1 to every instance, wait, exit
 //!                                 (a second one: SIGTERM, HAProxy's hard stop)
 //! ```
@@ -28,25 +29,22 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::args::{ArgsError, HaproxyArgs};
 use super::{keep_open_in_child, render_all, HaproxyError, RenderOptions};
 use crate::supervisor::{self, Daemon, StatusView, Supervision};
 
-/// The nice value of `haproxy -c`.
-const CHECK_NICE: i32 = 10;
-
-/// How long HAProxy may take to check a config.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `haproxy -c` may take when it explains a failed start.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// When SIGUSR1 is sent again to an instance still running, counted from the
 /// first one. HAProxy 2.6's master sends READY=1 *before* it installs its
@@ -73,6 +71,10 @@ pub struct RunOptions {
     pub ready_timeout: Duration,
     /// How readiness is detected.
     pub readiness: Readiness,
+    /// What a new instance must show after READY=1.
+    pub proof: supervisor::Proof,
+    /// How long and how many old instances may drain.
+    pub drain: supervisor::Drain,
 }
 
 /// What made one generation fail to start.
@@ -151,8 +153,11 @@ pub fn run(argv: &[OsString], options: RunOptions) -> Result<ExitCode, HaproxyEr
         hard_stop_signal: Some(Signal::SIGTERM),
         resend_after: &SOFT_STOP_RESENDS,
         // HAProxy drains as long as its connections last (hard-stop-after
-        // bounds it), and systemd's TimeoutStopSec= bounds the service.
+        // bounds it, and --drain-timeout), and systemd's TimeoutStopSec=
+        // bounds the service.
         stop_timeout: None,
+        proof: options.proof.clone(),
+        drain: options.drain,
     };
     let render = options.render;
     Ok(supervisor::supervise(how, move || Haproxy::new(args, render))?)
@@ -175,8 +180,11 @@ impl Haproxy {
         Ok(Haproxy { args, render, dir: private_dir()? })
     }
 
-    /// `haproxy -c` on the rendered config, with its descriptors open.
+    /// `haproxy -c` on the rendered config, with its descriptors open; run
+    /// only to explain a failed start, so it may block the supervisor (at
+    /// most [`CHECK_TIMEOUT`]).
     fn check(&self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
+        use std::os::unix::process::ExitStatusExt;
         let program = self.args.program.to_string_lossy().into_owned();
         let spawn_err = |source| ReloadError::Spawn { generation: number, program: program.clone(), source };
         // Output to a file, not a pipe: nothing to drain while waiting with a deadline.
@@ -189,17 +197,26 @@ impl Haproxy {
             .stdout(log.try_clone().map_err(setup("check log"))?)
             .stderr(log);
         keep_open_in_child(&mut cmd, fds);
-        lower_priority(&mut cmd);
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        let status = match wait_until(&mut child, started + CHECK_TIMEOUT).map_err(spawn_err)? {
-            Some(status) => status,
-            None => {
-                let _ = child.kill();
-                child.wait().map_err(spawn_err)?
+        let child = cmd.spawn().map_err(spawn_err)?;
+        let pid = Pid::from_raw(child.id() as i32);
+        // waitpid on this pid alone: the supervisor's waitpid(-1) is not
+        // running meanwhile (one thread), and its generations stay unreaped.
+        let status = loop {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if started.elapsed() < CHECK_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                }
+                Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
+                Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(spawn_err(e.into())),
             }
         };
-        log::debug!("generation {number}: haproxy -c took {:?}", started.elapsed());
+        log::info!("generation {number}: haproxy -c took {:.1?}", started.elapsed());
         let output = std::fs::read_to_string(&log_path).unwrap_or_default();
         let _ = std::fs::remove_file(&log_path);
         if !status.success() {
@@ -223,11 +240,18 @@ impl Drop for Haproxy {
 impl Daemon for Haproxy {
     type Error = ReloadError;
 
-    /// Renders, checks and starts generation `number`.
+    /// Renders generation `number` and starts it. There is no `haproxy -c`
+    /// first: the new master parses the config before it says READY=1 and
+    /// exits if it refuses it, so a check would only parse it a second time
+    /// on the reload's path (it did: about half of a reload's time). A
+    /// refused config fails the reload all the same, and the old instance
+    /// was never touched; [`Daemon::explain_failure`] then runs `haproxy -c`
+    /// to say why, with HAProxy's own words.
     fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, ReloadError> {
+        let t0 = Instant::now();
         let rendered = render_all(&self.args, &self.render)?;
         let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
-        self.check(number, &fds)?;
+        let t1 = Instant::now();
 
         let mut cmd = Command::new(&self.args.program);
         cmd.args(self.args.supervised_args()).stdin(Stdio::null());
@@ -249,8 +273,22 @@ impl Daemon for Haproxy {
         // it with waitpid(-1): dropping `child` neither waits nor kills.
         drop(fds);
         drop(rendered);
-        log::info!("generation {number}: started haproxy pid {}", child.id());
+        log::info!(
+            "generation {number}: started haproxy pid {} (render {:.1?}, spawn {:.1?})",
+            child.id(),
+            t1 - t0,
+            t1.elapsed()
+        );
         Ok(Pid::from_raw(child.id() as i32))
+    }
+
+    fn explain_failure(&mut self, number: u64) -> Option<ReloadError> {
+        let rendered = match render_all(&self.args, &self.render) {
+            Ok(r) => r,
+            Err(e) => return Some(e.into()),
+        };
+        let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
+        self.check(number, &fds).err()
     }
 
     /// HAProxy's first alert when the check failed, else the first line of the error.
@@ -270,36 +308,11 @@ impl Daemon for Haproxy {
             }
             None => "starting".to_string(),
         };
+        // Until a reload succeeds, the line says the last one failed: the
+        // serving instance is the old one, whatever else changed since.
         match view.last_failure {
-            Some(failure) if view.failed_now => format!("reload failed, {status}: {failure}"),
-            _ => status,
-        }
-    }
-}
-
-/// Waits until `child` exits or `deadline` passes (`None`), sleeping in
-/// `poll` on a pidfd: this process's signals stay queued for the supervisor.
-fn wait_until(child: &mut Child, deadline: Instant) -> io::Result<Option<ExitStatus>> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers; on success it
-    // returns a new descriptor (close-on-exec by definition) that we own.
-    let raw = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, child.id() as nix::libc::pid_t, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` was just returned by pidfd_open and nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(None);
-        }
-        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, crate::signals::poll_timeout(Some(deadline - now))) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
+            Some(failure) => format!("reload failed, {status}: {failure}"),
+            None => status,
         }
     }
 }
@@ -320,22 +333,6 @@ fn soft_stop_with_parent(cmd: &mut Command) {
             // The supervisor may have died before the prctl took effect.
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::other("the supervisor exited"));
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Runs the check at a lower CPU priority (nice +10): it competes for the CPU
-/// with the instance that serves meanwhile, and a slower check costs only
-/// reload time, never a connection's latency.
-fn lower_priority(cmd: &mut Command) {
-    // SAFETY: runs between fork and exec; setpriority is an async-signal-safe
-    // system call on the calling process and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            if nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, CHECK_NICE) != 0 {
-                return Err(io::Error::last_os_error());
             }
             Ok(())
         });

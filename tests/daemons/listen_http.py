@@ -11,7 +11,10 @@ The test daemon for `sockbroker exec` and `sockbroker run`:
   connections still queued in the shared kernel socket are the next
   generation's;
 - --exit-on-gen N / --hang-on-gen N make generation N exit at once (status 3)
-  or never become ready, to test failed reloads.
+  or never become ready, --die-after-ready-on-gen N makes it exit (status 4)
+  0.5 s after READY=1, to test failed reloads;
+- --conn-timeout S: how long a connection may stay silent (default 10 s); a
+  long one keeps a retiring generation alive, as a websocket would.
 
 It keeps no descriptor open besides stdio, the sockets, and the connection
 being served (select(), not epoll), so tests can check /proc/PID/fd.
@@ -49,6 +52,8 @@ def main():
     parser.add_argument("--pidfile")
     parser.add_argument("--exit-on-gen", type=int, action="append", default=[])
     parser.add_argument("--hang-on-gen", type=int, action="append", default=[])
+    parser.add_argument("--die-after-ready-on-gen", type=int, action="append", default=[])
+    parser.add_argument("--conn-timeout", type=float, default=10.0)
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--term-status", type=int, default=0, help="exit status after SIGTERM")
     args = parser.parse_args()
@@ -82,6 +87,9 @@ def main():
             f.write(f"{os.getpid()}\n")
         os.rename(tmp, args.pidfile)
     notify(f"READY=1\nSTATUS=serving generation {gen}")
+    if gen in args.die_after_ready_on_gen:
+        time.sleep(0.5)
+        sys.exit(4)
 
     while not stop:
         try:
@@ -95,7 +103,7 @@ def main():
                 continue
             with conn:
                 conn.setblocking(True)
-                conn.settimeout(10)
+                conn.settimeout(args.conn_timeout)
                 data = b""
                 try:
                     while b"\r\n\r\n" not in data:
