@@ -13,7 +13,7 @@ fn run_template_instance_verifies_cleanly() {
     let template = std::fs::read_to_string(units.join("sockbroker-run@.service")).unwrap();
     assert!(template.contains("ExecStart=/usr/bin/sockbroker run "), "ExecStart changed: update this test");
     assert!(template.contains("EnvironmentFile=/etc/sockbroker/run/%i.env"));
-    assert!(template.contains("ExecReload=/usr/local/bin/sockbroker supervisor reload --pid $MAINPID"));
+    assert!(template.contains("ExecReload=/usr/bin/sockbroker supervisor reload --pid $MAINPID"));
     // ExecStart= pointing at the binary under test, so the executable check passes too.
     std::fs::write(dir.join("sockbroker-run@.service"), template.replace("/usr/bin/sockbroker", common::BIN)).unwrap();
     let output = common::systemd_analyze_verify(&dir, &["sockbroker-run@myapp.service"]);
