@@ -194,8 +194,24 @@ fn web(tag: &str) -> String {
 // ---------------------------------------------------------------------------
 // 1. A symbolic link inside a granted UNIX prefix.
 
+/// The kernel counts descriptors in flight (sent, not yet read) per *user*
+/// across all processes, against the sender's RLIMIT_NOFILE: every broker
+/// these tests start runs as root, so one test's unread replies count
+/// against another broker's limit. The test that gives its broker only 512
+/// descriptors runs alone; the others share.
+static IN_FLIGHT: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn in_flight_shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    IN_FLIGHT.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn in_flight_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    IN_FLIGHT.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn symlinked_folder_in_a_granted_prefix_is_refused() {
+    let _shared = in_flight_shared();
     let (app_uid, app_gid) = user(APP);
     let dir = test_dir("hostile-link");
     let granted = dir.join("app");
@@ -298,6 +314,7 @@ impl InoExt for std::fs::Metadata {
 
 #[test]
 fn unread_descriptors_do_not_stop_hand_outs() {
+    let _shared = in_flight_shared();
     user(ATTACKER);
     user(APP);
     for how in [Privilege::Unit, Privilege::Root] {
@@ -343,6 +360,7 @@ fn unread_descriptors_do_not_stop_hand_outs() {
 
 #[test]
 fn slowloris_and_idle_floods_leave_slots_for_others() {
+    let _shared = in_flight_shared();
     user(ATTACKER);
     let (app_uid, _) = user(APP);
     let toml = format!(
@@ -382,6 +400,7 @@ fn slowloris_and_idle_floods_leave_slots_for_others() {
 
 #[test]
 fn a_full_table_still_serves_peers_a_rule_names() {
+    let _shared = in_flight_shared();
     user(ATTACKER);
     let (app_uid, _) = user(APP);
     let toml = format!(
@@ -420,6 +439,7 @@ fn hold_many(broker: &Broker, tag: &str, n: usize) {
 
 #[test]
 fn list_floods_are_bounded_and_list_needs_a_rule() {
+    let _shared = in_flight_shared();
     user(ATTACKER);
     let (app_uid, _) = user(APP);
     let toml = format!(
@@ -467,6 +487,7 @@ fn list_floods_are_bounded_and_list_needs_a_rule() {
 
 #[test]
 fn list_pages_through_ten_thousand_sockets() {
+    let _shared = in_flight_shared();
     let broker = start("hostile-10k", "", Privilege::Root, None);
     hold_many(&broker, "10k", 10_000);
     let rss_before = rss_kib(broker.pid());
@@ -498,6 +519,7 @@ fn list_pages_through_ten_thousand_sockets() {
 
 #[test]
 fn release_is_for_the_creator_and_refusals_do_not_flood_the_log() {
+    let _shared = in_flight_shared();
     user(ATTACKER);
     user(APP);
     let pid = std::process::id();
@@ -556,6 +578,7 @@ fn release_is_for_the_creator_and_refusals_do_not_flood_the_log() {
 
 #[test]
 fn bind_many_limits_are_what_the_docs_say() {
+    let _shared = in_flight_shared();
     let broker = start("hostile-batch", &web("batch"), Privilege::Root, None);
     let port = held_port(&broker.control, "tcp");
     // multibinder's form of an item, and the short form.
@@ -601,6 +624,7 @@ fn bind_many_limits_are_what_the_docs_say() {
 
 #[test]
 fn idle_strangers_do_not_take_the_last_descriptors() {
+    let _alone = in_flight_alone();
     user(ATTACKER);
     let (app_uid, _) = user(APP);
     let toml = format!(
