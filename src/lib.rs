@@ -56,6 +56,7 @@ pub mod socket;
 pub mod spec;
 pub mod supervisor;
 pub mod systemd;
+pub mod time;
 pub mod upgrade;
 
 /// Formats an error with its chain of causes: `a: b: c`, skipping causes

@@ -110,7 +110,7 @@ impl FromStr for Readiness {
         if text == "notify" {
             Ok(Readiness::Notify)
         } else if let Some(d) = text.strip_prefix("delay:") {
-            Ok(Readiness::Delay(crate::cli::parse_duration(d)?))
+            Ok(Readiness::Delay(crate::time::parse_duration(d)?))
         } else if let Some(p) = text.strip_prefix("pidfile:") {
             let path = PathBuf::from(p);
             if !path.is_absolute() {
