@@ -962,8 +962,8 @@ impl Server {
                     conn.last_active = Instant::now();
                     conn.request_started = None;
                     match Request::from_value(value) {
-                        Ok(req) if req.method == crate::upgrade::TAKEOVER_METHOD => {
-                            match crate::upgrade::authorize(conn.peer, conn.outbox.is_empty()) {
+                        Ok(req) if req.method == crate::protocol::TAKEOVER_METHOD => {
+                            match crate::acl::authorize_takeover(conn.peer, conn.outbox.is_empty()) {
                                 Ok(()) => {
                                     conn.takeover = Some(req.id);
                                     return false;

@@ -67,19 +67,12 @@ use serde_json::{json, Value};
 
 use crate::fd::{self, PeerCred};
 use crate::protocol::framing::Framer;
-use crate::protocol::{Request, Response, RpcError};
+use crate::protocol::{Request, Response, RpcError, COMMIT_METHOD, TAKEOVER_METHOD};
 use crate::registry::{Origin, Registry};
 use crate::server::{ControlSocket, Server, ServerOptions, TakeoverConn};
 use crate::spec::{SocketKey, SocketSpec, Transport};
 use crate::systemd::notify;
 
-/// The control method a new broker calls to take over.
-pub const TAKEOVER_METHOD: &str = "takeover";
-/// The method that confirms a takeover; the old broker exits once it answers.
-pub const COMMIT_METHOD: &str = "takeover-commit";
-/// Error code of a refused takeover (kept beside the feature so the protocol
-/// module's list stays the shared one; see docs/upgrades.md).
-pub const TAKEOVER_REFUSED: i64 = 10010;
 /// Environment variable naming the memfd that holds the state across a re-exec.
 pub const STATE_FD_ENV: &str = "SOCKBROKER_UPGRADE_FD";
 /// multibinder's variables: `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>`.
@@ -601,25 +594,6 @@ pub fn validate_binary(path: &Path) -> Result<(), UpgradeError> {
     Ok(())
 }
 
-/// Whether `peer` may take over this broker: root or the broker's own user,
-/// on a connection with no reply in flight (the takeover reply must be the
-/// next thing it reads).
-pub fn authorize(peer: PeerCred, alone: bool) -> Result<(), RpcError> {
-    let me = nix::unistd::geteuid().as_raw();
-    if peer.uid != 0 && peer.uid != me {
-        log::warn!("{peer} {TAKEOVER_METHOD}: refused: only root or uid {me} may take over this broker");
-        return Err(RpcError::new(
-            TAKEOVER_REFUSED,
-            format!("Takeover refused: uid {} is neither root nor the broker's uid {me}", peer.uid),
-        ));
-    }
-    if !alone {
-        return Err(RpcError::new(TAKEOVER_REFUSED, "Takeover refused: replies are still pending on this connection"));
-    }
-    log::info!("{peer} {TAKEOVER_METHOD}: handing over");
-    Ok(())
-}
-
 /// Serves an accepted takeover request (after [`crate::server::Wake::Takeover`]).
 /// Returns true when the new broker confirmed and this one must now exit: the
 /// control path is then disowned (not removed at exit). Returns false when the
@@ -879,16 +853,6 @@ mod tests {
             h.join().unwrap()
         });
         sender.unwrap();
-    }
-
-    #[test]
-    fn refuses_another_user() {
-        let me = nix::unistd::geteuid().as_raw();
-        assert!(authorize(PeerCred { pid: 1, uid: me, gid: 0 }, true).is_ok());
-        assert!(authorize(PeerCred { pid: 1, uid: 0, gid: 0 }, true).is_ok());
-        assert!(authorize(PeerCred { pid: 1, uid: me, gid: 0 }, false).is_err());
-        let other = if me == 12345 { 12346 } else { 12345 };
-        assert_eq!(authorize(PeerCred { pid: 1, uid: other, gid: 0 }, true).unwrap_err().code, TAKEOVER_REFUSED);
     }
 
     #[test]
