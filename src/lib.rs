@@ -34,6 +34,7 @@
 
 pub mod acl;
 pub mod adopt;
+pub mod channel;
 pub mod cli;
 pub mod client;
 pub mod config;

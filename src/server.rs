@@ -52,6 +52,7 @@ use nix::sys::stat::{umask, Mode};
 use serde_json::{json, Value};
 
 use crate::acl::Action;
+use crate::channel;
 use crate::fd::{self, PeerCred, SCM_MAX_FD};
 use crate::limits::Limits;
 use crate::protocol::bind::{BindParams, BindTarget};
@@ -1209,21 +1210,11 @@ pub(crate) fn invalid(peer: PeerCred, method: &str, what: String, e: &dyn std::f
     RpcError::new(code::INVALID_PARAMS, message)
 }
 
-/// Queues a reply. Descriptors beyond the kernel's per-message limit
-/// ([`SCM_MAX_FD`]) go in further messages: the reply text is cut so each
-/// message carries at least one byte with its share of descriptors, and the
-/// receiving kernel never merges two messages that carry descriptors.
-fn push_reply(outbox: &mut VecDeque<Outgoing>, bytes: Vec<u8>, mut fds: Vec<OwnedFd>) {
-    let chunks = fds.len().div_ceil(SCM_MAX_FD).max(1);
-    if chunks == 1 || bytes.len() < chunks {
+/// Queues a reply, cut by [`channel::split`] so no message carries more
+/// than [`SCM_MAX_FD`] descriptors.
+fn push_reply(outbox: &mut VecDeque<Outgoing>, bytes: Vec<u8>, fds: Vec<OwnedFd>) {
+    for (bytes, fds) in channel::split(bytes, fds) {
         outbox.push_back(Outgoing { bytes, sent: 0, fds });
-        return;
-    }
-    for i in 0..chunks {
-        let take = fds.len().min(SCM_MAX_FD);
-        let part: Vec<OwnedFd> = fds.drain(..take).collect();
-        let text = if i + 1 == chunks { bytes[i..].to_vec() } else { bytes[i..i + 1].to_vec() };
-        outbox.push_back(Outgoing { bytes: text, sent: 0, fds: part });
     }
 }
 

@@ -65,6 +65,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::channel::{self, ReadError};
 use crate::fd::{self, PeerCred};
 use crate::protocol::framing::Framer;
 use crate::protocol::{Request, Response, RpcError, COMMIT_METHOD, TAKEOVER_METHOD};
@@ -627,7 +628,7 @@ fn hand_over_to(server: &Server, request: TakeoverConn) -> Result<(), UpgradeErr
     stream.set_nonblocking(false).map_err(io)?;
     stream.set_write_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
     stream.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
-    send_batched(stream.as_fd(), bytes, &fds).map_err(io)?;
+    channel::send(stream.as_fd(), bytes, &fds).map_err(io)?;
     log::info!(
         "sent {} sockets and {} connections to pid {}; waiting for its confirmation",
         counts.0,
@@ -645,56 +646,14 @@ fn hand_over_to(server: &Server, request: TakeoverConn) -> Result<(), UpgradeErr
     Ok(())
 }
 
-/// Sends `bytes` with `fds` attached, at most [`fd::SCM_MAX_FD`] descriptors
-/// per `sendmsg`: each batch travels with the first byte of its own slice of
-/// the text, so the receiver has every descriptor once it has the whole text.
-fn send_batched(sock: BorrowedFd<'_>, mut bytes: Vec<u8>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let batches: Vec<&[BorrowedFd<'_>]> = fds.chunks(fd::SCM_MAX_FD).collect();
-    let parts = batches.len().max(1);
-    // Whitespace after a JSON value is ignored; it only guarantees one byte
-    // per batch.
-    if bytes.len() < parts {
-        bytes.resize(parts, b' ');
-    }
-    let size = bytes.len().div_ceil(parts);
-    for (i, part) in bytes.chunks(size).enumerate() {
-        let mut attach = batches.get(i).copied().unwrap_or(&[]);
-        let mut sent = 0;
-        while sent < part.len() {
-            match fd::send_with_fds(sock, &part[sent..], attach) {
-                Ok(n) => {
-                    sent += n;
-                    attach = &[];
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Reads until one JSON value is complete; returns it and every descriptor
-/// that came along.
+/// Reads one JSON value and its descriptors ([`channel::read_value`]), the
+/// end of the stream and bad framing as I/O errors naming the other broker.
 fn read_value(stream: &UnixStream, framer: &mut Framer) -> io::Result<(Value, Vec<OwnedFd>)> {
-    let mut fds = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if let Some(next) = framer.next_value() {
-            let value = next.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            return Ok((value, fds));
-        }
-        let got = match fd::recv_with_fds(stream.as_fd(), &mut buf) {
-            Ok(got) => got,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        fds.extend(got.fds);
-        if got.len == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other broker closed the connection"));
-        }
-        framer.push(&buf[..got.len]);
-    }
+    channel::read_value(stream, framer).map_err(|e| match e {
+        ReadError::Io(e) => e,
+        ReadError::Closed => io::Error::new(io::ErrorKind::UnexpectedEof, "the other broker closed the connection"),
+        ReadError::Frame(e) => io::Error::new(io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// Takes over the broker serving on `path`: receives its state and
@@ -842,7 +801,7 @@ mod tests {
         let borrowed: Vec<BorrowedFd<'_>> = held.iter().map(|f| f.as_fd()).collect();
         let text = Response::ok(json!(1), json!({"n": 600, "pad": "x".repeat(10)})).to_bytes();
         let sender = std::thread::scope(|s| {
-            let h = s.spawn(|| send_batched(a.as_fd(), text.clone(), &borrowed));
+            let h = s.spawn(|| channel::send(a.as_fd(), text.clone(), &borrowed));
             let (value, fds) = read_value(&b, &mut Framer::default()).unwrap();
             assert_eq!(value["result"]["n"], 600);
             assert_eq!(fds.len(), 600);
