@@ -35,6 +35,7 @@
 pub mod acl;
 pub mod adopt;
 pub mod channel;
+pub mod child;
 pub mod cli;
 pub mod client;
 pub mod config;
