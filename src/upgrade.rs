@@ -71,7 +71,7 @@ use crate::protocol::framing::Framer;
 use crate::protocol::{Request, Response, RpcError, COMMIT_METHOD, TAKEOVER_METHOD};
 use crate::registry::{Origin, Registry};
 use crate::server::{ControlSocket, Server, ServerOptions, TakeoverConn};
-use crate::spec::{SocketKey, SocketSpec, Transport};
+use crate::spec::{SocketKey, SocketOptions, SocketSpec, Transport};
 use crate::systemd::notify;
 
 /// Environment variable naming the memfd that holds the state across a re-exec.
@@ -179,8 +179,14 @@ pub struct SocketState {
     pub fd: i32,
     /// The socket's identity.
     pub key: SocketKey,
-    /// The backlog it was opened with.
+    /// The backlog it was opened with (also in `options`; kept for brokers
+    /// that read only this).
     pub backlog: u32,
+    /// Every option it was opened with, so the next broker compares the
+    /// declared spec with the held one truthfully (absent in the state of
+    /// older brokers: then only the backlog is known).
+    #[serde(default)]
+    pub options: Option<SocketOptions>,
     /// Its name, if any.
     pub name: Option<String>,
     /// Where it first came from (kept: a re-exec does not make a systemd
@@ -270,6 +276,7 @@ fn snapshot<'a>(server: &'a Server, numbering: Numbering) -> (HandoverState, Vec
             fd: add(held.fd()),
             key: held.key().clone(),
             backlog: held.spec.options.backlog,
+            options: Some(held.spec.options.clone()),
             name: held.name.clone(),
             origin: held.origin,
             created: held.created,
@@ -332,7 +339,10 @@ impl Carried {
         for s in state.sockets {
             let fd = take(s.fd, &s.key)?;
             let mut spec = SocketSpec::new(s.key.clone());
-            spec.options.backlog = s.backlog;
+            match s.options {
+                Some(options) => spec.options = options,
+                None => spec.options.backlog = s.backlog,
+            }
             match registry.adopt(fd, spec, s.name, s.origin) {
                 Ok(held) => {
                     held.created = s.created;
@@ -774,6 +784,7 @@ mod tests {
                 fd: 1,
                 key: "tcp://127.0.0.1:80".parse().unwrap(),
                 backlog: 128,
+                options: Some(SocketOptions { backlog: 128, keepalive: true, ..SocketOptions::default() }),
                 name: Some("web".into()),
                 origin: Origin::Systemd,
                 created: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
@@ -790,6 +801,11 @@ mod tests {
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains("\"tcp://127.0.0.1:80\""), "{text}");
         assert_eq!(serde_json::from_str::<HandoverState>(&text).unwrap(), state);
+        // The state of an older broker has no options: read as absent.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old["sockets"][0].as_object_mut().unwrap().remove("options");
+        let old: HandoverState = serde_json::from_value(old).unwrap();
+        assert_eq!((old.sockets[0].options.as_ref(), old.sockets[0].backlog), (None, 128));
     }
 
     #[test]
