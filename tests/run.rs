@@ -519,9 +519,19 @@ fn children_start_with_an_empty_signal_mask() {
     let daemon = listen_http();
     let marks = broker.dir.join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    let probe = format!("grep SigBlk /proc/$$/status > {}/probe-$SOCKBROKER_GENERATION", marks.display());
-    let generation =
-        format!("grep SigBlk /proc/$$/status > {}/generation && exec python3 {}", marks.display(), daemon.display());
+    // Each shell records its own mask with builtins only: a line read from
+    // /proc/$$/status by a forked `grep` could catch the shell inside its
+    // own vfork, with every signal blocked for that instant.
+    let record = |file: &str| {
+        format!(
+            "while read -r l; do case \"$l\" in SigBlk:*) printf '%s\\n' \"$l\" > {}/{file};; esac; done < /proc/$$/status",
+            marks.display()
+        )
+    };
+    // The probe passes only once the generation has written its line, so
+    // READY=1 means both files are there.
+    let probe = format!("test -s {}/generation && {}", marks.display(), record("probe-$SOCKBROKER_GENERATION"));
+    let generation = format!("{} && exec python3 {}", record("generation"), daemon.display());
     let run = Run::start(&broker, &["--socket", &spec, "--ready-probe", &probe], &["sh", "-c", &generation]);
     for file in ["generation", "probe-1"] {
         let line = std::fs::read_to_string(marks.join(file)).unwrap();
