@@ -116,8 +116,9 @@ pub enum ClientError {
         /// What was wrong with it.
         detail: String,
     },
-    /// The broker answered with an error.
-    #[error("{what}: {error}")]
+    /// The broker answered with an error. `what` is printed only when the
+    /// broker's message does not already name it, so each fact shows once.
+    #[error("{}", once(what, &error.to_string()))]
     Refused {
         /// What was asked for.
         what: String,
@@ -139,6 +140,15 @@ impl ClientError {
             ClientError::Refused { error, .. } => Some(error.code),
             _ => None,
         }
+    }
+}
+
+/// `context: text`, or `text` alone when it already says `context`.
+pub(crate) fn once(context: &str, text: &str) -> String {
+    if text.contains(context) {
+        text.to_string()
+    } else {
+        format!("{context}: {text}")
     }
 }
 
@@ -376,6 +386,18 @@ struct ListPage {
 mod tests {
     use super::*;
     use crate::fd;
+
+    #[test]
+    fn a_refusal_names_the_socket_once() {
+        let spec = "tcp://127.0.0.1:8082";
+        let denied =
+            RpcError::new(10003, format!("uid 101 (haproxy) may not bind {spec}: no [[allow]] rule grants it"));
+        let e = ClientError::Refused { what: spec.into(), error: denied };
+        assert_eq!(e.to_string().matches(spec).count(), 1, "{e}");
+        let other = RpcError::new(10000, "Could not bind: Address already in use");
+        let e = ClientError::Refused { what: spec.into(), error: other };
+        assert!(e.to_string().starts_with(&format!("{spec}: Could not bind")), "{e}");
+    }
     use std::io::Read;
     use std::os::unix::net::UnixListener;
 

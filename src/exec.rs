@@ -146,8 +146,9 @@ pub enum ExecError {
     /// The broker could not be reached.
     #[error("cannot get sockets from the broker (start it, or pass --fallback-bind to bind directly): {0}")]
     Unreachable(#[source] ClientError),
-    /// The broker refused or failed one socket.
-    #[error("getting {role} from the broker: {source}")]
+    /// The broker refused or failed one socket; the argument is named
+    /// unless the cause already names it.
+    #[error("getting {} from the broker: {source}", if source.to_string().contains(role.as_str()) { "a socket" } else { role.as_str() })]
     Fetch {
         /// The argument.
         role: String,
