@@ -7,7 +7,7 @@
 //! 2. the broker restarts (`systemctl restart`, `kill -9` with `Restart=`) →
 //!    systemd passes the stored descriptors back in `LISTEN_FDS`, each under
 //!    its FDNAME; [`decode`] recognises ours, and the broker adopts them with
-//!    [`Origin::FdStore`](crate::registry::Origin::FdStore): the same kernel
+//!    [`Origin::FdStore`]: the same kernel
 //!    sockets as before;
 //! 3. the broker releases a socket → [`remove`] sends `FDSTOREREMOVE=1` with
 //!    its FDNAME, and systemd closes its copy.
