@@ -32,6 +32,7 @@ use std::path::{Component, Path};
 use std::str::FromStr;
 
 use crate::fd::PeerCred;
+use crate::protocol::{code, RpcError, TAKEOVER_METHOD};
 use crate::spec::{SocketKey, Transport, UnixAddress, UnixKind};
 
 /// An address pattern of an `on_demand` list.
@@ -492,6 +493,28 @@ pub fn supplementary_groups(uid: u32) -> Vec<u32> {
     }
 }
 
+/// Whether `peer` may take over this broker: root or the broker's own user,
+/// on a connection with no reply in flight (the takeover reply must be the
+/// next thing it reads).
+pub fn authorize_takeover(peer: PeerCred, alone: bool) -> Result<(), RpcError> {
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid != 0 && peer.uid != me {
+        log::warn!("{peer} {TAKEOVER_METHOD}: refused: only root or uid {me} may take over this broker");
+        return Err(RpcError::new(
+            code::TAKEOVER_REFUSED,
+            format!("Takeover refused: uid {} is neither root nor the broker's uid {me}", peer.uid),
+        ));
+    }
+    if !alone {
+        return Err(RpcError::new(
+            code::TAKEOVER_REFUSED,
+            "Takeover refused: replies are still pending on this connection",
+        ));
+    }
+    log::info!("{peer} {TAKEOVER_METHOD}: handing over");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,5 +598,18 @@ mod tests {
         assert!(policy.check(&owner, Action::Bind, None, &k).is_ok());
         assert!(policy.check_admin(&peer, "reload").is_err());
         assert!(Policy::default().check(&peer, Action::Bind, None, &k).is_err());
+    }
+
+    #[test]
+    fn refuses_another_user() {
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(authorize_takeover(PeerCred { pid: 1, uid: me, gid: 0 }, true).is_ok());
+        assert!(authorize_takeover(PeerCred { pid: 1, uid: 0, gid: 0 }, true).is_ok());
+        assert!(authorize_takeover(PeerCred { pid: 1, uid: me, gid: 0 }, false).is_err());
+        let other = if me == 12345 { 12346 } else { 12345 };
+        assert_eq!(
+            authorize_takeover(PeerCred { pid: 1, uid: other, gid: 0 }, true).unwrap_err().code,
+            code::TAKEOVER_REFUSED
+        );
     }
 }

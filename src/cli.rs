@@ -13,6 +13,7 @@ use crate::daemon::{self, ServeError, ServeOptions};
 use crate::exec::{ExecError, SocketArg};
 use crate::spec::SocketSpec;
 use crate::supervisor::{Readiness, RunError, RunOptions};
+use crate::time::parse_duration;
 
 /// Holds LISTEN sockets and hands them to the daemons that serve them, so
 /// old and new generations of a daemon share one kernel listen queue.
@@ -672,35 +673,9 @@ fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, Stri
     }
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("'{text}': not a duration (e.g. 500ms, 30s, 2m)"))?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => return Err(format!("'{text}': unknown unit '{other}' (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("'{text}': {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("3 parsecs").is_err());
-    }
 
     #[test]
     fn reload_options() {

@@ -18,7 +18,7 @@
 //! [`RETRY_FOR`] in all; `bind` requests cut off before their reply are asked
 //! again (asking twice for one socket yields the same socket).
 
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::fd;
+use crate::channel::{self, ReadError};
 use crate::protocol::bind::BindParams;
-use crate::protocol::framing::Framer;
+use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::{Request, Response, RpcError};
 use crate::spec::SocketSpec;
 
@@ -116,8 +116,9 @@ pub enum ClientError {
         /// What was wrong with it.
         detail: String,
     },
-    /// The broker answered with an error.
-    #[error("{what}: {error}")]
+    /// The broker answered with an error. `what` is printed only when the
+    /// broker's message does not already name it, so each fact shows once.
+    #[error("{}", once(what, &error.to_string()))]
     Refused {
         /// What was asked for.
         what: String,
@@ -139,6 +140,15 @@ impl ClientError {
             ClientError::Refused { error, .. } => Some(error.code),
             _ => None,
         }
+    }
+}
+
+/// `context: text`, or `text` alone when it already says `context`.
+pub(crate) fn once(context: &str, text: &str) -> String {
+    if text.contains(context) {
+        text.to_string()
+    } else {
+        format!("{context}: {text}")
     }
 }
 
@@ -241,35 +251,21 @@ impl Client {
         let request = Request { id: id.clone(), method: method.to_string(), params };
         let io_err = |source| ClientError::Io { path: self.path.clone(), source };
         let bytes = request.to_json().into_bytes();
-        // The descriptors travel with the first byte; the rest follows plainly.
-        let first = if attach.is_empty() {
-            0
-        } else {
-            fd::send_with_fds(self.stream.as_fd(), &bytes, attach).map_err(io_err)?
-        };
-        (&self.stream).write_all(&bytes[first..]).map_err(io_err)?;
+        channel::send(self.stream.as_fd(), bytes, attach).map_err(io_err)?;
 
-        let mut fds = Vec::new();
-        let value = loop {
-            if let Some(next) = self.framer.next_value() {
-                break next.map_err(|e| match e {
-                    // The framer speaks of requests (the broker's view);
-                    // here it is the broker's reply that outgrew the cap.
-                    crate::protocol::framing::FrameError::TooLarge(max) => {
-                        self.protocol(format!("its reply is larger than the client's limit of {max} bytes"))
-                    }
-                    other => self.protocol(other.to_string()),
-                })?;
-            }
-            let mut buf = [0u8; 4096];
-            let got = fd::recv_with_fds(self.stream.as_fd(), &mut buf)
-                .map_err(|source| ClientError::Io { path: self.path.clone(), source })?;
-            fds.extend(got.fds);
-            if got.len == 0 {
+        let (value, fds) = match channel::read_value(&self.stream, &mut self.framer) {
+            Ok(got) => got,
+            Err(ReadError::Io(source)) => return Err(ClientError::Io { path: self.path.clone(), source }),
+            Err(ReadError::Closed) => {
                 let source = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the reply");
                 return Err(ClientError::Io { path: self.path.clone(), source });
             }
-            self.framer.push(&buf[..got.len]);
+            // The framer speaks of requests (the broker's view); here it is
+            // the broker's reply that outgrew the cap.
+            Err(ReadError::Frame(FrameError::TooLarge(max))) => {
+                return Err(self.protocol(format!("its reply is larger than the client's limit of {max} bytes")))
+            }
+            Err(ReadError::Frame(other)) => return Err(self.protocol(other.to_string())),
         };
         let response: Response = serde_json::from_value(value).map_err(|e| self.protocol(e.to_string()))?;
         if response.id != id {
@@ -389,6 +385,19 @@ struct ListPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fd;
+
+    #[test]
+    fn a_refusal_names_the_socket_once() {
+        let spec = "tcp://127.0.0.1:8082";
+        let denied =
+            RpcError::new(10003, format!("uid 101 (haproxy) may not bind {spec}: no [[allow]] rule grants it"));
+        let e = ClientError::Refused { what: spec.into(), error: denied };
+        assert_eq!(e.to_string().matches(spec).count(), 1, "{e}");
+        let other = RpcError::new(10000, "Could not bind: Address already in use");
+        let e = ClientError::Refused { what: spec.into(), error: other };
+        assert!(e.to_string().starts_with(&format!("{spec}: Could not bind")), "{e}");
+    }
     use std::io::Read;
     use std::os::unix::net::UnixListener;
 

@@ -793,7 +793,7 @@ impl<'a> Validator<'a> {
             (&l.unread_timeout, "unread_timeout", &mut out.unread_timeout),
         ] {
             if let Some(v) = value {
-                match crate::cli::parse_duration(v.get_ref()) {
+                match crate::time::parse_duration(v.get_ref()) {
                     Ok(t) if !t.is_zero() => *slot = t,
                     Ok(_) => {
                         self.push(v.span(), format!("limits.{key}"), ProblemKind::BadDuration("must not be 0".into()))

@@ -162,7 +162,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                     control
                 }
             };
-            upgrade::adopt_multibinder_env(&mut registry);
+            crate::multibinder::adopt_multibinder_env(&mut registry);
             let server = Server::new(control, registry, server_options);
             log::info!(
                 "serving on {} (pid {}); {} sockets from systemd, {} from the fd store, {} passed descriptors skipped",

@@ -146,8 +146,9 @@ pub enum ExecError {
     /// The broker could not be reached.
     #[error("cannot get sockets from the broker (start it, or pass --fallback-bind to bind directly): {0}")]
     Unreachable(#[source] ClientError),
-    /// The broker refused or failed one socket.
-    #[error("getting {role} from the broker: {source}")]
+    /// The broker refused or failed one socket; the argument is named
+    /// unless the cause already names it.
+    #[error("getting {} from the broker: {source}", if source.to_string().contains(role.as_str()) { "a socket" } else { role.as_str() })]
     Fetch {
         /// The argument.
         role: String,
@@ -570,28 +571,11 @@ impl Image {
     /// signal, fill in `LISTEN_PID`, `execve`. Returns only on failure, with
     /// the errno (the only thing `Command` can carry back to the parent).
     fn enter(&mut self) -> io::Result<()> {
-        // `Command` keeps the parent's signal mask (Rust >= 1.66), and the
-        // supervisor blocks the signals it reads from a signalfd: without
-        // this, every generation would start with SIGTERM blocked.
-        // SAFETY: an empty set built on the stack; sigprocmask is async-signal-safe.
-        unsafe {
-            let mut empty = std::mem::zeroed::<libc::sigset_t>();
-            libc::sigemptyset(&mut empty);
-            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        // Every generation starts with no signal blocked, whatever the
+        // supervisor blocks for its signalfd (see crate::child).
+        crate::child::empty_signal_mask()?;
         if let Some(parent) = self.parent {
-            // SAFETY: prctl with integer arguments only.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died between fork and prctl: then no signal
-            // will ever come, and the child must not start as an orphan.
-            // SAFETY: getppid has no arguments.
-            if unsafe { libc::getppid() } != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
+            crate::child::die_with_parent(nix::sys::signal::Signal::SIGTERM, nix::unistd::Pid::from_raw(parent))?;
         }
         place(&self.sources, &mut self.scratch).map_err(|f| io::Error::from_raw_os_error(f.errno))?;
         if let Some(slot) = self.pid_slot {

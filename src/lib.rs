@@ -34,6 +34,8 @@
 
 pub mod acl;
 pub mod adopt;
+pub mod channel;
+pub mod child;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -46,6 +48,7 @@ pub mod limits;
 pub mod logging;
 pub mod manual;
 pub mod methods;
+pub mod multibinder;
 pub mod peerlog;
 pub mod protocol;
 pub mod registry;
@@ -56,6 +59,7 @@ pub mod socket;
 pub mod spec;
 pub mod supervisor;
 pub mod systemd;
+pub mod time;
 pub mod upgrade;
 
 /// Formats an error with its chain of causes: `a: b: c`, skipping causes

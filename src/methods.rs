@@ -117,7 +117,9 @@ impl Server {
             crate::peer_log!(peer, log::Level::Info, "release {message}");
             return Err(RpcError::new(code::NOT_RELEASABLE, message));
         }
-        self.registry.release(&key);
+        if let Some(released) = self.registry.release(&key) {
+            crate::systemd::fdstore::remove(&released);
+        }
         log::info!("{peer} release {key}: closed the broker's copy");
         Ok((json!(true), Vec::new()))
     }

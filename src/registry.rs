@@ -220,18 +220,16 @@ impl Registry {
         Ok(())
     }
 
-    /// Stops holding a socket; the broker's descriptor is closed, while
-    /// processes that received it keep theirs.
+    /// Stops holding a socket; the broker's descriptor is closed when the
+    /// returned value drops, while processes that received it keep theirs.
+    /// The caller takes it out of systemd's fd store too
+    /// ([`crate::systemd::fdstore::remove`]); the registry knows nothing of
+    /// the store.
     pub fn release(&mut self, key: &SocketKey) -> Option<HeldSocket> {
         let held = *self.by_key.remove(key)?;
         self.generation += 1;
         if let Some(name) = &held.name {
             self.names.remove(name);
-        }
-        // systemd's copy of a socket the broker made must go too, or the
-        // next broker would get it back.
-        if held.origin != Origin::Systemd {
-            crate::systemd::fdstore::remove(&held);
         }
         Some(held)
     }

@@ -146,7 +146,9 @@ pub fn apply(registry: &mut Registry, old: &Config, new: &Config) -> Result<Appl
     let held: Vec<(SocketKey, Origin)> = registry.iter().map(|h| (h.key().clone(), h.origin)).collect();
     for (key, origin) in &held {
         if leaving(key, *origin) {
-            registry.release(key);
+            if let Some(released) = registry.release(key) {
+                crate::systemd::fdstore::remove(&released);
+            }
             log::info!("{key}: no longer declared; closed the broker's copy (clients keep theirs)");
             applied.closed.push(key.to_string());
         } else if old_keys.contains(key) {

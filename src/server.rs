@@ -1,4 +1,5 @@
-//! The control socket and the loop that serves it.
+//! The loop that serves the control socket ([`ControlSocket`], in
+//! `server/control.rs`) and the bind request.
 //!
 //! One thread, one `poll()`: every client connection is non-blocking, has a
 //! capped input buffer and an idle deadline, so a silent or slow client costs
@@ -6,7 +7,8 @@
 //!
 //! 1. [`Server`] reads bytes from a connection into its [`Framer`];
 //! 2. each complete JSON value becomes a [`Request`]; `bind` params become a
-//!    [`BindTarget`] ([`crate::protocol::bind`]);
+//!    [`crate::protocol::bind::BindTarget`], and `Server::dispatch` in
+//!    `server/service.rs` answers it;
 //! 3. the peer is judged by the allow rules in force ([`crate::acl`], held in
 //!    [`Server::live`]) before anything is opened;
 //! 4. [`Registry::get_or_open`] (or a lookup by name) yields the held socket;
@@ -41,30 +43,22 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::stat::{umask, Mode};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::acl::Action;
+use crate::channel;
 use crate::fd::{self, PeerCred, SCM_MAX_FD};
 use crate::limits::Limits;
-use crate::protocol::bind::{BindParams, BindTarget};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::{code, Request, Response, RpcError};
 use crate::registry::Registry;
 use crate::reload::Live;
-use crate::socket::{self, OpenError, PathError};
-use crate::spec::{SocketKey, SocketSpec, SpecError, UnixAddress};
+use crate::spec::SocketKey;
 
-/// Backlog of the control socket: generous, so a burst of clients during a
-/// mass restart is queued by the kernel rather than refused.
-const CONTROL_BACKLOG: u32 = 4096;
 /// Replies queued for one connection before the broker stops reading its
 /// requests (back-pressure on a client that does not read); the bytes and
 /// descriptors they may hold are capped by [`Limits`] too.
@@ -77,176 +71,16 @@ const READ_CHUNK: usize = 16 * 1024;
 /// at once would spin, logging a failure each turn.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+mod control;
+mod service;
+pub use control::{ControlError, ControlSocket};
+
 /// Settings of the control loop given on the command line; the rest are
 /// [`Limits`] from the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
     /// `serve --idle-timeout`: wins over `limits.idle_timeout`.
     pub idle_timeout: Option<Duration>,
-}
-
-/// Why the control socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The control socket's folder could not be created or examined.
-    #[error("control socket folder {path}: {source}")]
-    Dir {
-        /// The folder.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// The folder is under `$XDG_RUNTIME_DIR`, which is set but missing.
-    #[error(
-        "control socket folder {path}: XDG_RUNTIME_DIR={runtime} does not exist (it is made at login \
-         by systemd-logind); unset XDG_RUNTIME_DIR to use /tmp/sockbroker-UID, or pass --control PATH"
-    )]
-    RuntimeDirMissing {
-        /// `$XDG_RUNTIME_DIR`.
-        runtime: PathBuf,
-        /// The folder.
-        path: PathBuf,
-    },
-    /// A private folder under /tmp belongs to someone else.
-    #[error("control socket folder {path} is owned by uid {owner}, not by us (uid {uid}); refusing to use it")]
-    DirOwner {
-        /// The folder.
-        path: PathBuf,
-        /// Its owner.
-        owner: u32,
-        /// Our uid.
-        uid: u32,
-    },
-    /// The control path is not a valid socket address.
-    #[error("control socket {path}: {source}")]
-    Address {
-        /// The path given.
-        path: PathBuf,
-        /// Why it is refused.
-        #[source]
-        source: SpecError,
-    },
-    /// Another broker listens on the path, or a non-socket file is there.
-    #[error("{0} (is another broker running? stop it, or pass another --control path)")]
-    InUse(#[source] PathError),
-    /// The socket could not be created.
-    #[error("control socket: {0}")]
-    Open(#[source] OpenError),
-}
-
-/// The control socket: a listening UNIX socket at a path, removed again when
-/// dropped if it is still ours.
-#[derive(Debug)]
-pub struct ControlSocket {
-    listener: UnixListener,
-    path: PathBuf,
-    /// Inode of the socket file we made; `None` when the file is not ours to
-    /// remove (a socket passed by systemd).
-    owned_inode: Option<u64>,
-}
-
-impl ControlSocket {
-    /// Creates the control socket at `path` with mode `mode`, creating its
-    /// folder. A stale socket file is replaced; a live one, or any other file,
-    /// is an error.
-    pub fn bind(path: &Path, mode: u32) -> Result<ControlSocket, ControlError> {
-        let path = std::path::absolute(path).map_err(|source| ControlError::Dir { path: path.into(), source })?;
-        let key = SocketKey::unix(crate::spec::UnixKind::Stream, &path.to_string_lossy())
-            .map_err(|source| ControlError::Address { path: path.clone(), source })?;
-        if let Some(dir) = path.parent() {
-            prepare_dir(dir)?;
-        }
-        socket::clear_stale_unix_path(&path).map_err(ControlError::InUse)?;
-        let mut spec = SocketSpec::new(key);
-        spec.options.backlog = CONTROL_BACKLOG;
-        // The socket file is created with its final mode (no chmod after bind,
-        // which would leave a window with the default mode). umask is
-        // process-wide: this runs at start-up, before any other thread.
-        let old = umask(Mode::from_bits_truncate(!mode & 0o777));
-        let opened = socket::open(&spec);
-        umask(old);
-        let fd = opened.map_err(ControlError::Open)?;
-        let inode = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
-        Self::from_listener(UnixListener::from(fd), path, inode)
-    }
-
-    /// Wraps a listening socket made elsewhere (by systemd). `owned_inode`
-    /// is the inode of the file to remove on exit, if the broker made it.
-    pub fn from_listener(
-        listener: UnixListener,
-        path: PathBuf,
-        owned_inode: Option<u64>,
-    ) -> Result<ControlSocket, ControlError> {
-        listener.set_nonblocking(true).map_err(|e| {
-            ControlError::Open(OpenError {
-                key: SocketKey::unix(crate::spec::UnixKind::Stream, "@control").expect("a valid key"),
-                step: socket::Step::SetOption("O_NONBLOCK"),
-                source: e,
-            })
-        })?;
-        Ok(ControlSocket { listener, path, owned_inode })
-    }
-
-    /// The path clients connect to.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The listening socket, for handing it to the next broker.
-    pub fn listener_fd(&self) -> BorrowedFd<'_> {
-        self.listener.as_fd()
-    }
-
-    /// The inode of the socket file this broker will remove on exit, if any.
-    pub fn owned_inode(&self) -> Option<u64> {
-        self.owned_inode
-    }
-
-    /// Sets which socket file is ours to remove on exit: `None` after a
-    /// takeover, where the file now belongs to the new broker.
-    pub fn set_owned_inode(&mut self, inode: Option<u64>) {
-        self.owned_inode = inode;
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        // Remove the file only if it is still the one we made: a new broker
-        // may already have put its own socket there.
-        if let Some(inode) = self.owned_inode {
-            if std::fs::symlink_metadata(&self.path).map(|m| m.ino()).ok() == Some(inode) {
-                if let Err(e) = std::fs::remove_file(&self.path) {
-                    log::warn!("{}: could not remove control socket: {e}", self.path.display());
-                }
-            }
-        }
-    }
-}
-
-/// Creates the control socket's folder. The per-user default folder under
-/// /tmp (`/tmp/sockbroker-UID`) must be ours and private, or another user
-/// could have made it first and swap the socket.
-fn prepare_dir(dir: &Path) -> Result<(), ControlError> {
-    let dir_err = |source| match crate::config::missing_runtime_dir(dir) {
-        Some(runtime) => ControlError::RuntimeDirMissing { runtime, path: dir.into() },
-        None => ControlError::Dir { path: dir.into(), source },
-    };
-    let private = dir.parent() == Some(Path::new("/tmp"))
-        && dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("sockbroker-"));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(if private { 0o700 } else { 0o755 })
-        .create(dir)
-        .map_err(dir_err)?;
-    if private {
-        let meta = std::fs::symlink_metadata(dir).map_err(dir_err)?;
-        let uid = nix::unistd::geteuid().as_raw();
-        if !meta.is_dir() || meta.uid() != uid {
-            return Err(ControlError::DirOwner { path: dir.into(), owner: meta.uid(), uid });
-        }
-    }
-    Ok(())
 }
 
 /// A reply waiting to be written.
@@ -962,8 +796,8 @@ impl Server {
                     conn.last_active = Instant::now();
                     conn.request_started = None;
                     match Request::from_value(value) {
-                        Ok(req) if req.method == crate::upgrade::TAKEOVER_METHOD => {
-                            match crate::upgrade::authorize(conn.peer, conn.outbox.is_empty()) {
+                        Ok(req) if req.method == crate::protocol::TAKEOVER_METHOD => {
+                            match crate::acl::authorize_takeover(conn.peer, conn.outbox.is_empty()) {
                                 Ok(()) => {
                                     conn.takeover = Some(req.id);
                                     return false;
@@ -1050,108 +884,6 @@ impl Server {
         }
         Ok(true)
     }
-
-    /// Runs one request. Only a success carries descriptors.
-    fn dispatch(&mut self, peer: PeerCred, req: Request) -> (Response, Vec<OwnedFd>) {
-        let result = match req.method.as_str() {
-            "bind" => self.bind(peer, &req.params),
-            "bind_many" => self.bind_many(peer, &req.params),
-            "release" => self.release(peer, &req.params),
-            "list" => self.list(peer, &req.params),
-            "status" => self.status_for(peer),
-            "reload" => self.reload(peer),
-            other => {
-                crate::peer_log!(peer, log::Level::Info, "{other}: method not found");
-                Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
-            }
-        };
-        match result {
-            Ok((value, fds)) => (Response::ok(req.id, value), fds),
-            Err(e) => (Response::err(req.id, e), Vec::new()),
-        }
-    }
-
-    fn bind(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
-        let params = BindParams::from_json(params).map_err(|e| invalid(peer, "bind", "bind".into(), &e))?;
-        let fd = self.bind_one(peer, &params, false)?;
-        Ok((json!(true), vec![fd]))
-    }
-
-    /// One socket: parse, judge, find or open, duplicate. Access is judged
-    /// before anything is opened, so a refused peer creates nothing. In a
-    /// batch (`quiet`), each item is logged at DEBUG only; the batch gets
-    /// one line.
-    pub(crate) fn bind_one(&mut self, peer: PeerCred, params: &BindParams, quiet: bool) -> Result<OwnedFd, RpcError> {
-        // In a batch, items go to DEBUG without touching the peer's log
-        // budget; the batch's own line is rate-limited.
-        macro_rules! note {
-            ($level:expr, $($arg:tt)+) => {
-                if quiet {
-                    log::debug!("{peer} {}", format_args!($($arg)+));
-                } else {
-                    crate::peer_log!(peer, $level, $($arg)+);
-                }
-            };
-        }
-        let target = params.target().map_err(|e| {
-            let message = format!("Invalid params: {}: {e}", params.describe());
-            note!(log::Level::Info, "bind: {message}");
-            RpcError::new(code::INVALID_PARAMS, message)
-        })?;
-        let unknown = |name: &str| {
-            note!(log::Level::Info, "bind name '{name}': unknown name");
-            RpcError::new(code::UNKNOWN_NAME, crate::registry::UnknownName(name.to_string()).to_string())
-        };
-        let (name, key) = match &target {
-            BindTarget::Name(name) => {
-                let held = self.registry.named(name).ok_or_else(|| unknown(name))?;
-                (Some(name.clone()), held.key().clone())
-            }
-            BindTarget::Spec(spec) => (self.registry.get(&spec.key).and_then(|h| h.name.clone()), spec.key.clone()),
-        };
-        let grant = self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
-            note!(log::Level::Warn, "bind {key}: refused: {denied}");
-            RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
-        })?;
-        let (may_replace, unix_file) = (grant.may_replace(&key), grant.unix_file());
-        let (held, new) = match &target {
-            BindTarget::Name(name) => (self.registry.by_name(name).map_err(|_| unknown(name))?, false),
-            BindTarget::Spec(spec) => {
-                let mut spec = spec.clone();
-                if let SocketKey::Unix { address: UnixAddress::Path(_), .. } = &spec.key {
-                    // Made for this peer: its owner and mode let it (and,
-                    // by default, its group) connect.
-                    let (owner, group, mode) = unix_file.for_peer(&peer);
-                    spec.options.user = Some(owner);
-                    spec.options.group = Some(group);
-                    spec.options.mode = Some(mode);
-                }
-                let new = match self.registry.get_or_open_for(&spec, Some(peer.uid), may_replace) {
-                    Ok((_, new)) => new,
-                    Err(e) => {
-                        let hint = in_use_by_broker(&self.registry, &e);
-                        note!(log::Level::Warn, "bind {}: could not bind: {e}{hint}", spec.key);
-                        return Err(RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}{hint}")));
-                    }
-                };
-                (self.registry.get_mut(&spec.key).expect("held: just found or opened"), new)
-            }
-        };
-        if new {
-            // A socket the broker made itself: systemd keeps a copy, so a
-            // broker restart or crash does not lose it.
-            crate::systemd::fdstore::store(held);
-        }
-        let dup = held.fd().try_clone_to_owned().map_err(|e| {
-            log::error!("{peer} bind {}: could not duplicate the held descriptor: {e}", held.key());
-            RpcError::new(code::BIND_FAILED, format!("Could not bind: {}: {e}", held.key()))
-        })?;
-        held.handed_out += 1;
-        held.last_peer = Some(peer);
-        let (key, raw) = (held.key().clone(), held.fd().as_raw_fd());
-        note!(log::Level::Info, "bind {key}: ok ({}, fd {raw})", if new { "new socket" } else { "held socket" });
-        Ok(dup)
-    }
 }
 
 /// Work units one untrusted uid may use per turn of the loop.
@@ -1209,21 +941,11 @@ pub(crate) fn invalid(peer: PeerCred, method: &str, what: String, e: &dyn std::f
     RpcError::new(code::INVALID_PARAMS, message)
 }
 
-/// Queues a reply. Descriptors beyond the kernel's per-message limit
-/// ([`SCM_MAX_FD`]) go in further messages: the reply text is cut so each
-/// message carries at least one byte with its share of descriptors, and the
-/// receiving kernel never merges two messages that carry descriptors.
-fn push_reply(outbox: &mut VecDeque<Outgoing>, bytes: Vec<u8>, mut fds: Vec<OwnedFd>) {
-    let chunks = fds.len().div_ceil(SCM_MAX_FD).max(1);
-    if chunks == 1 || bytes.len() < chunks {
+/// Queues a reply, cut by [`channel::split`] so no message carries more
+/// than [`SCM_MAX_FD`] descriptors.
+fn push_reply(outbox: &mut VecDeque<Outgoing>, bytes: Vec<u8>, fds: Vec<OwnedFd>) {
+    for (bytes, fds) in channel::split(bytes, fds) {
         outbox.push_back(Outgoing { bytes, sent: 0, fds });
-        return;
-    }
-    for i in 0..chunks {
-        let take = fds.len().min(SCM_MAX_FD);
-        let part: Vec<OwnedFd> = fds.drain(..take).collect();
-        let text = if i + 1 == chunks { bytes[i..].to_vec() } else { bytes[i..i + 1].to_vec() };
-        outbox.push_back(Outgoing { bytes: text, sent: 0, fds: part });
     }
 }
 
@@ -1290,29 +1012,4 @@ impl Server {
         }
         Ok(())
     }
-}
-
-/// For a bind that failed with "Address already in use": the sockets the
-/// broker itself holds on that port and transport (a `sockbroker bind`
-/// earlier, say, keeps 127.0.0.1:8080 bound while 0.0.0.0:8080 is asked
-/// for), named with how to free them. Empty otherwise.
-fn in_use_by_broker(registry: &crate::registry::Registry, e: &crate::socket::OpenError) -> String {
-    use crate::spec::SocketKey;
-    let SocketKey::Inet { transport, addr } = &e.key else { return String::new() };
-    if e.source.kind() != io::ErrorKind::AddrInUse {
-        return String::new();
-    }
-    let mine: Vec<String> = registry
-        .iter()
-        .filter(|h| matches!(h.key(), SocketKey::Inet { transport: t, addr: a } if t == transport && a.port() == addr.port()))
-        .map(|h| h.key().to_string())
-        .collect();
-    if mine.is_empty() {
-        return String::new();
-    }
-    format!(
-        " (this broker holds {} on that port; `sockbroker release ADDRESS` closes a socket it made on demand, \
-         `sockbroker list` shows who else holds it)",
-        mine.join(", ")
-    )
 }

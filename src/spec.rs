@@ -255,7 +255,10 @@ impl From<SocketKey> for String {
 /// Every option is applied by [`crate::socket::open`] before `bind()` (UNIX
 /// owner and group right after it); `None` or `false` leaves the kernel's
 /// default. `docs/config.md` maps each one to its systemd.socket equivalent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialised field by field (in the upgrade state); a missing field is its
+/// default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SocketOptions {
     /// `listen()` backlog for stream and seqpacket sockets; the kernel caps
     /// it at `net.core.somaxconn`.

@@ -110,7 +110,7 @@ impl FromStr for Readiness {
         if text == "notify" {
             Ok(Readiness::Notify)
         } else if let Some(d) = text.strip_prefix("delay:") {
-            Ok(Readiness::Delay(crate::cli::parse_duration(d)?))
+            Ok(Readiness::Delay(crate::time::parse_duration(d)?))
         } else if let Some(p) = text.strip_prefix("pidfile:") {
             let path = PathBuf::from(p);
             if !path.is_absolute() {
@@ -1110,14 +1110,15 @@ impl<D: Daemon> Supervisor<D> {
         let Some(command) = self.how.proof.probe.clone() else { return };
         let g = &mut self.gens[idx];
         g.probe.next = None;
-        let spawned = std::process::Command::new("/bin/sh")
-            .arg("-c")
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c")
             .arg(&command)
             .env(GENERATION_ENV, g.number.to_string())
             .env("SOCKBROKER_GENERATION_PID", g.target().to_string())
             .env_remove("NOTIFY_SOCKET")
-            .stdin(std::process::Stdio::null())
-            .spawn();
+            .stdin(std::process::Stdio::null());
+        crate::child::prepare(&mut cmd, &[], None);
+        let spawned = cmd.spawn();
         match spawned {
             // Reaped by waitpid(-1) in `reap`; dropping the handle neither waits nor kills.
             Ok(child) => g.probe.running = Some(Pid::from_raw(child.id() as i32)),

@@ -30,7 +30,7 @@
 //!    with their original origin, and serves. Same pid; READY=1 again.
 //!
 //! multibinder's form, `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>`, is also
-//! adopted at start ([`adopt_multibinder_env`]).
+//! adopted at start ([`crate::multibinder`]).
 //!
 //! # Takeover (`serve --takeover`)
 //!
@@ -65,25 +65,17 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::channel::{self, ReadError};
 use crate::fd::{self, PeerCred};
 use crate::protocol::framing::Framer;
-use crate::protocol::{Request, Response, RpcError};
+use crate::protocol::{Request, Response, RpcError, COMMIT_METHOD, TAKEOVER_METHOD};
 use crate::registry::{Origin, Registry};
 use crate::server::{ControlSocket, Server, ServerOptions, TakeoverConn};
-use crate::spec::{SocketKey, SocketSpec, Transport};
+use crate::spec::{SocketKey, SocketOptions, SocketSpec};
 use crate::systemd::notify;
 
-/// The control method a new broker calls to take over.
-pub const TAKEOVER_METHOD: &str = "takeover";
-/// The method that confirms a takeover; the old broker exits once it answers.
-pub const COMMIT_METHOD: &str = "takeover-commit";
-/// Error code of a refused takeover (kept beside the feature so the protocol
-/// module's list stays the shared one; see docs/upgrades.md).
-pub const TAKEOVER_REFUSED: i64 = 10010;
 /// Environment variable naming the memfd that holds the state across a re-exec.
 pub const STATE_FD_ENV: &str = "SOCKBROKER_UPGRADE_FD";
-/// multibinder's variables: `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>`.
-pub const MULTIBINDER_BIND_PREFIX: &str = "MULTIBINDER_BIND__";
 /// Version of [`HandoverState`]; a broker refuses a state it does not know.
 pub const STATE_VERSION: u32 = 1;
 /// How long the old broker waits for the new one to confirm a takeover.
@@ -185,8 +177,14 @@ pub struct SocketState {
     pub fd: i32,
     /// The socket's identity.
     pub key: SocketKey,
-    /// The backlog it was opened with.
+    /// The backlog it was opened with (also in `options`; kept for brokers
+    /// that read only this).
     pub backlog: u32,
+    /// Every option it was opened with, so the next broker compares the
+    /// declared spec with the held one truthfully (absent in the state of
+    /// older brokers: then only the backlog is known).
+    #[serde(default)]
+    pub options: Option<SocketOptions>,
     /// Its name, if any.
     pub name: Option<String>,
     /// Where it first came from (kept: a re-exec does not make a systemd
@@ -276,6 +274,7 @@ fn snapshot<'a>(server: &'a Server, numbering: Numbering) -> (HandoverState, Vec
             fd: add(held.fd()),
             key: held.key().clone(),
             backlog: held.spec.options.backlog,
+            options: Some(held.spec.options.clone()),
             name: held.name.clone(),
             origin: held.origin,
             created: held.created,
@@ -338,7 +337,10 @@ impl Carried {
         for s in state.sockets {
             let fd = take(s.fd, &s.key)?;
             let mut spec = SocketSpec::new(s.key.clone());
-            spec.options.backlog = s.backlog;
+            match s.options {
+                Some(options) => spec.options = options,
+                None => spec.options.backlog = s.backlog,
+            }
             match registry.adopt(fd, spec, s.name, s.origin) {
                 Ok(held) => {
                     held.created = s.created;
@@ -497,7 +499,7 @@ fn try_reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
     // would name descriptors it already takes from the state.
     let stale = |k: &std::ffi::OsStr| {
         [STATE_FD_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"].iter().any(|v| k == *v)
-            || k.as_bytes().starts_with(MULTIBINDER_BIND_PREFIX.as_bytes())
+            || k.as_bytes().starts_with(crate::multibinder::MULTIBINDER_BIND_PREFIX.as_bytes())
     };
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| !stale(k))
@@ -601,25 +603,6 @@ pub fn validate_binary(path: &Path) -> Result<(), UpgradeError> {
     Ok(())
 }
 
-/// Whether `peer` may take over this broker: root or the broker's own user,
-/// on a connection with no reply in flight (the takeover reply must be the
-/// next thing it reads).
-pub fn authorize(peer: PeerCred, alone: bool) -> Result<(), RpcError> {
-    let me = nix::unistd::geteuid().as_raw();
-    if peer.uid != 0 && peer.uid != me {
-        log::warn!("{peer} {TAKEOVER_METHOD}: refused: only root or uid {me} may take over this broker");
-        return Err(RpcError::new(
-            TAKEOVER_REFUSED,
-            format!("Takeover refused: uid {} is neither root nor the broker's uid {me}", peer.uid),
-        ));
-    }
-    if !alone {
-        return Err(RpcError::new(TAKEOVER_REFUSED, "Takeover refused: replies are still pending on this connection"));
-    }
-    log::info!("{peer} {TAKEOVER_METHOD}: handing over");
-    Ok(())
-}
-
 /// Serves an accepted takeover request (after [`crate::server::Wake::Takeover`]).
 /// Returns true when the new broker confirmed and this one must now exit: the
 /// control path is then disowned (not removed at exit). Returns false when the
@@ -653,7 +636,7 @@ fn hand_over_to(server: &Server, request: TakeoverConn) -> Result<(), UpgradeErr
     stream.set_nonblocking(false).map_err(io)?;
     stream.set_write_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
     stream.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(io)?;
-    send_batched(stream.as_fd(), bytes, &fds).map_err(io)?;
+    channel::send(stream.as_fd(), bytes, &fds).map_err(io)?;
     log::info!(
         "sent {} sockets and {} connections to pid {}; waiting for its confirmation",
         counts.0,
@@ -671,56 +654,14 @@ fn hand_over_to(server: &Server, request: TakeoverConn) -> Result<(), UpgradeErr
     Ok(())
 }
 
-/// Sends `bytes` with `fds` attached, at most [`fd::SCM_MAX_FD`] descriptors
-/// per `sendmsg`: each batch travels with the first byte of its own slice of
-/// the text, so the receiver has every descriptor once it has the whole text.
-fn send_batched(sock: BorrowedFd<'_>, mut bytes: Vec<u8>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let batches: Vec<&[BorrowedFd<'_>]> = fds.chunks(fd::SCM_MAX_FD).collect();
-    let parts = batches.len().max(1);
-    // Whitespace after a JSON value is ignored; it only guarantees one byte
-    // per batch.
-    if bytes.len() < parts {
-        bytes.resize(parts, b' ');
-    }
-    let size = bytes.len().div_ceil(parts);
-    for (i, part) in bytes.chunks(size).enumerate() {
-        let mut attach = batches.get(i).copied().unwrap_or(&[]);
-        let mut sent = 0;
-        while sent < part.len() {
-            match fd::send_with_fds(sock, &part[sent..], attach) {
-                Ok(n) => {
-                    sent += n;
-                    attach = &[];
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Reads until one JSON value is complete; returns it and every descriptor
-/// that came along.
+/// Reads one JSON value and its descriptors ([`channel::read_value`]), the
+/// end of the stream and bad framing as I/O errors naming the other broker.
 fn read_value(stream: &UnixStream, framer: &mut Framer) -> io::Result<(Value, Vec<OwnedFd>)> {
-    let mut fds = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if let Some(next) = framer.next_value() {
-            let value = next.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            return Ok((value, fds));
-        }
-        let got = match fd::recv_with_fds(stream.as_fd(), &mut buf) {
-            Ok(got) => got,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        fds.extend(got.fds);
-        if got.len == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other broker closed the connection"));
-        }
-        framer.push(&buf[..got.len]);
-    }
+    channel::read_value(stream, framer).map_err(|e| match e {
+        ReadError::Io(e) => e,
+        ReadError::Closed => io::Error::new(io::ErrorKind::UnexpectedEof, "the other broker closed the connection"),
+        ReadError::Frame(e) => io::Error::new(io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// Takes over the broker serving on `path`: receives its state and
@@ -762,73 +703,9 @@ fn take_over(path: &Path) -> Result<Carried, UpgradeError> {
     Ok(carried)
 }
 
-/// Parses one of multibinder's variables,
-/// `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>`. multibinder wrote the
-/// address with its first '.' replaced by '_', so both forms are read.
-/// `None` when the name is not one of them.
-pub fn parse_multibinder_var(name: &str, value: &str) -> Option<Result<(SocketKey, RawFd), String>> {
-    let rest = name.strip_prefix(MULTIBINDER_BIND_PREFIX)?;
-    let parse = || -> Result<(SocketKey, RawFd), String> {
-        let mut parts = rest.splitn(3, "__");
-        let (Some("tcp"), Some(address), Some(port)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(format!("{name}: expected {MULTIBINDER_BIND_PREFIX}tcp__ADDRESS__PORT"));
-        };
-        let port: i64 = port.parse().map_err(|_| format!("{name}: '{port}' is not a port"))?;
-        let key = SocketKey::inet_parts(Transport::Tcp, address, port)
-            .or_else(|_| SocketKey::inet_parts(Transport::Tcp, &address.replace('_', "."), port))
-            .map_err(|e| format!("{name}: {e}"))?;
-        let fd: RawFd = value.trim().parse().map_err(|_| format!("{name}={value}: not a descriptor number"))?;
-        Ok((key, fd))
-    };
-    Some(parse())
-}
-
-/// Adopts the sockets a multibinder process (or a wrapper speaking its
-/// convention) handed over in `MULTIBINDER_BIND__…` variables, and removes the
-/// variables. A bad variable is logged and skipped: it must not stop the
-/// broker from serving the others.
-pub fn adopt_multibinder_env(registry: &mut Registry) {
-    let vars: Vec<(String, String)> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| k.starts_with(MULTIBINDER_BIND_PREFIX))
-        .collect();
-    for (name, value) in vars {
-        std::env::remove_var(&name);
-        let adopted = parse_multibinder_var(&name, &value).expect("filtered on the prefix").and_then(|(key, raw)| {
-            let fd = fd::take_inherited(&[raw]).map_err(|e| e.to_string())?.pop().expect("one asked, one taken");
-            if !fd::is_socket(fd.as_fd()).unwrap_or(false) {
-                return Err(format!("{name}: descriptor {raw} is not a socket"));
-            }
-            registry.adopt(fd, SocketSpec::new(key.clone()), None, Origin::Upgrade).map_err(|(_, e)| e.to_string())?;
-            Ok(key)
-        });
-        match adopted {
-            Ok(key) => log::info!("adopted {key} from multibinder's {name}"),
-            Err(e) => log::warn!("not adopting {e}"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn multibinder_variables() {
-        let (key, fd) = parse_multibinder_var("MULTIBINDER_BIND__tcp__127_0.0.1__8000", "5").unwrap().unwrap();
-        assert_eq!((key.to_string(), fd), ("tcp://127.0.0.1:8000".to_string(), 5));
-        let (key, _) = parse_multibinder_var("MULTIBINDER_BIND__tcp__0.0.0.0__80", "7").unwrap().unwrap();
-        assert_eq!(key.to_string(), "tcp://0.0.0.0:80");
-        let (key, _) = parse_multibinder_var("MULTIBINDER_BIND__tcp__::1__443", "7").unwrap().unwrap();
-        assert_eq!(key.to_string(), "tcp://[::1]:443");
-        assert!(parse_multibinder_var("PATH", "/bin").is_none());
-        let err = parse_multibinder_var("MULTIBINDER_BIND__udp__1.2.3.4__53", "3").unwrap().unwrap_err();
-        assert!(err.contains("expected"), "{err}");
-        let err = parse_multibinder_var("MULTIBINDER_BIND__tcp__1.2.3.4__http", "3").unwrap().unwrap_err();
-        assert!(err.contains("not a port"), "{err}");
-        let err = parse_multibinder_var("MULTIBINDER_BIND__tcp__1.2.3.4__80", "three").unwrap().unwrap_err();
-        assert!(err.contains("not a descriptor"), "{err}");
-    }
 
     #[test]
     fn state_round_trips_as_json() {
@@ -841,6 +718,7 @@ mod tests {
                 fd: 1,
                 key: "tcp://127.0.0.1:80".parse().unwrap(),
                 backlog: 128,
+                options: Some(SocketOptions { backlog: 128, keepalive: true, ..SocketOptions::default() }),
                 name: Some("web".into()),
                 origin: Origin::Systemd,
                 created: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
@@ -857,6 +735,11 @@ mod tests {
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains("\"tcp://127.0.0.1:80\""), "{text}");
         assert_eq!(serde_json::from_str::<HandoverState>(&text).unwrap(), state);
+        // The state of an older broker has no options: read as absent.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old["sockets"][0].as_object_mut().unwrap().remove("options");
+        let old: HandoverState = serde_json::from_value(old).unwrap();
+        assert_eq!((old.sockets[0].options.as_ref(), old.sockets[0].backlog), (None, 128));
     }
 
     #[test]
@@ -868,7 +751,7 @@ mod tests {
         let borrowed: Vec<BorrowedFd<'_>> = held.iter().map(|f| f.as_fd()).collect();
         let text = Response::ok(json!(1), json!({"n": 600, "pad": "x".repeat(10)})).to_bytes();
         let sender = std::thread::scope(|s| {
-            let h = s.spawn(|| send_batched(a.as_fd(), text.clone(), &borrowed));
+            let h = s.spawn(|| channel::send(a.as_fd(), text.clone(), &borrowed));
             let (value, fds) = read_value(&b, &mut Framer::default()).unwrap();
             assert_eq!(value["result"]["n"], 600);
             assert_eq!(fds.len(), 600);
@@ -879,16 +762,6 @@ mod tests {
             h.join().unwrap()
         });
         sender.unwrap();
-    }
-
-    #[test]
-    fn refuses_another_user() {
-        let me = nix::unistd::geteuid().as_raw();
-        assert!(authorize(PeerCred { pid: 1, uid: me, gid: 0 }, true).is_ok());
-        assert!(authorize(PeerCred { pid: 1, uid: 0, gid: 0 }, true).is_ok());
-        assert!(authorize(PeerCred { pid: 1, uid: me, gid: 0 }, false).is_err());
-        let other = if me == 12345 { 12346 } else { 12345 };
-        assert_eq!(authorize(PeerCred { pid: 1, uid: other, gid: 0 }, true).unwrap_err().code, TAKEOVER_REFUSED);
     }
 
     #[test]

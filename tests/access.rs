@@ -38,6 +38,8 @@ fn without_rules_only_root_and_the_broker_uid_are_served() {
     let spec = format!("tcp://127.0.0.1:{port}");
     let out = bind_as_nobody(&broker, &[&spec]);
     assert_refused(&out, &format!("uid 65534 (nobody) may not bind {spec}"));
+    // Each fact once: the address is not repeated as a prefix.
+    assert_eq!(String::from_utf8_lossy(&out.stderr).matches(spec.as_str()).count(), 1, "{}", output_text(&out));
     // Refused before anything was opened: the broker holds nothing, the port is free.
     assert_eq!(
         broker.open_fds().iter().filter(|(_, t)| t.starts_with("socket:")).count(),

@@ -385,6 +385,25 @@ fn twenty_reloads_under_load_fail_no_connection() {
     assert!(status.success(), "{status}");
 }
 
+/// HAProxy starts with no signal blocked, though `haproxy run` blocks the
+/// signals it reads from a signalfd (`/proc/PID/status` SigBlk of the
+/// master and its worker).
+#[test]
+fn haproxy_starts_with_an_empty_signal_mask() {
+    let (broker, _addr, template) = web_setup("hasigmask");
+    let run = Run::start(&broker, "web", &template, &[], &[]);
+    let masters = run.haproxy_pids();
+    assert_eq!(masters.len(), 1, "one HAProxy master: {masters:?}");
+    let mut pids = masters.clone();
+    pids.extend(children(masters[0]));
+    assert!(pids.len() >= 2, "master and worker: {pids:?}");
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let blocked = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).unwrap().trim();
+        assert_eq!(blocked, "0000000000000000", "haproxy pid {pid} starts with signals blocked");
+    }
+}
+
 #[test]
 fn a_broken_config_never_replaces_the_running_instance() {
     let (broker, addr, template) = web_setup("habroken");

@@ -509,6 +509,37 @@ fn bounded_draining_over_many_reloads() {
     assert!(status.success(), "{status}");
 }
 
+/// Every child `run` starts has no signal blocked, though the supervisor
+/// blocks the signals it reads from a signalfd: the generation and its
+/// `--ready-probe` each record `/proc/self/status` SigBlk as they start.
+#[test]
+fn children_start_with_an_empty_signal_mask() {
+    let broker = Broker::start("run_sigmask");
+    let (spec, _fd) = bind_free_tcp(&mut broker.client());
+    let daemon = listen_http();
+    let marks = broker.dir.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    // Each shell records its own mask with builtins only: a line read from
+    // /proc/$$/status by a forked `grep` could catch the shell inside its
+    // own vfork, with every signal blocked for that instant.
+    let record = |file: &str| {
+        format!(
+            "while read -r l; do case \"$l\" in SigBlk:*) printf '%s\\n' \"$l\" > {}/{file};; esac; done < /proc/$$/status",
+            marks.display()
+        )
+    };
+    // The probe passes only once the generation has written its line, so
+    // READY=1 means both files are there.
+    let probe = format!("test -s {}/generation && {}", marks.display(), record("probe-$SOCKBROKER_GENERATION"));
+    let generation = format!("{} && exec python3 {}", record("generation"), daemon.display());
+    let run = Run::start(&broker, &["--socket", &spec, "--ready-probe", &probe], &["sh", "-c", &generation]);
+    for file in ["generation", "probe-1"] {
+        let line = std::fs::read_to_string(marks.join(file)).unwrap();
+        assert_eq!(line.trim(), "SigBlk:\t0000000000000000", "{file}");
+    }
+    drop(run);
+}
+
 /// `--ready-probe`: the old generation retires only once the probe passes
 /// for the new one (run with its number and pid); a probe that keeps
 /// failing fails the reload at the readiness timeout.

@@ -303,6 +303,51 @@ fn reexecs_and_takeovers_under_load_lose_nothing() {
     assert!(!control.exists(), "the last broker removes the control socket it inherited");
 }
 
+/// A declared socket with options other than the defaults keeps them across
+/// a re-exec and a takeover, and the new broker does not report them as
+/// changed (the handed-over state carries the whole spec, not only the
+/// backlog).
+#[test]
+fn reexec_and_takeover_keep_declared_options() {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let (mut broker, _port) = Broker::start_with_config_port("upgrade_options", |port| {
+        format!(
+            "[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\nbacklog = 77\nkeepalive = true\n\
+             keepalive_idle = 31\nno_delay = true\nreceive_buffer = 65536\n"
+        )
+    });
+    let options = |broker: &Broker| {
+        let fd = broker.client().bind_name("web").unwrap();
+        (
+            getsockopt(&fd, sockopt::KeepAlive).unwrap(),
+            getsockopt(&fd, sockopt::TcpKeepIdle).unwrap(),
+            getsockopt(&fd, sockopt::TcpNoDelay).unwrap(),
+            getsockopt(&fd, sockopt::RcvBuf).unwrap(),
+        )
+    };
+    let want = options(&broker);
+    assert_eq!(want, (true, 31, true, 131072));
+    let inode_of = |broker: &Broker| inode(broker.client().bind_name("web").unwrap().as_fd());
+    let want_inode = inode_of(&broker);
+    assert_eq!(count_in_log(&broker, "options changed"), 0, "{}", broker.log_text());
+
+    reexec(&mut broker);
+    assert_eq!(count_in_log(&broker, "resumed after re-exec"), 1, "{}", broker.log_text());
+    assert_eq!(count_in_log(&broker, "options changed"), 0, "{}", broker.log_text());
+    assert_eq!(options(&broker), want);
+    assert_eq!(inode_of(&broker), want_inode);
+
+    let config = broker.config_path();
+    let args = ["--takeover", "--config", config.to_str().unwrap()];
+    let new = Broker::start_in(broker.dir.clone(), broker.control.clone(), &args, &[]);
+    let mut old = std::mem::replace(&mut broker, new);
+    assert!(wait_timeout(&mut old.child, Duration::from_secs(10)).expect("old broker exits").success());
+    assert!(broker.log_text().contains("resumed after takeover"), "{}", broker.log_text());
+    assert_eq!(count_in_log(&broker, "options changed"), 0, "{}", broker.log_text());
+    assert_eq!(options(&broker), want);
+    assert_eq!(inode_of(&broker), want_inode);
+}
+
 #[test]
 fn reexec_to_a_missing_or_broken_binary_keeps_serving() {
     let dir = test_dir("upgrade_broken");

@@ -10,7 +10,7 @@
 //! itself with HAProxy (multibinder's `multibinder-haproxy-erb`), and
 //! [`reload`] keeps running and starts, checks and retires HAProxy instances
 //! (multibinder's wrapper, made safe). The descriptors stay close-on-exec in
-//! this process; [`keep_open_in_child`] clears the flag on exactly those, and
+//! this process; [`crate::child::prepare`] clears the flag on exactly those, and
 //! only in the child, after fork.
 //!
 //! Without a broker, `--fallback-bind` writes the plain `ADDRESS:PORT` and
@@ -23,7 +23,7 @@ pub mod template;
 
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -283,27 +283,6 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
-/// Lets `fds` survive exec in the child `cmd` starts, at the same numbers:
-/// `FD_CLOEXEC` is cleared after fork, in the child only, so other children
-/// this process starts meanwhile inherit nothing.
-pub fn keep_open_in_child(cmd: &mut Command, fds: &[BorrowedFd<'_>]) {
-    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    // SAFETY: the closure runs between fork and exec; it only calls fcntl (async-signal-safe)
-    // on descriptors that are open in the parent and therefore in the child, and does not allocate.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &raw_fd in &raw {
-                // Open in the parent when the command was built, so open here.
-                let fd = BorrowedFd::borrow_raw(raw_fd);
-                let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
-                let flags = nix::fcntl::FdFlag::from_bits_retain(flags) - nix::fcntl::FdFlag::FD_CLOEXEC;
-                nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags))?;
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Renders every template among HAProxy's `-f` arguments.
 pub fn render_all(args: &HaproxyArgs, options: &RenderOptions) -> Result<Vec<Rendered>, HaproxyError> {
     args.template_paths().map(|template| render_template(template, Some(&args.output_for(template)), options)).collect()
@@ -332,7 +311,7 @@ pub fn exec(argv: &[OsString], options: &RenderOptions) -> Result<(), HaproxyErr
     let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
     let mut cmd = Command::new(&args.program);
     cmd.args(args.rendered_args());
-    keep_open_in_child(&mut cmd, &fds);
+    crate::child::prepare(&mut cmd, &fds, None);
     let source = cmd.exec();
     Err(HaproxyError::Spawn { program: args.program.to_string_lossy().into_owned(), source })
 }

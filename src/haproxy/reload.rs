@@ -30,17 +30,15 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::args::{ArgsError, HaproxyArgs};
-use super::{keep_open_in_child, render_all, HaproxyError, RenderOptions};
+use super::{render_all, HaproxyError, RenderOptions};
 use crate::supervisor::{self, Daemon, StatusView, Supervision};
 
 /// How long `haproxy -c` may take when it explains a failed start.
@@ -184,7 +182,6 @@ impl Haproxy {
     /// only to explain a failed start, so it may block the supervisor (at
     /// most [`CHECK_TIMEOUT`]).
     fn check(&self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
-        use std::os::unix::process::ExitStatusExt;
         let program = self.args.program.to_string_lossy().into_owned();
         let spawn_err = |source| ReloadError::Spawn { generation: number, program: program.clone(), source };
         // Output to a file, not a pipe: nothing to drain while waiting with a deadline.
@@ -196,35 +193,18 @@ impl Haproxy {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(setup("check log"))?)
             .stderr(log);
-        keep_open_in_child(&mut cmd, fds);
+        crate::child::prepare(&mut cmd, fds, None);
         let started = Instant::now();
         let child = cmd.spawn().map_err(spawn_err)?;
         let pid = Pid::from_raw(child.id() as i32);
-        // waitpid on this pid alone: the supervisor's waitpid(-1) is not
-        // running meanwhile (one thread), and its generations stay unreaped.
-        let status = loop {
-            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) if started.elapsed() < CHECK_TIMEOUT => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Ok(WaitStatus::StillAlive) => {
-                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-                }
-                Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
-                Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(spawn_err(e.into())),
-            }
-        };
+        // This pid alone: the supervisor's waitpid(-1) is not running
+        // meanwhile (one thread), and its generations stay unreaped.
+        let (status, killed) = crate::child::wait_with_deadline(pid, CHECK_TIMEOUT).map_err(|e| spawn_err(e.into()))?;
         log::info!("generation {number}: haproxy -c took {:.1?}", started.elapsed());
         let output = std::fs::read_to_string(&log_path).unwrap_or_default();
         let _ = std::fs::remove_file(&log_path);
         if !status.success() {
-            let output = if started.elapsed() >= CHECK_TIMEOUT {
-                format!("killed after {CHECK_TIMEOUT:?}\n{output}")
-            } else {
-                output
-            };
+            let output = if killed { format!("killed after {CHECK_TIMEOUT:?}\n{output}") } else { output };
             return Err(ReloadError::Check { generation: number, status, output: output.trim_end().into() });
         }
         Ok(())
@@ -265,8 +245,8 @@ impl Daemon for Haproxy {
                 None => cmd.env_remove(key),
             };
         }
-        keep_open_in_child(&mut cmd, &fds);
-        soft_stop_with_parent(&mut cmd);
+        // See SOFT_STOP_WITH_PARENT for why SIGUSR1.
+        crate::child::prepare(&mut cmd, &fds, Some(SOFT_STOP_WITH_PARENT));
         let program = self.args.program.to_string_lossy().into_owned();
         let child = cmd.spawn().map_err(|source| ReloadError::Spawn { generation: number, program, source })?;
         // The instance has its own copies now; ours go. The supervisor reaps
@@ -317,27 +297,14 @@ impl Daemon for Haproxy {
     }
 }
 
-/// Makes the instance soft-stop (SIGUSR1: drain, then exit) if the
-/// supervisor dies, so no HAProxy is left running unmanaged and none drops
-/// the connections it holds. Best effort: HAProxy 2.6 drops a SIGUSR1 that
-/// arrives while its master is still starting (see [`SOFT_STOP_RESENDS`]),
-/// and a parent-death signal cannot be sent again; such an instance keeps
-/// serving until it is stopped (under systemd, with the unit's cgroup).
-fn soft_stop_with_parent(cmd: &mut Command) {
-    let parent = nix::unistd::getpid();
-    // SAFETY: runs between fork and exec; prctl and getppid are async-signal-safe
-    // system calls and nothing is allocated.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGUSR1)?;
-            // The supervisor may have died before the prctl took effect.
-            if nix::unistd::getppid() != parent {
-                return Err(io::Error::other("the supervisor exited"));
-            }
-            Ok(())
-        });
-    }
-}
+/// The signal an instance gets when the supervisor dies: SIGUSR1, a soft
+/// stop (drain, then exit), so no HAProxy is left running unmanaged and
+/// none drops the connections it holds. Best effort: HAProxy 2.6 drops a
+/// SIGUSR1 that arrives while its master is still starting (see
+/// [`SOFT_STOP_RESENDS`]), and a parent-death signal cannot be sent again;
+/// such an instance keeps serving until it is stopped (under systemd, with
+/// the unit's cgroup).
+const SOFT_STOP_WITH_PARENT: Signal = Signal::SIGUSR1;
 
 /// A folder only this process can enter, for the checks' output: under
 /// `$RUNTIME_DIRECTORY` (systemd's RuntimeDirectory=) or the temp folder.

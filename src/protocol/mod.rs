@@ -43,7 +43,16 @@ pub mod code {
     /// `adopt` refused a descriptor: not a socket the broker can hold, or
     /// its key (or name) is held by a different socket. Nothing was adopted.
     pub const ADOPT_REFUSED: i64 = 10014;
+    /// A `takeover` refused: the peer is neither root nor the broker's
+    /// user, or replies are still pending on its connection (see
+    /// docs/upgrades.md).
+    pub const TAKEOVER_REFUSED: i64 = 10010;
 }
+
+/// The control method a new broker calls to take over (`serve --takeover`).
+pub const TAKEOVER_METHOD: &str = "takeover";
+/// The method that confirms a takeover; the old broker exits once it answers.
+pub const COMMIT_METHOD: &str = "takeover-commit";
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

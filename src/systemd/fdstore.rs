@@ -7,7 +7,7 @@
 //! 2. the broker restarts (`systemctl restart`, `kill -9` with `Restart=`) →
 //!    systemd passes the stored descriptors back in `LISTEN_FDS`, each under
 //!    its FDNAME; [`decode`] recognises ours, and the broker adopts them with
-//!    [`Origin::FdStore`](crate::registry::Origin::FdStore): the same kernel
+//!    [`Origin::FdStore`]: the same kernel
 //!    sockets as before;
 //! 3. the broker releases a socket → [`remove`] sends `FDSTOREREMOVE=1` with
 //!    its FDNAME, and systemd closes its copy.
@@ -42,7 +42,7 @@ use std::fmt::Write as _;
 use libsystemd::daemon::NotifyState;
 
 use super::notify;
-use crate::registry::HeldSocket;
+use crate::registry::{HeldSocket, Origin};
 use crate::spec::SocketKey;
 
 /// Start of every FDNAME the broker gives a stored socket.
@@ -141,9 +141,12 @@ pub fn store(held: &HeldSocket) {
     }
 }
 
-/// Tells systemd to close its stored copy of a socket the broker released.
+/// Tells systemd to close its stored copy of a socket the broker released,
+/// or the next broker would get it back. A socket systemd passed in
+/// (origin [`Origin::Systemd`]) is systemd's own, not a stored copy: nothing
+/// to remove.
 pub fn remove(held: &HeldSocket) {
-    if !enabled() {
+    if !enabled() || held.origin == Origin::Systemd {
         return;
     }
     let Ok(fdname) = encode(held.key(), held.name.as_deref()) else { return };
