@@ -150,7 +150,7 @@ impl Broker {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap();
+        let mut child = spawn_fresh_script(&mut cmd);
         match ready_or_exit(&notify, &mut child, "broker") {
             Ok(()) => Ok(Broker { child, dir, control, log, notify, args: all }),
             Err(status) => Err(format!("{all:?}: {status}\n{}", std::fs::read_to_string(&log).unwrap_or_default())),
@@ -686,6 +686,24 @@ pub fn sock_type(fd: BorrowedFd<'_>) -> nix::sys::socket::SockType {
 /// Whether a socket is listening (SO_ACCEPTCONN).
 pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
     nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap()
+}
+
+/// Spawns `cmd`, whose program may be a script this process has just
+/// written. Another test thread that forks while the script is still open
+/// for writing keeps that descriptor until its child execs, and meanwhile
+/// execve(2) of the script fails with ETXTBSY: retried, bounded.
+#[track_caller]
+pub fn spawn_fresh_script(cmd: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+        }
+    }
 }
 
 /// A shell script in `dir` that runs `prelude`, then execs `exec_prefix`
