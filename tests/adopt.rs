@@ -181,24 +181,13 @@ fn haproxy_config(bind: &str) -> String {
     )
 }
 
-/// A plain HAProxy in master-worker mode (`-W -db`, as Debian's unit runs
-/// it with `-Ws`) that binds 127.0.0.1:PORT itself, serving; retried on a
-/// port taken meanwhile.
-fn plain_haproxy(dir: &Path) -> (Reaped, u16) {
+/// A server that binds 127.0.0.1:PORT itself, as `spawn(port)` starts it,
+/// serving HTTP; retried on another port when it exits (the port was taken
+/// meanwhile).
+fn serving_on_a_free_port(what: &str, mut spawn: impl FnMut(u16) -> Child) -> (Reaped, u16) {
     for _ in 0..10 {
         let port = free_port();
-        let cfg = dir.join("plain.cfg");
-        std::fs::write(&cfg, haproxy_config(&format!("127.0.0.1:{port}"))).unwrap();
-        let log = std::fs::File::create(dir.join("plain-haproxy.log")).unwrap();
-        let mut child = Reaped(
-            Command::new(HAPROXY)
-                .args(["-W", "-db", "-f", cfg.to_str().unwrap()])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
+        let mut child = Reaped(spawn(port));
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -208,11 +197,28 @@ fn plain_haproxy(dir: &Path) -> (Reaped, u16) {
             if http_ok(addr).is_ok() {
                 return (child, port);
             }
-            assert!(Instant::now() < deadline, "HAProxy did not serve on {addr}");
+            assert!(Instant::now() < deadline, "{what} did not serve on {addr}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    panic!("no free port for HAProxy after 10 tries");
+    panic!("no free port for {what} after 10 tries");
+}
+
+/// A plain HAProxy in master-worker mode (`-W -db`, as Debian's unit runs
+/// it with `-Ws`) that binds 127.0.0.1:PORT itself, serving.
+fn plain_haproxy(dir: &Path) -> (Reaped, u16) {
+    serving_on_a_free_port("HAProxy", |port| {
+        let cfg = dir.join("plain.cfg");
+        std::fs::write(&cfg, haproxy_config(&format!("127.0.0.1:{port}"))).unwrap();
+        let log = std::fs::File::create(dir.join("plain-haproxy.log")).unwrap();
+        Command::new(HAPROXY)
+            .args(["-W", "-db", "-f", cfg.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    })
 }
 
 /// `sockbroker haproxy run` (or `run`) with its own NOTIFY_SOCKET, ready.
@@ -312,39 +318,17 @@ fn haproxy_that_bound_its_port_moves_under_the_broker_with_no_failed_request() {
 #[test]
 fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     let broker = Broker::start("adopt-run");
-    let mut old = None;
-    let mut port = 0;
-    for _ in 0..10 {
-        port = free_port();
-        let mut child = Reaped(
-            Command::new("systemd-socket-activate")
-                .args(["-l", &format!("127.0.0.1:{port}"), "python3", listen_http().to_str().unwrap()])
-                .env_remove("NOTIFY_SOCKET")
-                .env("SOCKBROKER_GENERATION", "0")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let served = loop {
-            if child.0.try_wait().unwrap().is_some() {
-                break false;
-            }
-            if http_get(addr).is_ok() {
-                break true;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not serve");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if served {
-            old = Some(child);
-            break;
-        }
-    }
-    let mut old = old.expect("no free port after 10 tries");
+    let (mut old, port) = serving_on_a_free_port("the daemon", |port| {
+        Command::new("systemd-socket-activate")
+            .args(["-l", &format!("127.0.0.1:{port}"), "python3", listen_http().to_str().unwrap()])
+            .env_remove("NOTIFY_SOCKET")
+            .env("SOCKBROKER_GENERATION", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
     let key = format!("tcp://127.0.0.1:{port}");
     let inode = bound_inode(&key).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -399,42 +383,20 @@ fn nginx_config(dir: &Path, name: &str, port: u16, gen: u32) -> PathBuf {
 fn nginx_moves_under_the_broker_with_no_failed_request() {
     const NGINX: &str = "/usr/sbin/nginx";
     let broker = Broker::start("adopt-nginx");
-    let mut old = None;
-    let mut port = 0;
-    for _ in 0..10 {
-        port = free_port();
+    // Reaped at once: a failing test leaves no nginx behind.
+    let (mut old, port) = serving_on_a_free_port("nginx", |port| {
         let conf = nginx_config(&broker.dir, "old", port, 0);
-        // Reaped at once: a failing test leaves no nginx behind.
-        let mut child = Reaped(
-            Command::new(NGINX)
-                .args(["-e", &format!("{}/old-error.log", broker.dir.display()), "-p"])
-                .arg(&broker.dir)
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let served = loop {
-            if child.0.try_wait().unwrap().is_some() {
-                break false;
-            }
-            if http_body(addr).is_ok() {
-                break true;
-            }
-            assert!(Instant::now() < deadline, "nginx did not serve");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if served {
-            old = Some(child);
-            break;
-        }
-    }
-    let mut old = old.expect("no free port for nginx after 10 tries");
+        Command::new(NGINX)
+            .args(["-e", &format!("{}/old-error.log", broker.dir.display()), "-p"])
+            .arg(&broker.dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
     let old_pid = old.0.id() as i32;
     let key = format!("tcp://127.0.0.1:{port}");
     let inode = bound_inode(&key).unwrap();
