@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::client::{Client, ClientError};
 use crate::config;
-use crate::daemon::{self, ServeError, ServeOptions};
+use crate::broker::{self, ServeError, ServeOptions};
 use crate::exec::{ExecError, SocketArg};
 use crate::spec::SocketSpec;
 use crate::supervisor::{Readiness, RunError, RunOptions};
@@ -441,12 +441,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let source = config::Source::resolve(config.as_deref());
             let loaded = source.load()?;
             let control_config = loaded.control.clone();
-            daemon::serve(ServeOptions {
+            broker::serve(ServeOptions {
                 control: config::serve_control_path_with(control.as_deref(), control_config.path.as_deref()),
                 control_mode: control_config.mode.unwrap_or(config::CONTROL_MODE),
                 idle_timeout,
                 takeover,
-                config: crate::reload::Live::new(source, loaded),
+                config: crate::reconfigure::Live::new(source, loaded),
                 adopt_orphans,
             })?;
         }
@@ -488,7 +488,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Check { config } => return Ok(check(config.as_deref())),
         Command::Reload { control } => {
             let (result, _) = control.connect()?.call("reload", serde_json::Value::Null)?;
-            let applied: crate::reload::Applied = serde_json::from_value(result).unwrap_or_default();
+            let applied: crate::reconfigure::Applied = serde_json::from_value(result).unwrap_or_default();
             say(format_args!(
                 "reloaded: {} opened, {} closed, {} kept, {} rules\n",
                 applied.opened.len(),

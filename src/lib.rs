@@ -4,7 +4,7 @@
 //!
 //! # Architecture
 //!
-//! The broker ([`daemon`]) owns a [`registry::Registry`] of held sockets and
+//! The broker ([`broker`]) owns a [`registry::Registry`] of held sockets and
 //! serves a control socket ([`server`]) speaking multibinder's JSON-RPC
 //! protocol ([`protocol`]). A `bind` request travels: bytes →
 //! [`protocol::framing`] → [`protocol::bind`] (a [`spec::SocketSpec`]) →
@@ -22,7 +22,7 @@
 //! `bind`) and hands them to the broker, which then holds the same kernel
 //! sockets.
 //! The configuration file ([`config`]) declares sockets, which the broker
-//! opens at start and on reload ([`reload`]), and the allow rules; the
+//! opens at start and on reload ([`reconfigure`]), and the allow rules; the
 //! broker describes itself through [`introspect`].
 //!
 //! Every local peer that can connect may be hostile: what one peer may cost
@@ -39,7 +39,7 @@ pub mod child;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod daemon;
+pub mod broker;
 pub mod exec;
 pub mod fd;
 pub mod haproxy;
@@ -52,7 +52,7 @@ pub mod multibinder;
 pub mod peerlog;
 pub mod protocol;
 pub mod registry;
-pub mod reload;
+pub mod reconfigure;
 pub mod server;
 pub mod signals;
 pub mod socket;

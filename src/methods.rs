@@ -14,7 +14,7 @@ use crate::introspect;
 use crate::protocol::bind::{BindParams, BindTarget};
 use crate::protocol::{code, RpcError};
 use crate::registry::Origin;
-use crate::reload;
+use crate::reconfigure;
 use crate::server::{invalid, Server};
 use crate::spec::SocketKey;
 
@@ -233,7 +233,7 @@ impl Server {
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         log::info!("{peer} reload");
-        match reload::reload(&mut self.live, &mut self.registry) {
+        match reconfigure::reload(&mut self.live, &mut self.registry) {
             Ok(applied) => Ok((json!(applied), Vec::new())),
             Err(e) => Err(RpcError::new(code::RELOAD_FAILED, crate::error_chain(&e))),
         }

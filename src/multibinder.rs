@@ -2,7 +2,7 @@
 //! (multibinder itself, or a wrapper speaking its convention) passes
 //! sockets in `MULTIBINDER_BIND__tcp__<address>__<port>=<fd>` variables;
 //! the broker adopts them at start ([`adopt_multibinder_env`], called by
-//! [`crate::daemon`] when no upgrade state was carried in) and removes the
+//! [`crate::broker`] when no upgrade state was carried in) and removes the
 //! variables. The wire protocol is [`crate::protocol`]; copying sockets out
 //! of a running multibinder is [`crate::adopt`].
 

@@ -17,7 +17,7 @@
 //!
 //! Besides `bind`: `bind_many` (descriptors split under [`SCM_MAX_FD`] per
 //! message), `release`, `list`, `status` ([`crate::introspect`]), `reload`
-//! ([`crate::reload`]) and `adopt` (the one request that carries descriptors
+//! ([`crate::reconfigure`]) and `adopt` (the one request that carries descriptors
 //! *to* the broker: read with `recvmsg`, kept per connection until an
 //! `adopt` takes them); `docs/control.md` describes them.
 //!
@@ -56,7 +56,7 @@ use crate::limits::Limits;
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::{code, Request, Response, RpcError};
 use crate::registry::Registry;
-use crate::reload::Live;
+use crate::reconfigure::Live;
 use crate::spec::SocketKey;
 
 /// Replies queued for one connection before the broker stops reading its

@@ -17,14 +17,14 @@
 //!    socket that another process still holds out of it ([`crate::adopt`]);
 //!    then open every `[[socket]]` of the configuration that
 //!    is not held yet and register it under its name and key
-//!    ([`reload::apply`]); adopted sockets with the same address get the
+//!    ([`reconfigure::apply`]); adopted sockets with the same address get the
 //!    declared name. A socket that cannot be opened stops the start, as a
 //!    failing systemd socket unit would.
 //! 5. **Serving**: tell systemd READY=1 (only now: every passed and declared
 //!    socket is held and the control socket listens), then serve until a
 //!    signal, updating STATUS= when the held sockets change and sending
 //!    WATCHDOG=1 when systemd asks for it. SIGHUP re-reads the configuration
-//!    ([`reload::reload`]): Reloading, then back to Serving whether or not the
+//!    ([`reconfigure::reload`]): Reloading, then back to Serving whether or not the
 //!    new file was valid.
 //! 6. **Stopping** (SIGTERM, SIGINT): STOPPING=1, remove the control socket
 //!    (unless systemd owns it), exit 0. Held sockets close with the process;
@@ -45,7 +45,7 @@ use nix::sys::signal::Signal;
 
 use crate::config::ControlConfig;
 use crate::registry::{Origin, Registry};
-use crate::reload::{self, ApplyError, Live};
+use crate::reconfigure::{self, ApplyError, Live};
 use crate::server::{ControlError, ControlSocket, Server, ServerOptions, Wake};
 use crate::systemd::{activation, listen, notify};
 use crate::upgrade::{self, ExecTarget, UpgradeError};
@@ -245,7 +245,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                     log::info!("SIGHUP: reloading {} (phase {phase:?})", server.live.source);
                     // Failure is logged and reported to systemd by reload();
                     // the old configuration stays in force.
-                    let _ = reload::reload(&mut server.live, &mut server.registry);
+                    let _ = reconfigure::reload(&mut server.live, &mut server.registry);
                     phase = Phase::Serving;
                     status_due = Some(now);
                 }
@@ -302,7 +302,7 @@ fn status_line(server: &Server) -> String {
 
 /// Opens the declared sockets and puts the access rules into force.
 fn put_in_force(server: &mut Server, live: Live) -> Result<(), ApplyError> {
-    let applied = reload::apply(&mut server.registry, &server.live.config, &live.config)?;
+    let applied = reconfigure::apply(&mut server.registry, &server.live.config, &live.config)?;
     log::info!(
         "configuration {}: {} declared sockets held, {} allow rules",
         live.source,
