@@ -44,8 +44,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::config::ControlConfig;
-use crate::registry::{Origin, Registry};
 use crate::reconfigure::{self, ApplyError, Live};
+use crate::registry::{Origin, Registry};
 use crate::server::{ControlError, ControlSocket, Server, ServerOptions, Wake};
 use crate::systemd::{activation, listen, notify};
 use crate::upgrade::{self, ExecTarget, UpgradeError};
@@ -140,7 +140,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 // broker's state and already holds what it had adopted.
                 log::warn!("{} passed descriptors ignored: sockets were carried over by an upgrade", passed.len());
             }
-            let server = carried.into_server(server_options);
+            let server = carried.into_server(server_options).map_err(ServeError::Loop)?;
             log::info!(
                 "serving on {} (pid {}) after an upgrade; {} sockets carried over",
                 server.control().path().display(),
@@ -163,7 +163,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 }
             };
             crate::multibinder::adopt_multibinder_env(&mut registry);
-            let server = Server::new(control, registry, server_options);
+            let server = Server::new(control, registry, server_options).map_err(ServeError::Loop)?;
             log::info!(
                 "serving on {} (pid {}); {} sockets from systemd, {} from the fd store, {} passed descriptors skipped",
                 server.control().path().display(),

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::broker::{self, ServeError, ServeOptions};
 use crate::client::{Client, ClientError};
 use crate::config;
-use crate::broker::{self, ServeError, ServeOptions};
 use crate::exec::{ExecError, SocketArg};
 use crate::spec::SocketSpec;
 use crate::supervisor::{Readiness, RunError, RunOptions};

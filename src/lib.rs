@@ -34,12 +34,12 @@
 
 pub mod acl;
 pub mod adopt;
+pub mod broker;
 pub mod channel;
 pub mod child;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod broker;
 pub mod exec;
 pub mod fd;
 pub mod haproxy;
@@ -51,8 +51,8 @@ pub mod methods;
 pub mod multibinder;
 pub mod peerlog;
 pub mod protocol;
-pub mod registry;
 pub mod reconfigure;
+pub mod registry;
 pub mod server;
 pub mod signals;
 pub mod socket;

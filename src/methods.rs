@@ -13,8 +13,8 @@ use crate::fd::PeerCred;
 use crate::introspect;
 use crate::protocol::bind::{BindParams, BindTarget};
 use crate::protocol::{code, RpcError};
-use crate::registry::Origin;
 use crate::reconfigure;
+use crate::registry::Origin;
 use crate::server::{invalid, Server};
 use crate::spec::SocketKey;
 
@@ -237,84 +237,6 @@ impl Server {
             Ok(applied) => Ok((json!(applied), Vec::new())),
             Err(e) => Err(RpcError::new(code::RELOAD_FAILED, crate::error_chain(&e))),
         }
-    }
-
-    /// `list`: one page of the held sockets, in a stable order (by name,
-    /// unnamed last, then address). Params `{"offset": N, "limit": M}` give
-    /// `{"entries": [...], "next": N+M or null, "total": T}`; no params give
-    /// the first page as a bare array, as before paging, ending with a
-    /// marker `{"more": true, "next": …, "total": …}` when there are more.
-    /// Other users' pids and uids are shown to root and the broker's uid
-    /// only.
-    pub(crate) fn list(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
-        self.live.policy.check_introspect(&peer, "list").map_err(|denied| {
-            crate::peer_log!(peer, log::Level::Warn, "list: refused: {denied}");
-            RpcError::new(code::ACCESS_DENIED, denied.to_string())
-        })?;
-        let page_max = self.limits().list_page_max;
-        let object = match params {
-            Value::Array(items) => items.first(),
-            other => Some(other),
-        };
-        let (offset, limit, paged) = match object {
-            None | Some(Value::Null) => (0, page_max, false),
-            Some(Value::Object(o)) => {
-                let number = |key: &str, default: usize| match o.get(key) {
-                    None | Some(Value::Null) => Ok(default),
-                    Some(v) => v
-                        .as_u64()
-                        .and_then(|n| usize::try_from(n).ok())
-                        .ok_or_else(|| invalid(peer, "list", format!("\"{key}\""), &"a number 0 or more is required")),
-                };
-                (number("offset", 0)?, number("limit", page_max)?.clamp(1, page_max), true)
-            }
-            Some(_) => {
-                return Err(invalid(peer, "list", "params".into(), &"an object {\"offset\", \"limit\"} or none"))
-            }
-        };
-        let order = self.list_order();
-        let total = order.len();
-        let sees_all = self.live.policy.trusts(&peer);
-        let entries: Vec<introspect::SocketInfo> = order
-            .iter()
-            .skip(offset)
-            .take(limit)
-            .filter_map(|key| self.registry.get(key))
-            .map(|held| {
-                let mut info = introspect::SocketInfo::of(held);
-                if !sees_all && info.last_uid != Some(peer.uid) {
-                    info.last_pid = None;
-                    info.last_uid = None;
-                }
-                info
-            })
-            .collect();
-        let next = offset.checked_add(limit).filter(|n| *n < total);
-        if paged {
-            return Ok((json!({"entries": entries, "next": next, "total": total}), Vec::new()));
-        }
-        let mut items: Vec<Value> = entries.into_iter().map(|e| json!(e)).collect();
-        if next.is_some() {
-            items.push(json!({"more": true, "next": next, "total": total}));
-        }
-        Ok((Value::Array(items), Vec::new()))
-    }
-
-    /// The held sockets' keys in `list` order, sorted once per change of
-    /// the registry.
-    fn list_order(&mut self) -> std::rc::Rc<Vec<crate::spec::SocketKey>> {
-        let generation = self.registry.generation();
-        if let Some((g, keys)) = &self.list_order_cache() {
-            if *g == generation {
-                return keys.clone();
-            }
-        }
-        let mut all: Vec<(bool, Option<String>, crate::spec::SocketKey)> =
-            self.registry.iter().map(|h| (h.name.is_none(), h.name.clone(), h.key().clone())).collect();
-        all.sort();
-        let keys = std::rc::Rc::new(all.into_iter().map(|(_, _, k)| k).collect::<Vec<_>>());
-        self.set_list_order_cache(generation, keys.clone());
-        keys
     }
 
     /// `status`, for a peer allowed to see it.

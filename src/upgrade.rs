@@ -373,11 +373,12 @@ impl Carried {
 
     /// The server, serving what was carried over. Only now does the control
     /// socket file become this broker's to remove when it stops.
-    pub fn into_server(mut self, options: ServerOptions) -> Server {
+    /// Fails only when the loop cannot be set up (no epoll instance).
+    pub fn into_server(mut self, options: ServerOptions) -> io::Result<Server> {
         GENERATION.store(self.generation, Ordering::Relaxed);
         self.control.set_owned_inode(self.owned_inode);
         let (sockets, conns) = (self.registry.len(), self.conns.len());
-        let mut server = Server::new(self.control, self.registry, options);
+        let mut server = Server::new(self.control, self.registry, options)?;
         for (stream, peer, pending) in self.conns {
             if let Err(e) = server.adopt_connection(stream, peer, &pending) {
                 log::warn!("{peer}: could not resume the connection: {e}");
@@ -388,7 +389,7 @@ impl Carried {
             self.from,
             self.generation
         );
-        server
+        Ok(server)
     }
 }
 

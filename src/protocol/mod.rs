@@ -6,12 +6,16 @@
 //! (see [`bind`]). `docs/protocol.md` is the reference for users.
 //!
 //! Data flow: the server feeds bytes to a [`framing::Framer`], which yields
-//! one JSON value per request; [`Request::from_value`] checks its shape; the
-//! server dispatches on the method and answers with a [`Response`] (and, on
+//! one JSON value per request; [`Request::from_value`] checks its shape and
+//! [`Method::parse`] names the method once; the server dispatches on the
+//! [`Method`] and answers with a [`Response`] (and, on
 //! success only, the descriptor).
 
 pub mod bind;
 pub mod framing;
+pub mod method;
+
+pub use method::Method;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -50,9 +54,9 @@ pub mod code {
 }
 
 /// The control method a new broker calls to take over (`serve --takeover`).
-pub const TAKEOVER_METHOD: &str = "takeover";
+pub const TAKEOVER_METHOD: &str = Method::Takeover.name();
 /// The method that confirms a takeover; the old broker exits once it answers.
-pub const COMMIT_METHOD: &str = "takeover-commit";
+pub const COMMIT_METHOD: &str = Method::TakeoverCommit.name();
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

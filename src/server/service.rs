@@ -1,5 +1,7 @@
-//! The service: one request judged and answered. [`Server::dispatch`]
-//! routes a method; a `bind` goes params ([`BindParams`]) → target → the
+//! The service: one request judged and answered, apart from the event loop
+//! that reads and writes it. [`Server::answer`] checks the request's shape,
+//! parses its [`Method`] once, charges the uid's share of the turn
+//! ([`super::budget::cost`]) and routes it; a `bind` goes params ([`BindParams`]) → target → the
 //! allow rules in force ([`crate::acl::Policy::check`], before anything is
 //! opened) → [`crate::registry::Registry::get_or_open_for`] → a duplicate
 //! of the held descriptor for the reply. The other methods are in
@@ -11,31 +13,79 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use serde_json::{json, Value};
 
+use super::budget::cost;
+use super::conn::Conn;
 use super::{invalid, Server};
 use crate::acl::Action;
 use crate::fd::PeerCred;
 use crate::protocol::bind::{BindParams, BindTarget};
-use crate::protocol::{code, Request, Response, RpcError};
+use crate::protocol::{code, Method, Request, Response, RpcError};
 use crate::spec::{SocketKey, UnixAddress};
 
 impl Server {
-    /// Runs one request. Only a success carries descriptors.
-    pub(super) fn dispatch(&mut self, peer: PeerCred, req: Request) -> (Response, Vec<OwnedFd>) {
-        let result = match req.method.as_str() {
-            "bind" => self.bind(peer, &req.params),
-            "bind_many" => self.bind_many(peer, &req.params),
-            "release" => self.release(peer, &req.params),
-            "list" => self.list(peer, &req.params),
-            "status" => self.status_for(peer),
-            "reload" => self.reload(peer),
-            other => {
-                crate::peer_log!(peer, log::Level::Info, "{other}: method not found");
-                Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
+    /// Judges and answers one complete request of `conn`: its shape, its
+    /// method, the peer's right to it; `None` when there is nothing to send
+    /// yet (a takeover leaves the loop; a `list` page for an untrusted peer
+    /// is built over the next turns). Only a success carries descriptors.
+    pub(super) fn answer(&mut self, conn: &mut Conn, value: Value) -> Option<(Response, Vec<OwnedFd>)> {
+        let peer = conn.peer;
+        let req = match Request::from_value(value) {
+            Ok(req) => req,
+            Err((id, error)) => {
+                crate::peer_log!(peer, log::Level::Info, "{}", error.message);
+                return Some((Response::err(id, error), Vec::new()));
             }
         };
-        match result {
+        let result = match Method::parse(&req.method) {
+            Err(e) => {
+                crate::peer_log!(peer, log::Level::Info, "{}: method not found", req.method);
+                *self.turn_spent.entry(peer.uid).or_default() += 1;
+                Err(e)
+            }
+            Ok(Method::Takeover) => match crate::acl::authorize_takeover(peer, conn.outbox.is_empty()) {
+                Ok(()) => {
+                    conn.takeover = Some(req.id);
+                    return None;
+                }
+                Err(e) => Err(e),
+            },
+            Ok(Method::Adopt) => self.adopt(peer, &req.params, &mut conn.received),
+            Ok(method) => {
+                *self.turn_spent.entry(peer.uid).or_default() += cost(method, &req, self.limits());
+                if method == Method::List && !self.live.policy.trusts(&peer) {
+                    match self.start_list(peer, &req.params, req.id.clone()) {
+                        Ok(job) => {
+                            conn.list_job = Some(job);
+                            return None;
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    self.dispatch(peer, method, &req.params)
+                }
+            }
+        };
+        Some(match result {
             Ok((value, fds)) => (Response::ok(req.id, value), fds),
             Err(e) => (Response::err(req.id, e), Vec::new()),
+        })
+    }
+
+    /// Runs one method of the loop (not `takeover` nor `adopt`, which need
+    /// the connection).
+    fn dispatch(&mut self, peer: PeerCred, method: Method, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
+        match method {
+            Method::Bind => self.bind(peer, params),
+            Method::BindMany => self.bind_many(peer, params),
+            Method::Release => self.release(peer, params),
+            Method::List => self.list(peer, params),
+            Method::Status => self.status_for(peer),
+            Method::Reload => self.reload(peer),
+            // Only on a connection that already left the loop for a takeover.
+            Method::Takeover | Method::Adopt | Method::TakeoverCommit => {
+                crate::peer_log!(peer, log::Level::Info, "{method}: method not found");
+                Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {method}")))
+            }
         }
     }
 
