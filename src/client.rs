@@ -29,7 +29,7 @@ use serde_json::Value;
 use crate::channel::{self, ReadError};
 use crate::protocol::bind::BindParams;
 use crate::protocol::framing::{FrameError, Framer};
-use crate::protocol::{Request, Response, RpcError};
+use crate::protocol::{Method, Request, Response, RpcError};
 use crate::spec::SocketSpec;
 
 /// The largest reply the client reads: a `list` page or a `bind_many`
@@ -43,9 +43,12 @@ pub const RETRY_FOR: Duration = Duration::from_secs(2);
 /// The first pause between retries; it doubles up to [`RETRY_MAX_DELAY`].
 const RETRY_FIRST_DELAY: Duration = Duration::from_millis(5);
 const RETRY_MAX_DELAY: Duration = Duration::from_millis(200);
-/// Methods that may be sent again when the connection broke before the
-/// reply: doing them twice has the effect of doing them once.
-const RETRY_SAFE: &[&str] = &["bind"];
+
+/// Whether a method may be sent again when the connection broke before the
+/// reply: doing it twice has the effect of doing it once.
+fn idempotent(method: &str) -> bool {
+    Method::parse(method).is_ok_and(Method::idempotent)
+}
 
 /// Whether a control connection failure is one an upgrade or restart of the
 /// broker can cause, and so worth retrying.
@@ -198,6 +201,17 @@ impl Client {
         &self.path
     }
 
+    /// Sets the largest reply this client reads and how long it waits for
+    /// one (and for a request to be written): the takeover's reply carries
+    /// the whole state of a broker, beyond [`MAX_REPLY`].
+    pub fn set_reply_limits(&mut self, max_reply: usize, timeout: Duration) -> Result<(), ClientError> {
+        let io_err = |source| ClientError::Io { path: self.path.clone(), source };
+        self.stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        self.stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        self.framer = Framer::new(max_reply);
+        Ok(())
+    }
+
     /// The pid of the process serving the control socket (SO_PEERCRED),
     /// when the kernel says.
     pub fn peer_pid(&self) -> Option<i32> {
@@ -211,9 +225,7 @@ impl Client {
         let mut backoff = Backoff::new();
         loop {
             match self.call_once(method, params.clone()) {
-                Err(ClientError::Io { source, .. })
-                    if RETRY_SAFE.contains(&method) && retryable(&source) && backoff.wait() =>
-                {
+                Err(ClientError::Io { source, .. }) if idempotent(method) && retryable(&source) && backoff.wait() => {
                     log::debug!("{}: {method}: {source}; asking again on a new connection", self.path.display());
                     // One budget for the whole call: reconnecting does not
                     // start a new window.
@@ -296,7 +308,7 @@ impl Client {
             .map(|s| serde_json::to_value(BindParams::from_spec(s)))
             .collect::<Result<_, _>>()
             .map_err(|e| self.protocol(e.to_string()))?;
-        let (result, fds) = self.call("bind_many", Value::Array(params))?;
+        let (result, fds) = self.call(Method::BindMany.name(), Value::Array(params))?;
         let Value::Array(items) = result else {
             return Err(self.protocol("bind_many: the result is not an array".into()));
         };
@@ -334,7 +346,7 @@ impl Client {
         let mut all = Vec::new();
         let mut offset = 0usize;
         loop {
-            let (value, _) = self.call("list", serde_json::json!({ "offset": offset }))?;
+            let (value, _) = self.call(Method::List.name(), serde_json::json!({ "offset": offset }))?;
             let page: ListPage = match value {
                 Value::Array(items) => ListPage {
                     // Skip the "more" marker a broker adds to an unpaged reply.
@@ -355,14 +367,14 @@ impl Client {
 
     /// Makes the broker close its copy of a socket it created on demand.
     pub fn release(&mut self, spec: &SocketSpec) -> Result<(), ClientError> {
-        self.call("release", BindParams::from_spec(spec).to_json()).map(drop).map_err(|e| match e {
+        self.call(Method::Release.name(), BindParams::from_spec(spec).to_json()).map(drop).map_err(|e| match e {
             ClientError::Refused { error, .. } => ClientError::Refused { what: spec.to_string(), error },
             other => other,
         })
     }
 
     fn bind_params(&mut self, params: &BindParams, what: String) -> Result<OwnedFd, ClientError> {
-        let (_, fds) = self.call("bind", params.to_json()).map_err(|e| match e {
+        let (_, fds) = self.call(Method::Bind.name(), params.to_json()).map_err(|e| match e {
             ClientError::Refused { error, .. } => ClientError::Refused { what: what.clone(), error },
             other => other,
         })?;
@@ -386,15 +398,18 @@ struct ListPage {
 mod tests {
     use super::*;
     use crate::fd;
+    use crate::protocol::code;
 
     #[test]
     fn a_refusal_names_the_socket_once() {
         let spec = "tcp://127.0.0.1:8082";
-        let denied =
-            RpcError::new(10003, format!("uid 101 (haproxy) may not bind {spec}: no [[allow]] rule grants it"));
+        let denied = RpcError::new(
+            code::ACCESS_DENIED,
+            format!("uid 101 (haproxy) may not bind {spec}: no [[allow]] rule grants it"),
+        );
         let e = ClientError::Refused { what: spec.into(), error: denied };
         assert_eq!(e.to_string().matches(spec).count(), 1, "{e}");
-        let other = RpcError::new(10000, "Could not bind: Address already in use");
+        let other = RpcError::new(code::BIND_FAILED, "Could not bind: Address already in use");
         let e = ClientError::Refused { what: spec.into(), error: other };
         assert!(e.to_string().starts_with(&format!("{spec}: Could not bind")), "{e}");
     }
