@@ -4,8 +4,8 @@
 //!
 //! 1. expire what is overdue and count what each uid uses
 //!    ([`super::budget`]);
-//! 2. wait on the epoll (not at all when a `list` page is still being
-//!    built): the extra descriptor (the broker's signalfd), the control
+//! 2. wait on the epoll (at most until the `list` budget is refilled when a
+//!    page is still being built): the extra descriptor (the broker's signalfd), the control
 //!    socket and the connections, each registered for what it waits for
 //!    ([`Conn::wanted`]), so a turn costs the ready connections, not all;
 //! 3. serve the ready connections: read into the [`Framer`], answer each
@@ -13,7 +13,7 @@
 //!    reply and write it;
 //! 4. accept new connections and read their first request at once;
 //! 5. look again at connections a limit held back, and build `list` pages
-//!    with what the turn has left ([`super::budget::LIST_ENTRIES_PER_TURN`]):
+//!    with what the budget has left ([`super::budget::LIST_ENTRIES`]):
 //!    binds are served first.
 
 use std::io;
@@ -24,6 +24,7 @@ use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 use serde_json::Value;
 
+use super::budget::LIST_REFILL;
 use super::conn::Conn;
 use super::deadlines::unwatch;
 use super::{Server, Wake};
@@ -79,11 +80,10 @@ impl Server {
             let paused = self.accept_paused_until.is_some_and(|t| now < t);
             let accepting = self.conns.len() < self.limits().max_clients && !paused;
             self.watch_listener(accepting)?;
-            // A page still being built: look for ready connections, do not
-            // wait for them.
+            // A page still being built: wake when the budget is refilled.
             let busy = self.conns.values().any(|c| c.list_job.is_some() && !c.zombie);
-            let timeout = match self.next_deadline(now).into_iter().chain(deadline).min() {
-                _ if busy => PollTimeout::ZERO,
+            let refill = busy.then(|| self.list_refilled + LIST_REFILL);
+            let timeout = match self.next_deadline(now).into_iter().chain(deadline).chain(refill).min() {
                 None => PollTimeout::NONE,
                 // Round up so a deadline is not waited for repeatedly with 0.
                 Some(d) => PollTimeout::try_from(

@@ -1,8 +1,8 @@
 //! `list`: one page of the held sockets, in a stable order (by name,
 //! unnamed last, then address), built as a [`ListJob`]. For root and the
 //! broker's uid the page is built at once; for other peers the event loop
-//! builds it a few entries per turn ([`super::budget::LIST_ENTRIES_PER_TURN`]
-//! for all of them together), so a peer pipelining `list` on many
+//! builds it a few entries at a time ([`super::budget::LIST_ENTRIES`] a
+//! millisecond for all of them together), so a peer pipelining `list` on many
 //! connections cannot hold up a bind for more than those few entries.
 //! Params `{"offset": N, "limit": M}` give `{"entries": [...], "next":
 //! N+M or null, "total": T}`; no params give the first page as a bare array,

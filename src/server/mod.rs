@@ -120,9 +120,10 @@ pub struct Server {
     untrusted_in_flight: usize,
     /// Work done per uid, this turn ([`budget::TURN_BUDGET`]).
     turn_spent: HashMap<u32, usize>,
-    /// `list` entries untrusted peers may still have built this turn
-    /// ([`budget::LIST_ENTRIES_PER_TURN`]).
+    /// `list` entries untrusted peers may still have built until the next
+    /// refill ([`budget::LIST_ENTRIES`]), and when it was last refilled.
     list_budget: usize,
+    list_refilled: Instant,
     /// Half the descriptor limit: the kernel fails every `sendmsg` with a
     /// descriptor (ETOOMANYREFS) once the broker's user has more in flight
     /// than `RLIMIT_NOFILE`, so untrusted peers together get at most half,
@@ -164,7 +165,8 @@ impl Server {
             untrusted_queued: 0,
             untrusted_in_flight: 0,
             turn_spent: HashMap::new(),
-            list_budget: budget::LIST_ENTRIES_PER_TURN,
+            list_budget: budget::LIST_ENTRIES,
+            list_refilled: Instant::now(),
             in_flight_budget: in_flight_budget(),
             nofile: nofile(),
             list_order: None,
