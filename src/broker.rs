@@ -133,7 +133,8 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
     phase = Phase::Adopting;
     log::debug!("phase {phase:?}");
     let server_options = ServerOptions { idle_timeout: options.idle_timeout };
-    let mut server = match upgrade::carried_in(&options.control, options.takeover)? {
+    let control_path = ControlSocket::absolute(&options.control)?;
+    let mut server = match upgrade::carried_in(&control_path, options.takeover)? {
         Some(carried) => {
             if !passed.is_empty() {
                 // systemd keeps its own copies; the carried registry is the
@@ -151,13 +152,12 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         }
         None => {
             let mut registry = Registry::new();
-            let control_path = std::path::absolute(&options.control).unwrap_or_else(|_| options.control.clone());
             let adopted = activation::adopt(passed, &mut registry, &control_path);
             let control = match adopted.control {
                 // systemd made the socket file and removes it: owned_inode None.
                 Some((listener, path)) => ControlSocket::from_listener(listener, path, None)?,
                 None => {
-                    let control = ControlSocket::bind(&options.control, options.control_mode)?;
+                    let control = ControlSocket::bind(&control_path, options.control_mode)?;
                     chown_control(control.path(), &options.config.config.control)?;
                     control
                 }

@@ -383,6 +383,10 @@ fn clear_stale_at(
         Err(nix::errno::Errno::ENOENT) => return Ok(()),
         Err(e) => return Err(PathError::Io { path: path.into(), source: e.into() }),
     };
+    if st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFLNK {
+        let target = nix::fcntl::readlinkat(dir, name).map(PathBuf::from).unwrap_or_default();
+        return Err(PathError::Symlink { path: path.into(), target });
+    }
     if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
         return Err(PathError::NotASocket(path.into()));
     }

@@ -1,8 +1,10 @@
-//! The control socket itself: its path (made absolute), its folder (a
-//! private `/tmp/sockbroker-UID` must be ours), the stale-socket check (a
-//! live socket or another file is never replaced), the mode it is born
+//! The control socket itself: its path (made absolute once, by
+//! [`ControlSocket::absolute`], before anything compares or binds it), its
+//! folder (a private `/tmp/sockbroker-UID` must be ours), the mode it is born
 //! with, and its removal on exit only while the file is still the one this
-//! broker made. The loop that serves it is [`super::Server`].
+//! broker made. A stale socket file is replaced and a live one (or another
+//! file) refused by the one check every UNIX path goes through, in
+//! [`socket::open`]. The loop that serves it is [`super::Server`].
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -81,17 +83,23 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Creates the control socket at `path` with mode `mode`, creating its
-    /// folder. A stale socket file is replaced; a live one, or any other file,
-    /// is an error.
+    /// The control path as the broker uses it everywhere: absolute (against
+    /// the working directory), links not resolved.
+    pub fn absolute(path: &Path) -> Result<PathBuf, ControlError> {
+        std::path::absolute(path).map_err(|source| ControlError::Dir { path: path.into(), source })
+    }
+
+    /// Creates the control socket at `path` (absolute: see
+    /// [`ControlSocket::absolute`]) with mode `mode`, creating its folder. A
+    /// stale socket file is replaced; a live one, or any other file, is an
+    /// error.
     pub fn bind(path: &Path, mode: u32) -> Result<ControlSocket, ControlError> {
-        let path = std::path::absolute(path).map_err(|source| ControlError::Dir { path: path.into(), source })?;
+        let path = path.to_path_buf();
         let key = SocketKey::unix(crate::spec::UnixKind::Stream, &path.to_string_lossy())
             .map_err(|source| ControlError::Address { path: path.clone(), source })?;
         if let Some(dir) = path.parent() {
             prepare_dir(dir)?;
         }
-        socket::clear_stale_unix_path(&path).map_err(ControlError::InUse)?;
         let mut spec = SocketSpec::new(key);
         spec.options.backlog = CONTROL_BACKLOG;
         // The socket file is created with its final mode (no chmod after bind,
@@ -100,7 +108,10 @@ impl ControlSocket {
         let old = umask(Mode::from_bits_truncate(!mode & 0o777));
         let opened = socket::open(&spec);
         umask(old);
-        let fd = opened.map_err(ControlError::Open)?;
+        let fd = opened.map_err(|e| match in_use(e) {
+            Ok(taken) => ControlError::InUse(taken),
+            Err(e) => ControlError::Open(e),
+        })?;
         let inode = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
         Self::from_listener(UnixListener::from(fd), path, inode)
     }
@@ -156,6 +167,16 @@ impl Drop for ControlSocket {
             }
         }
     }
+}
+
+/// The path problem inside an open error that stopped at the stale-socket
+/// check (a live socket, another file, a link), or the error as it was.
+fn in_use(e: OpenError) -> Result<PathError, OpenError> {
+    if e.step != socket::Step::ClearPath || e.source.get_ref().map_or(true, |inner| !inner.is::<PathError>()) {
+        return Err(e);
+    }
+    let inner = e.source.into_inner().expect("looked at above");
+    Ok(*inner.downcast::<PathError>().expect("looked at above"))
 }
 
 /// Creates the control socket's folder. The per-user default folder under
