@@ -1,6 +1,6 @@
 //! The control methods beyond `bind`, as an extension of [`Server`]:
-//! `bind_many`, `release`, `reload`, `status` and `adopt` (`list` is
-//! [`introspect::list`] directly). The server's dispatch calls them; each
+//! `bind_many`, `release`, `reload`, `status` and `adopt` (`list` is in
+//! `server/list.rs`). The server's service calls them; each
 //! judges the peer with the same rules as `bind` ([`crate::acl`]).
 //! `docs/control.md` is the reference for users.
 

@@ -14,7 +14,7 @@ use super::Server;
 
 /// How often zombie connections and held-back connections are looked at
 /// again when nothing else wakes the loop.
-const RECHECK: Duration = Duration::from_millis(20);
+pub(super) const RECHECK: Duration = Duration::from_millis(20);
 
 impl Server {
     /// The next instant something is due: an idle, request or unread

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use super::budget::LIST_REFILL;
 use super::conn::Conn;
-use super::deadlines::unwatch;
+use super::deadlines::{unwatch, RECHECK};
 use super::{Server, Wake};
 use crate::fd::{self, SCM_MAX_FD};
 use crate::protocol::framing::FrameError;
@@ -112,11 +112,21 @@ impl Server {
             if accept_ready && accepting {
                 self.accept_all();
             }
-            // Connections held back by a limit, asleep with descriptors
-            // unread, or building a `list` page are looked at again each
-            // turn, after the ready ones: the kernel has no event for "the
-            // peer read what we sent", and a page gets what the turn left.
-            let recheck: Vec<u64> = self.conns.iter().filter(|(_, c)| c.held).map(|(id, _)| *id).collect();
+            // Connections held back by a limit are looked at again after the
+            // ready ones, when something woke the loop or every RECHECK (the
+            // kernel has no event for "the peer read what we sent"); those
+            // building a `list` page, each turn: a page gets what is left.
+            let woke = Instant::now();
+            let all_held = n > 0 || woke.duration_since(self.last_recheck) >= RECHECK;
+            if all_held {
+                self.last_recheck = woke;
+            }
+            let recheck: Vec<u64> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.held && (all_held || c.list_job.is_some()))
+                .map(|(id, _)| *id)
+                .collect();
             for id in recheck {
                 self.service(id, PollFlags::empty());
             }

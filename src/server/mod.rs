@@ -136,6 +136,8 @@ pub struct Server {
     list_order: Option<(u64, Rc<Vec<SocketKey>>)>,
     /// When suppressed log lines were last reported.
     last_log_report: Instant,
+    /// When connections held back by a limit were last looked at.
+    last_recheck: Instant,
     /// What the loop waits on: the control socket, the connections and
     /// the extra descriptor of [`Server::serve_until`].
     epoll: Epoll,
@@ -171,6 +173,7 @@ impl Server {
             nofile: nofile(),
             list_order: None,
             last_log_report: Instant::now(),
+            last_recheck: Instant::now(),
             epoll,
             extra_watched: None,
             listener_watched: true,
