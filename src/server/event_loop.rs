@@ -335,7 +335,7 @@ impl Server {
                     return true;
                 }
                 let job = conn.list_job.take().expect("looked at above");
-                self.queue_reply(conn, job.into_response(), Vec::new());
+                self.queue_reply(conn, job.into_reply(), Vec::new());
                 continue;
             }
             if self.spent_turn(conn) {
@@ -364,7 +364,7 @@ impl Server {
                 Some(Ok(value)) => {
                     conn.last_active = Instant::now();
                     conn.request_started = None;
-                    self.answer(conn, value)
+                    self.answer(conn, value).map(|(response, fds)| (response.to_bytes(), fds))
                 }
                 Some(Err(e)) => {
                     let code = match e {
@@ -379,19 +379,18 @@ impl Server {
                     };
                     crate::peer_log!(conn.peer, log::Level::Info, "{message}; closing the connection");
                     conn.closing = true;
-                    Some((Response::err(Value::Null, RpcError::new(code, message)), Vec::new()))
+                    Some((Response::err(Value::Null, RpcError::new(code, message)).to_bytes(), Vec::new()))
                 }
             };
-            if let Some((response, fds)) = reply {
-                self.queue_reply(conn, response, fds);
+            if let Some((bytes, fds)) = reply {
+                self.queue_reply(conn, bytes, fds);
             }
         }
     }
 
     /// Queues a reply and counts it against the peer's uid (and, for an
     /// untrusted peer, the shared budgets) for the rest of the turn.
-    fn queue_reply(&mut self, conn: &mut Conn, response: Response, fds: Vec<OwnedFd>) {
-        let bytes = response.to_bytes();
+    fn queue_reply(&mut self, conn: &mut Conn, bytes: Vec<u8>, fds: Vec<OwnedFd>) {
         if !self.live.policy.trusts(&conn.peer) {
             self.untrusted_queued += bytes.len();
             self.untrusted_in_flight += fds.len();

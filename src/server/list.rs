@@ -1,7 +1,8 @@
 //! `list`: one page of the held sockets, in a stable order (by name,
-//! unnamed last, then address), built as a [`ListJob`]. For root and the
-//! broker's uid the page is built at once; for other peers the event loop
-//! builds it a few entries at a time ([`super::budget::LIST_ENTRIES`] a
+//! unnamed last, then address), built as a [`ListJob`] whose entries are
+//! written out as they are described, so finishing a page costs no more than
+//! a chunk. For root and the broker's uid the page is built at once; for
+//! other peers the event loop builds it a few entries at a time ([`super::budget::LIST_ENTRIES`] a
 //! millisecond for all of them together), so a peer pipelining `list` on many
 //! connections cannot hold up a bind for more than those few entries.
 //! Params `{"offset": N, "limit": M}` give `{"entries": [...], "next":
@@ -10,7 +11,6 @@
 //! "total": …}` when there are more. Other users' pids and uids are shown to
 //! root and the broker's uid only.
 
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
 use serde_json::{json, Value};
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::{invalid, Server};
 use crate::fd::PeerCred;
 use crate::introspect::SocketInfo;
-use crate::protocol::{code, Response, RpcError};
+use crate::protocol::{code, RpcError};
 use crate::spec::SocketKey;
 
 /// A `list` page in the making.
@@ -38,7 +38,8 @@ pub(crate) struct ListJob {
     paged: bool,
     /// Whether the peer sees other users' pids and uids.
     sees_all: bool,
-    entries: Vec<Value>,
+    /// The entries built so far, as JSON text separated by commas.
+    entries: Vec<u8>,
 }
 
 impl ListJob {
@@ -47,37 +48,37 @@ impl ListJob {
         self.pos >= self.end
     }
 
-    /// The page, in the form the request asked for.
-    fn result(self) -> Value {
+    /// The reply to the request, once [`ListJob::done`], in the wire form
+    /// of [`crate::protocol::Response::to_bytes`]: the page as the request
+    /// asked for it, `{"entries": [...], "next": …, "total": …}` or a bare
+    /// array (with a `{"more": …}` marker when there are more).
+    pub(crate) fn into_reply(self) -> Vec<u8> {
         let total = self.order.len();
         let next = self.offset.checked_add(self.limit).filter(|n| *n < total);
+        let mut out = format!(r#"{{"jsonrpc":"2.0","id":{},"result":"#, self.id).into_bytes();
         if self.paged {
-            return json!({"entries": self.entries, "next": next, "total": total});
+            out.extend_from_slice(br#"{"entries":["#);
+            out.extend_from_slice(&self.entries);
+            out.extend_from_slice(format!(r#"],"next":{},"total":{total}}}"#, json!(next)).as_bytes());
+        } else {
+            out.push(b'[');
+            out.extend_from_slice(&self.entries);
+            if next.is_some() {
+                if !self.entries.is_empty() {
+                    out.push(b',');
+                }
+                out.extend_from_slice(json!({"more": true, "next": next, "total": total}).to_string().as_bytes());
+            }
+            out.push(b']');
         }
-        let mut items = self.entries;
-        if next.is_some() {
-            items.push(json!({"more": true, "next": next, "total": total}));
-        }
-        Value::Array(items)
-    }
-
-    /// The reply to the request, once [`ListJob::done`].
-    pub(crate) fn into_response(self) -> Response {
-        let id = self.id.clone();
-        Response::ok(id, self.result())
+        out.extend_from_slice(b"}\n");
+        out
     }
 }
 
 impl Server {
-    /// `list`, answered at once.
-    pub(crate) fn list(&mut self, peer: PeerCred, params: &Value) -> Result<(Value, Vec<OwnedFd>), RpcError> {
-        let mut job = self.start_list(peer, params, Value::Null)?;
-        self.build_list(&mut job, usize::MAX);
-        Ok((job.result(), Vec::new()))
-    }
-
     /// Judges a `list` request and reads its params; the page is built by
-    /// [`Server::build_list`].
+    /// [`Server::build_list`] and answered by [`ListJob::into_reply`].
     pub(crate) fn start_list(&mut self, peer: PeerCred, params: &Value, id: Value) -> Result<ListJob, RpcError> {
         self.live.policy.check_introspect(&peer, "list").map_err(|denied| {
             crate::peer_log!(peer, log::Level::Warn, "list: refused: {denied}");
@@ -122,7 +123,12 @@ impl Server {
                 info.last_pid = None;
                 info.last_uid = None;
             }
-            job.entries.push(json!(info));
+            if !job.entries.is_empty() {
+                job.entries.push(b',');
+            }
+            // Through a Value, so the keys come in the order the other
+            // replies use.
+            serde_json::to_writer(&mut job.entries, &json!(info)).expect("a Value always serialises");
         }
         let used = stop - job.pos;
         job.pos = stop;
@@ -144,5 +150,67 @@ impl Server {
         let keys = Rc::new(all.into_iter().map(|(_, _, k)| k).collect::<Vec<_>>());
         self.list_order = Some((generation, keys.clone()));
         keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::introspect::SocketInfo;
+    use crate::protocol::Response;
+    use crate::registry::Registry;
+    use crate::server::{ControlSocket, ServerOptions};
+    use crate::spec::SocketSpec;
+
+    /// A page built a few entries at a time, as the event loop builds one
+    /// for an untrusted peer, is the page built at once, and both are the
+    /// reply the protocol describes, in both forms.
+    #[test]
+    fn a_page_built_in_chunks_is_the_page_built_at_once() {
+        let dir = std::env::temp_dir().join(format!("sockbroker-list-chunks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let control = ControlSocket::bind(&dir.join("control.sock"), 0o600).unwrap();
+        let mut registry = Registry::new();
+        for i in 0..300 {
+            let spec: SocketSpec = format!("unix:@sbt-list-chunks-{}-{i:03}", std::process::id()).parse().unwrap();
+            registry.get_or_open(&spec).unwrap();
+        }
+        let mut server = Server::new(control, registry, ServerOptions::default()).unwrap();
+        let peer = PeerCred { pid: 1, uid: 0, gid: 0 };
+        let limit = server.limits().list_page_max;
+        for (params, offset, count, next) in [
+            (json!(null), 0, limit, Some(limit)),
+            (json!({"offset": 10, "limit": 200}), 10, 200, Some(210)),
+            (json!({"offset": 290}), 290, 10, None),
+        ] {
+            let mut whole = server.start_list(peer, &params, json!(7)).unwrap();
+            server.build_list(&mut whole, usize::MAX);
+            let mut job = server.start_list(peer, &params, json!(7)).unwrap();
+            let mut chunks = 0;
+            while !job.done() {
+                let before = job.pos;
+                let used = server.build_list(&mut job, 32);
+                assert!(used > 0 && used <= 32 && job.pos == before + used, "{params}: {used} used");
+                chunks += 1;
+            }
+            assert_eq!(chunks, count.div_ceil(32), "{params}");
+            let bytes = job.into_reply();
+            assert_eq!(bytes, whole.into_reply(), "{params}");
+            assert!(bytes.ends_with(b"}\n"));
+            let reply: Response = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(reply.id, json!(7));
+            let expected: Vec<Value> = server.list_order()[offset..offset + count]
+                .iter()
+                .map(|key| json!(SocketInfo::of(server.registry.get(key).unwrap())))
+                .collect();
+            let result = reply.result.unwrap();
+            if params.is_null() {
+                let marker = json!({"more": true, "next": next, "total": 300});
+                assert_eq!(result, Value::Array(expected.into_iter().chain([marker]).collect()));
+            } else {
+                assert_eq!(result, json!({"entries": expected, "next": next, "total": 300}), "{params}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -25,8 +25,7 @@ use crate::spec::{SocketKey, UnixAddress};
 impl Server {
     /// Judges and answers one complete request of `conn`: its shape, its
     /// method, the peer's right to it; `None` when there is nothing to send
-    /// yet (a takeover leaves the loop; a `list` page for an untrusted peer
-    /// is built over the next turns). Only a success carries descriptors.
+    /// yet (a takeover leaves the loop; a `list` page is built by the loop). Only a success carries descriptors.
     pub(super) fn answer(&mut self, conn: &mut Conn, value: Value) -> Option<(Response, Vec<OwnedFd>)> {
         let peer = conn.peer;
         let req = match Request::from_value(value) {
@@ -52,7 +51,9 @@ impl Server {
             Ok(Method::Adopt) => self.adopt(peer, &req.params, &mut conn.received),
             Ok(method) => {
                 *self.turn_spent.entry(peer.uid).or_default() += cost(method, &req, self.limits());
-                if method == Method::List && !self.live.policy.trusts(&peer) {
+                if method == Method::List {
+                    // Built by the loop: at once for root and the broker's
+                    // uid, a few entries a millisecond for the others.
                     match self.start_list(peer, &req.params, req.id.clone()) {
                         Ok(job) => {
                             conn.list_job = Some(job);
@@ -78,11 +79,11 @@ impl Server {
             Method::Bind => self.bind(peer, params),
             Method::BindMany => self.bind_many(peer, params),
             Method::Release => self.release(peer, params),
-            Method::List => self.list(peer, params),
             Method::Status => self.status_for(peer),
             Method::Reload => self.reload(peer),
-            // Only on a connection that already left the loop for a takeover.
-            Method::Takeover | Method::Adopt | Method::TakeoverCommit => {
+            // `list` is a job of the loop; `takeover` and `adopt` need the
+            // connection; `takeover-commit` is read by hand_over alone.
+            Method::List | Method::Takeover | Method::Adopt | Method::TakeoverCommit => {
                 crate::peer_log!(peer, log::Level::Info, "{method}: method not found");
                 Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {method}")))
             }
