@@ -128,6 +128,9 @@ impl Server {
                 .map(|(id, _)| *id)
                 .collect();
             for id in recheck {
+                if !all_held && self.list_budget == 0 {
+                    break; // only pages were due, and the budget is spent
+                }
                 self.service(id, PollFlags::empty());
             }
             if self.takeover.is_some() {
