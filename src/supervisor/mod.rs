@@ -39,7 +39,7 @@
 //! This is the one generation supervisor of the project. What differs
 //! between daemons is split out: a [`Daemon`] prepares and starts one
 //! generation and words the STATUS= line ([`ListenFdsDaemon`] for `run`:
-//! sockets fetched once and placed at 3..; `haproxy::reload::Haproxy` for
+//! sockets fetched once and placed at 3..; `haproxy::run::Haproxy` for
 //! `haproxy run`: render, `haproxy -c`, start `haproxy -Ws`), and a
 //! [`Supervision`] says which signals reload and stop, which signal retires
 //! and stops a generation (SIGTERM by default; SIGUSR1, HAProxy's soft stop),
@@ -115,7 +115,7 @@ pub struct Supervision {
     pub hard_stop_signal: Option<Signal>,
     /// When the retire or stop signal is sent again to a generation still
     /// running, counted from the first one (a daemon may drop a signal that
-    /// arrives while it starts; see `haproxy::reload`).
+    /// arrives while it starts; see `haproxy::run`).
     pub resend_after: &'static [Duration],
     /// How long a stopping generation may take before SIGKILL; `None`: as
     /// long as it needs to drain.
