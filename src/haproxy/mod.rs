@@ -297,7 +297,7 @@ pub fn exec(argv: &[OsString], options: &RenderOptions) -> Result<(), HaproxyErr
     // As `sockbroker exec` does: a descriptor our own parent leaked to us
     // (not close-on-exec) must not reach HAProxy, which gets exactly the
     // sockets its configuration names.
-    if let Err(e) = crate::exec::seal_inherited_descriptors() {
+    if let Err(e) = crate::child::seal_inherited_descriptors() {
         log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
     }
     let mut args = HaproxyArgs::parse(argv)?;

@@ -236,7 +236,7 @@ impl Daemon for Haproxy {
         let mut cmd = Command::new(&self.args.program);
         cmd.args(self.args.supervised_args()).stdin(Stdio::null());
         // HAProxy takes its sockets as fd@N, never by LISTEN_FDS.
-        for key in crate::exec::LISTEN_ENV {
+        for key in crate::systemd::listen::LISTEN_ENV {
             cmd.env_remove(key);
         }
         for (key, value) in env {

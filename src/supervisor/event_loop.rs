@@ -16,7 +16,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 
 use super::readiness::notify_socket;
-use super::{control, Daemon, GenState, Phase, Readiness, RunError, PIDFILE_POLL, Supervision, Supervisor};
+use super::{control, Daemon, GenState, Phase, Readiness, RunError, Supervision, Supervisor, PIDFILE_POLL};
 
 fn setup<E: std::error::Error>(what: &'static str) -> impl FnOnce(nix::Error) -> RunError<E> {
     move |e| RunError::Setup { what, source: e.into() }

@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 
 use super::{supervise, Daemon, Drain, Proof, Readiness, RunError, Supervision};
 use crate::exec::{self, ExecError, Launch, PassedSocket, SocketArg};
+use crate::systemd::listen::LISTEN_FDS_START;
 
 /// How `run` was asked to run.
 #[derive(Debug, Clone)]
@@ -71,12 +72,12 @@ pub struct ListenFdsDaemon {
 impl ListenFdsDaemon {
     /// Gets the sockets from the broker (see [`crate::exec::fetch`]).
     pub fn fetch(args: &[SocketArg], fallback_bind: bool, command: Vec<OsString>) -> Result<Self, ExecError> {
-        if let Err(e) = exec::seal_inherited_descriptors() {
+        if let Err(e) = crate::child::seal_inherited_descriptors() {
             log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
         }
         let sockets = exec::fetch(args, fallback_bind)?;
         for (i, s) in sockets.iter().enumerate() {
-            log::info!("fd {} = {} (LISTEN_FDNAMES '{}')", exec::LISTEN_FDS_START + i as RawFd, s.role, s.fdname);
+            log::info!("fd {} = {} (LISTEN_FDNAMES '{}')", LISTEN_FDS_START + i as RawFd, s.role, s.fdname);
         }
         Ok(ListenFdsDaemon { sockets, command })
     }

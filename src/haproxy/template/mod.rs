@@ -280,7 +280,6 @@ fn position(text: &str, offset: usize) -> Position {
     Position { line, column: before[line_start..].chars().count() + 1 }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
