@@ -9,15 +9,15 @@
 //! `--ready-probe` exits 0 (run again every [`PROBE_RETRY`]).
 
 use std::fmt;
-use std::io::{self, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::kill;
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
@@ -141,31 +141,11 @@ impl<D: Daemon> Supervisor<D> {
     }
 
     pub(super) fn read_notify(&mut self) {
-        let Some((sock, _)) = &self.notify_sock else { return };
-        let raw = sock.as_raw_fd();
         loop {
+            let Some((sock, _)) = &self.notify_sock else { return };
             let mut buf = [0u8; 4096];
-            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-            let (len, sender) = match recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), flags) {
-                Ok(msg) => {
-                    let mut sender = None;
-                    for c in msg.cmsgs().into_iter().flatten() {
-                        match c {
-                            ControlMessageOwned::ScmCredentials(cred) => sender = Some(Pid::from_raw(cred.pid())),
-                            ControlMessageOwned::ScmRights(fds) => {
-                                // Nobody may park descriptors with us: close them.
-                                for fd in fds {
-                                    // SAFETY: the kernel just installed it for us alone.
-                                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    (msg.bytes, sender)
-                }
+            let (len, sender) = match crate::fd::recv_with_sender(sock.as_fd(), &mut buf) {
+                Ok((len, sender)) => (len, sender.map(Pid::from_raw)),
                 Err(Errno::EAGAIN) => return,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
