@@ -47,6 +47,15 @@ pub struct PassedSocket {
     pub role: String,
 }
 
+/// One log line a socket: `fd 3 = web=tcp://… (LISTEN_FDNAMES 'web')`, in
+/// slot order.
+pub fn slot_lines(sockets: &[PassedSocket]) -> impl Iterator<Item = String> + '_ {
+    sockets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("fd {} = {} (LISTEN_FDNAMES '{}')", LISTEN_FDS_START + i as RawFd, s.role, s.fdname))
+}
+
 /// Everything that can stop `exec` (or a generation's start).
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -189,8 +198,8 @@ pub fn run(args: &[SocketArg], fallback_bind: bool, command: &[OsString]) -> Exe
         Ok(l) => l,
         Err(e) => return e,
     };
-    for (i, s) in sockets.iter().enumerate() {
-        log::debug!("fd {} = {} (LISTEN_FDNAMES '{}')", LISTEN_FDS_START + i as RawFd, s.role, s.fdname);
+    for line in slot_lines(&sockets) {
+        log::debug!("{line}");
     }
     launch.exec(sockets)
 }

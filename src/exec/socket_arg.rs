@@ -21,7 +21,8 @@ pub enum SocketSource {
 pub struct SocketArg {
     /// What to ask the broker for.
     pub source: SocketSource,
-    /// The name in `LISTEN_FDNAMES`; a bare spec has none ([`UNNAMED`]).
+    /// The name in `LISTEN_FDNAMES`; a bare spec has none
+    /// ([`crate::systemd::listen::UNNAMED`]).
     pub fdname: Option<String>,
 }
 

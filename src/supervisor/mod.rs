@@ -53,7 +53,7 @@
 //!
 //! - this file: what a supervision is ([`Supervision`]), what a daemon must
 //!   do ([`Daemon`]), the supervisor's state and its phases;
-//! - [`run`]: `sockbroker run` itself, a LISTEN_FDS daemon ([`ListenFdsDaemon`]);
+//! - [`mod@run`]: `sockbroker run` itself, a LISTEN_FDS daemon ([`ListenFdsDaemon`]);
 //! - `event_loop`: [`supervise`], the poll loop and its timers;
 //! - `generations`: one generation's life (start, promote, retire, stop
 //!   hard) and the reload's outcome;

@@ -6,7 +6,6 @@
 //! the supervisor's ([`super::supervise`]).
 
 use std::ffi::OsString;
-use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,7 +14,6 @@ use nix::unistd::Pid;
 
 use super::{supervise, Daemon, Drain, Proof, Readiness, RunError, Supervision};
 use crate::exec::{self, ExecError, Launch, PassedSocket, SocketArg};
-use crate::systemd::listen::LISTEN_FDS_START;
 
 /// How `run` was asked to run.
 #[derive(Debug, Clone)]
@@ -76,8 +74,8 @@ impl ListenFdsDaemon {
             log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
         }
         let sockets = exec::fetch(args, fallback_bind)?;
-        for (i, s) in sockets.iter().enumerate() {
-            log::info!("fd {} = {} (LISTEN_FDNAMES '{}')", LISTEN_FDS_START + i as RawFd, s.role, s.fdname);
+        for line in exec::slot_lines(&sockets) {
+            log::info!("{line}");
         }
         Ok(ListenFdsDaemon { sockets, command })
     }
