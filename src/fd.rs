@@ -1,5 +1,6 @@
 //! Descriptor primitives: passing descriptors over UNIX sockets (SCM_RIGHTS),
-//! the close-on-exec flag, the credentials of a peer, and copying a descriptor
+//! the close-on-exec flag, the credentials of a peer or of a datagram's
+//! sender (`SCM_CREDENTIALS`, for `run`'s notify socket), and copying a descriptor
 //! out of another process (`pidfd_open` + `pidfd_getfd`, for `sockbroker adopt`).
 //!
 //! Everything here keeps one rule: a descriptor that enters the process is an
