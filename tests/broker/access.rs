@@ -2,7 +2,7 @@
 //! (setpriv drops uid, gid and every supplementary group before exec), the
 //! broker judges it by SO_PEERCRED and the user database.
 
-mod common;
+use crate::common;
 
 use std::os::fd::AsFd;
 

@@ -1,7 +1,7 @@
 //! The configuration file through the real binary: `check`, declared sockets
 //! at start, and live reload (control method and SIGHUP).
 
-mod common;
+use crate::common;
 
 use std::net::TcpStream;
 use std::os::fd::AsFd;

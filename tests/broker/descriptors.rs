@@ -1,7 +1,7 @@
 //! Descriptor hygiene of the real broker: everything it holds is
 //! close-on-exec, and its descriptor count does not grow with requests.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::fd::AsFd;

@@ -9,7 +9,7 @@
 //! Latency here is checked with generous bounds (the machine is shared);
 //! the figures are for `cargo bench --bench hostile`.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;

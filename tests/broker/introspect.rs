@@ -1,6 +1,6 @@
 //! `list`, `status`, batch bind and `release` through the real binary.
 
-mod common;
+use crate::common;
 
 use std::net::TcpStream;
 use std::os::fd::AsFd;

@@ -1,7 +1,7 @@
 //! The broker's life: start-up safety on the control path, stopping on
 //! SIGTERM/SIGINT, the per-request log line, and how clients find the broker.
 
-mod common;
+use crate::common;
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -1,6 +1,6 @@
 //! The reference client's exact wire form against the real broker.
 
-mod common;
+use crate::common;
 
 use std::os::fd::AsFd;
 

@@ -1,7 +1,7 @@
 //! Every socket option of a declared socket, read back from the kernel
 //! (getsockopt, TCP_INFO, stat) on the descriptor the broker hands out.
 
-mod common;
+use crate::common;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -2,7 +2,7 @@
 //! framing (split, concatenated, oversized requests), and clients that stall,
 //! vanish or idle.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::fd::AsFd;

@@ -2,7 +2,7 @@
 //! from any client), every kind (TCP v4/v6, UDP, UNIX path and abstract),
 //! names, and bind failures.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -3,7 +3,7 @@
 //! takes its control socket from systemd, skips what it cannot use, and sends
 //! the sockets it makes itself to the fd store.
 
-mod common;
+use crate::common;
 
 use std::io::IoSliceMut;
 use std::net::{TcpListener, TcpStream, UdpSocket};

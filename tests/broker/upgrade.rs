@@ -8,7 +8,7 @@
 //! multibinder's wire format and no retry: one connection per request (the
 //! reference client), and one connection kept open throughout.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -5,7 +5,7 @@
 //! the refusals: a non-root caller, a missing pid, a process without sockets,
 //! a key held by another socket.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

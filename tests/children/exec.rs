@@ -1,7 +1,7 @@
 //! `sockbroker exec` against real LISTEN_FDS consumers: the Python test
 //! daemon and systemd-socket-proxyd.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};

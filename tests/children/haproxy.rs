@@ -2,7 +2,7 @@
 //! syntaxes, a thousand binds, `haproxy run` reloads under load, a broken
 //! config, graceful stop, two instances side by side.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};

@@ -1,7 +1,7 @@
 //! `sockbroker run`: reloads under a loopback load of new connections, failed
 //! reloads, stop, and systemd-socket-proxyd as a generation.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

@@ -3,7 +3,7 @@
 //! a client command, a quiet exit when stdout's reader is gone, and `list`
 //! showing each socket's inode and the processes holding it.
 
-mod common;
+use crate::common;
 
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
