@@ -35,7 +35,7 @@ fn main() {
     let mut retired = Vec::new();
     for _ in 0..TAKEOVERS {
         let t = Instant::now();
-        let new = Broker::start_in(dir.clone(), control.clone(), &["--takeover"], &[]);
+        let new = Broker::builder("takeover").dir(dir.clone()).control(control.clone()).arg("--takeover").start();
         takeover.push(t.elapsed());
         let mut old = std::mem::replace(&mut broker, new);
         wait_timeout(&mut old.child, Duration::from_secs(10)).expect("old broker exits after a takeover");

@@ -33,7 +33,7 @@ fn assert_allowed(out: &std::process::Output) {
 
 #[test]
 fn without_rules_only_root_and_the_broker_uid_are_served() {
-    let broker = Broker::start_with_config("acldefault", OPEN_CONTROL);
+    let broker = Broker::builder("acldefault").config(OPEN_CONTROL).start();
     let port = free_port();
     let spec = format!("tcp://127.0.0.1:{port}");
     let out = bind_as_nobody(&broker, &[&spec]);
@@ -99,7 +99,7 @@ on_demand = ["tcp://127.0.0.1:{low}-{high}", "unix:@sbt-app-{pid}-*"]
 fn check_rules(name: &str, who: &str) {
     let port = free_port();
     let (low, high) = (port.saturating_sub(5).max(1024), port);
-    let broker = Broker::start_with_config(name, &rules_config(low, high, who, name));
+    let broker = Broker::builder(name).config(rules_config(low, high, who, name)).start();
     let pid = format!("{name}-{}", std::process::id());
     assert_allowed(&bind_as_nobody(&broker, &["--name", "web"]));
     // The declared socket by its address counts as the named socket.
@@ -147,7 +147,7 @@ fn a_gid_rule_grants_names_and_address_ranges() {
 fn changed_rules_apply_at_once_on_reload() {
     let pid = std::process::id();
     let spec = format!("unix:@sbt-aclreload-{pid}");
-    let broker = Broker::start_with_config("aclreload", OPEN_CONTROL);
+    let broker = Broker::builder("aclreload").config(OPEN_CONTROL).start();
     assert_refused(&bind_as_nobody(&broker, &[&spec]), &format!("uid 65534 (nobody) may not bind {spec}"));
 
     broker.write_config(&format!("{OPEN_CONTROL}\n[[allow]]\nuser = \"nobody\"\non_demand = [\"{spec}\"]\n"));
@@ -168,7 +168,7 @@ fn group_membership_comes_from_the_user_database() {
     // only the group database says nobody belongs to nogroup.
     let pid = std::process::id();
     let config = format!("{OPEN_CONTROL}\n[[allow]]\ngroup = \"nogroup\"\non_demand = [\"unix:@sbt-db-{pid}-*\"]\n");
-    let broker = Broker::start_with_config("acldb", &config);
+    let broker = Broker::builder("acldb").config(config).start();
     let out = run_cli(
         &broker.control,
         Some(&["--reuid=nobody", "--regid=root", "--clear-groups"]),
@@ -182,7 +182,7 @@ fn group_membership_comes_from_the_user_database() {
 fn one_line_opens_the_broker_to_everyone() {
     // The documented line; a top-level key, so it goes before any [table].
     let config = format!("allow = [{{ anyone = true, sockets = [\"*\"], on_demand = [\"*\"] }}]\n{OPEN_CONTROL}");
-    let broker = Broker::start_with_config("aclopen", &config);
+    let broker = Broker::builder("aclopen").config(config).start();
     assert_allowed(&bind_as_nobody(&broker, &[&format!("unix:@sbt-open-{}", std::process::id())]));
 }
 
@@ -190,7 +190,7 @@ fn one_line_opens_the_broker_to_everyone() {
 fn release_and_reload_are_judged_too() {
     let pid = std::process::id();
     let config = format!("{OPEN_CONTROL}\n[[allow]]\nuser = \"nobody\"\non_demand = [\"unix:@sbt-rel-{pid}-mine\"]\n");
-    let broker = Broker::start_with_config("aclrel", &config);
+    let broker = Broker::builder("aclrel").config(&config).start();
     let mut root = broker.client();
     let theirs: sockbroker::spec::SocketSpec = format!("unix:@sbt-rel-{pid}-theirs").parse().unwrap();
     let mine: sockbroker::spec::SocketSpec = format!("unix:@sbt-rel-{pid}-mine").parse().unwrap();

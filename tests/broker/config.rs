@@ -146,7 +146,7 @@ listen = "unix:@sbt-{dir_tag}-{pid}"
 
 #[track_caller]
 fn start_declared(name: &str) -> (Broker, u16) {
-    Broker::start_with_config_port(name, |port| declared(port, name))
+    Broker::builder(name).start_on_free_port(|port| declared(port, name))
 }
 
 #[test]

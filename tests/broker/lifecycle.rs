@@ -73,7 +73,7 @@ fn stale_control_socket_is_replaced() {
     let control = dir.join("control.sock");
     drop(UnixListener::bind(&control).unwrap());
     assert!(control.exists());
-    let broker = Broker::start_in(dir, control, &[], &[]);
+    let broker = Broker::builder("lcstale").dir(dir).start();
     let mut client = broker.client();
     bind_free_tcp(&mut client);
     assert!(broker.log_text().contains("removing stale socket"), "{}", broker.log_text());
@@ -144,7 +144,7 @@ fn other_signals_do_not_kill_the_broker() {
 /// the socket and the outcome.
 #[test]
 fn each_request_is_logged_with_peer_method_socket_and_outcome() {
-    let broker = Broker::start_with("lclog", &[], &[("RUST_LOG", "info")]);
+    let broker = Broker::builder("lclog").env("RUST_LOG", "info").start();
     let peer = format!("pid={} uid={} gid={}", std::process::id(), nix::unistd::geteuid(), nix::unistd::getegid());
     let mut client = broker.client();
     let (spec, _) = bind_free_tcp(&mut client);
@@ -224,7 +224,7 @@ fn clients_find_the_broker_from_the_environment() {
 fn control_socket_folder_is_created_and_mode_is_0660() {
     let dir = test_dir("lcmode");
     let control = dir.join("run/sockbroker/control.sock");
-    let broker = Broker::start_in(dir, control.clone(), &[], &[]);
+    let broker = Broker::builder("lcmode").dir(dir).control(control.clone()).start();
     let meta = std::fs::symlink_metadata(&control).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -238,11 +238,8 @@ fn control_socket_folder_is_created_and_mode_is_0660() {
 #[test]
 fn descriptor_exhaustion_does_not_spin() {
     raise_nofile();
-    let dir = test_dir("lcemfile");
-    let control = dir.join("control.sock");
     // 0-2, the signalfd and the control socket leave room for a few clients.
-    let wrapper = broker_wrapper(&dir, "limited", "", "prlimit --nofile=10:10");
-    let broker = Broker::start_program(&wrapper, dir, control, &[], &[]);
+    let broker = Broker::builder("lcemfile").nofile(10).start();
     let clients: Vec<_> = (0..12).map(|_| connect(&broker.control)).collect();
     wait_until(Duration::from_secs(20), "descriptor table full", || broker.open_fds().len() >= 10);
     // Half a second of exhaustion (the condition under test, not a wait for
@@ -275,12 +272,9 @@ fn descriptor_exhaustion_does_not_spin() {
 #[test]
 fn requests_cannot_forge_log_lines() {
     for journal in [false, true] {
-        let dir = test_dir("lcforge");
-        let control = dir.join("control.sock");
         // JOURNAL_STREAM names stderr (the log file) when the broker starts.
         let prelude = if journal { r#"export JOURNAL_STREAM="$(stat -L -c %d:%i /proc/self/fd/2)""# } else { "" };
-        let wrapper = broker_wrapper(&dir, "journal", prelude, "");
-        let broker = Broker::start_program(&wrapper, dir, control, &[], &[("RUST_LOG", "info")]);
+        let broker = Broker::builder("lcforge").prelude(prelude).env("RUST_LOG", "info").start();
         let forged = "\n[FORGED] pid=1 bind: ok";
         let path = format!("{}/x{forged}", broker.dir.display());
         let requests = [

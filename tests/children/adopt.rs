@@ -556,7 +556,7 @@ fn udp_and_unix_sockets_move_with_no_lost_request() {
 /// `--adopt-orphans` holding the same sockets; without it, it cannot start.
 #[test]
 fn a_killed_broker_takes_its_declared_sockets_back_from_the_daemon() {
-    let (mut broker, port) = Broker::start_with_config_port("adopt-orphans", |port| {
+    let (mut broker, port) = Broker::builder("adopt-orphans").start_on_free_port(|port| {
         format!(
             "[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\n\n\
              [[socket]]\nname = \"dns\"\nlisten = \"udp://127.0.0.1:{port}\"\n\n\
@@ -590,13 +590,13 @@ fn a_killed_broker_takes_its_declared_sockets_back_from_the_daemon() {
     let config = broker.config_path();
     let args = ["--config", config.to_str().unwrap()];
     // Without --adopt-orphans: the declared sockets are in use.
-    let refused = Broker::try_start_in(broker.dir.clone(), broker.control.clone(), &args, &[]).err();
+    let refused = Broker::builder("restart").beside(&broker).args(&args).try_start().err();
     let log = refused.expect("a broker without --adopt-orphans cannot open sockets a daemon holds");
     assert!(log.contains("in use") || log.contains("already listening"), "{log}");
 
     let mut with = args.to_vec();
     with.push("--adopt-orphans");
-    let back = Broker::start_in(broker.dir.clone(), broker.control.clone(), &with, &[]);
+    let back = Broker::builder("restart").beside(&broker).args(&with).start();
     for (k, i) in keys.iter().zip(&inodes) {
         assert!(holds(back.pid(), *i), "{k}: the restarted broker holds the same socket (inode {i})");
         assert!(holds(daemon_pid, *i));
@@ -776,15 +776,7 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
 /// The user tests run the refused caller as, made with useradd.
 fn test_user() -> &'static str {
     const USER: &str = "sbadopt";
-    let exists = Command::new("id").arg(USER).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
-    if !exists.success() {
-        let made = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER])
-            .status()
-            .unwrap();
-        // Another test binary may have made it meanwhile.
-        assert!(made.success() || Command::new("id").arg(USER).status().unwrap().success());
-    }
+    system_user(USER);
     USER
 }
 
@@ -959,14 +951,9 @@ fn broker_free_listener() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// The shipped unit's capability set (units/sockbroker.service).
-const UNIT_CAPS: &str = "setpriv --bounding-set -all,+net_bind_service,+chown,+fowner";
-
 /// Whether process `pid` has CAP_SYS_PTRACE in its effective set.
 fn has_ptrace(pid: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
-    u64::from_str_radix(hex, 16).unwrap() & (1 << 19) != 0
+    cap_eff(pid) & (1 << 19) != 0
 }
 
 /// docs/adopt.md, "Who needs which privilege": the broker with the shipped
@@ -975,9 +962,8 @@ fn has_ptrace(pid: i32) -> bool {
 /// in the broker and says so.
 #[test]
 fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
-    let dir = test_dir("adopt-caps");
-    let wrapper = broker_wrapper(&dir, "unit-caps.sh", "", UNIT_CAPS);
-    let broker = Broker::start_program(&wrapper, dir.clone(), dir.join("control.sock"), &[], &[]);
+    let broker = Broker::builder("adopt-caps").unit_capabilities().start();
+    let dir = broker.dir.clone();
     assert!(!has_ptrace(broker.pid()), "the broker runs without CAP_SYS_PTRACE");
     let port = free_port();
     let udp = format!("udp://127.0.0.1:{port}");
@@ -994,7 +980,7 @@ fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
     notify.wait_line(&mut daemon.0, "READY=1", Duration::from_secs(20));
     let inode = bound_inode(&udp).unwrap();
     // `sockbroker adopt` itself does need the capability, and says so.
-    let capless = ["--bounding-set", "-all,+net_bind_service,+chown,+fowner"];
+    let capless = ["--bounding-set", UNIT_CAPS];
     let out = run_cli(&broker.control, Some(&capless), &["adopt", "--pid", &daemon.0.id().to_string()]);
     let text = output_text(&out);
     assert!(!out.status.success() && text.contains("not permitted") && text.contains("lacks CAP_SYS_PTRACE"), "{text}");
@@ -1006,12 +992,11 @@ fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
 
     // Recovery without the capability: the holder cannot be looked into,
     // the log says what is missing, and the start fails on the address.
-    let dir = test_dir("adopt-caps-recovery");
-    let wrapper = broker_wrapper(&dir, "unit-caps.sh", "", UNIT_CAPS);
-    let config = dir.join("orphans.toml");
-    std::fs::write(&config, format!("[[socket]]\nname = \"dns\"\nlisten = \"{udp}\"\n")).unwrap();
-    let args = ["--config", config.to_str().unwrap(), "--adopt-orphans"];
-    let second = Broker::try_start_program(&wrapper, dir.clone(), dir.join("control.sock"), &args, &[]);
+    let second = Broker::builder("adopt-caps-recovery")
+        .unit_capabilities()
+        .config(format!("[[socket]]\nname = \"dns\"\nlisten = \"{udp}\"\n"))
+        .arg("--adopt-orphans")
+        .try_start();
     let log = second.err().expect("no recovery without CAP_SYS_PTRACE");
     assert!(log.contains("lacks CAP_SYS_PTRACE") && log.contains(&udp), "{log}");
     assert!(log.contains("Address already in use"), "{log}");
