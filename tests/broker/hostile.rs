@@ -11,7 +11,6 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,14 +78,8 @@ fn attack(broker: &Broker, who: &str, mode: &str, conns: usize, arg: usize) -> A
         .stderr(Stdio::inherit());
     let mut child: Child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
     let child = KillOnDrop(child);
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("the hostile peer did not get ready");
+    let line = first_line_within(stdout, Duration::from_secs(60), "the hostile peer getting ready");
     let holds = line.trim().strip_prefix("ready ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
     Attack { child, holds }
 }

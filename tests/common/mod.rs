@@ -77,6 +77,8 @@ pub struct Broker {
     pub log: PathBuf,
     pub notify: UnixDatagram,
     args: Vec<String>,
+    /// Set on drop: stops the thread of [`BrokerBuilder::drain_notify`].
+    draining: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What `units/sockbroker.service` leaves the broker (CapabilityBoundingSet=).
@@ -106,6 +108,7 @@ pub struct BrokerBuilder {
     config: Option<String>,
     prelude: String,
     exec_prefix: Vec<String>,
+    drain_notify: bool,
 }
 
 impl Broker {
@@ -121,6 +124,7 @@ impl Broker {
             config: None,
             prelude: String::new(),
             exec_prefix: Vec::new(),
+            drain_notify: false,
         }
     }
 
@@ -206,6 +210,15 @@ impl BrokerBuilder {
         self.exec_under(&format!("setpriv --no-new-privs --inh-caps=-all --bounding-set={UNIT_CAPS}"))
     }
 
+    /// After READY=1, a thread reads and discards the broker's notify
+    /// messages until the broker is dropped, as systemd reads them (for
+    /// benches: one FDSTORE=1 message goes out per new socket, and a full
+    /// queue would make the broker wait on each send).
+    pub fn drain_notify(mut self) -> Self {
+        self.drain_notify = true;
+        self
+    }
+
     /// Starts the broker and waits for READY=1; fails the test with the
     /// broker's log when it exits first.
     #[track_caller]
@@ -250,7 +263,21 @@ impl BrokerBuilder {
         }
         let mut child = spawn_fresh_script(&mut cmd);
         match ready_or_exit(&notify, &mut child, "broker") {
-            Ok(()) => Ok(Broker { child, dir, control, log, notify, args: all }),
+            Ok(()) => {
+                let draining = self.drain_notify.then(|| {
+                    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let (reader, stop2) = (notify.try_clone().unwrap(), stop.clone());
+                    reader.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while !stop2.load(Ordering::Relaxed) {
+                            let _ = reader.recv(&mut buf);
+                        }
+                    });
+                    stop
+                });
+                Ok(Broker { child, dir, control, log, notify, args: all, draining })
+            }
             Err(status) => {
                 let text = format!("{all:?}: {status}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
                 if self.dir.is_none() {
@@ -366,7 +393,7 @@ impl BrokerBuilder {
         drop(inherit);
         // Built at once, so any failure below kills the process and prints
         // its log.
-        let mut broker = Broker { child, dir, control, log, notify, args: all };
+        let mut broker = Broker { child, dir, control, log, notify, args: all, draining: None };
         // The activator listens, then waits for a connection before it
         // starts the broker: connect as soon as it accepts connections.
         let deadline = Instant::now() + START_TIMEOUT;
@@ -489,6 +516,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(stop) = &self.draining {
+            stop.store(true, Ordering::Relaxed);
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -551,7 +581,7 @@ pub fn check(dir: &Path, toml: &str) -> Output {
 /// path (templates are verified through an instance name): its whole output,
 /// since it exits 0 on warnings such as unknown keys. `Documentation=man:`
 /// pages are not looked up (`--man=no`): they are installed by the package,
-/// and tests/cli.rs renders them.
+/// and tests/project/cli.rs renders them.
 pub fn systemd_analyze_verify(dir: &Path, units: &[&str]) -> String {
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
@@ -873,4 +903,18 @@ pub fn system_user(name: &str) -> (u32, u32) {
 /// `setpriv` arguments that run a command as `name`, with its group only.
 pub fn as_user(name: &str) -> Vec<String> {
     vec![format!("--reuid={name}"), format!("--regid={name}"), "--clear-groups".into()]
+}
+
+/// The first line a child writes to `stdout`, waiting at most `limit` (a
+/// thread reads, so a silent child cannot hang the caller).
+#[track_caller]
+pub fn first_line_within(stdout: std::process::ChildStdout, limit: Duration, what: &str) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no line within {limit:?}"))
 }
