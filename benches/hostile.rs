@@ -19,19 +19,13 @@
 mod common;
 
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{as_user, connect, first_line_within, rss_kib, system_user, wait_timeout, Broker};
+use common::{connect, hostile_peer, rss_kib, system_user, wait_timeout, Broker, KillOnDrop};
 use sockbroker::fd::{recv_with_fds, send_with_fds};
 
 const ATTACKER: &str = "sbtatk";
 const APP: &str = "sbtapp";
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/peer.py")
-}
 
 /// The broker as the shipped unit runs it: the unit's capabilities,
 /// LimitNOFILE=65536 (or what this machine allows), log level info.
@@ -58,44 +52,17 @@ fn fds(broker: &Broker) -> usize {
     broker.open_fds().len()
 }
 
-/// A hostile peer, killed when dropped.
-struct Attack(Child);
-
-impl Drop for Attack {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn peer(broker: &Broker, who: &str, mode: &str, conns: usize, arg: usize) -> (Child, String) {
-    let mut child = Command::new("setpriv")
-        .args(as_user(who))
-        .arg("/usr/bin/python3")
-        .arg(script())
-        .arg(&broker.control)
-        .args([mode, &conns.to_string(), &arg.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = first_line_within(child.stdout.take().unwrap(), Duration::from_secs(120), "tests/hostile/peer.py");
-    (child, line)
-}
-
-fn attack(broker: &Broker, mode: &str, conns: usize, arg: usize) -> Attack {
-    let (child, line) = peer(broker, ATTACKER, mode, conns, arg);
+/// A hostile peer as [`ATTACKER`], killed when dropped, once it is ready.
+fn attack(broker: &Broker, mode: &str, conns: usize, arg: usize) -> KillOnDrop {
+    let (child, line) = hostile_peer(&broker.control, ATTACKER, mode, conns, arg);
     assert!(line.starts_with("ready"), "{mode}: {line:?}");
-    Attack(child)
+    child
 }
 
 /// Latencies (µs, sorted) of `n` binds by the legitimate user.
 fn measure_app(broker: &Broker, n: usize) -> Vec<u64> {
-    let (mut child, line) = peer(broker, APP, "measure", n, 0);
-    if wait_timeout(&mut child, Duration::from_secs(60)).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    let (mut child, line) = hostile_peer(&broker.control, APP, "measure", n, 0);
+    let _ = wait_timeout(&mut child.0, Duration::from_secs(60));
     let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     assert_eq!(v.len(), n, "measure: {line:?}");
     v

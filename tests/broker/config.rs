@@ -117,7 +117,7 @@ fn serve_refuses_an_invalid_file() {
     let out = std::process::Command::new(BIN)
         .args(["serve", "--control", dir.join("c.sock").to_str().unwrap(), "--config", config.to_str().unwrap()])
         .env_remove("NOTIFY_SOCKET")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(!out.status.success());
     assert!(

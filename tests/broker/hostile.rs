@@ -12,8 +12,7 @@
 use crate::common;
 
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -60,26 +59,10 @@ struct Attack {
     holds: usize,
 }
 
-fn peer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/peer.py")
-}
-
 /// Starts `peer.py CONTROL MODE CONNS ARG` as `who` and waits for its
 /// "ready" line.
 fn attack(broker: &Broker, who: &str, mode: &str, conns: usize, arg: usize) -> Attack {
-    let mut cmd = Command::new("setpriv");
-    cmd.args(as_user(who))
-        .arg("/usr/bin/python3")
-        .arg(peer_script())
-        .arg(&broker.control)
-        .args([mode, &conns.to_string(), &arg.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child: Child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let child = KillOnDrop(child);
-    let line = first_line_within(stdout, Duration::from_secs(60), "the hostile peer getting ready");
+    let (child, line) = hostile_peer(&broker.control, who, mode, conns, arg);
     let holds = line.trim().strip_prefix("ready ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
     Attack { child, holds }
 }
@@ -114,21 +97,6 @@ fn app_bind(broker: &Broker, name: &str) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_cli(&broker.control, Some(&args), &["bind", "--name", name]);
     assert!(out.status.success(), "{}", output_text(&out));
-}
-
-/// The CLI with a large output: read while it runs (`run_cli` waits first,
-/// and a full pipe would stall it).
-fn big_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> std::process::Output {
-    let mut cmd = match setpriv {
-        Some(p) => {
-            let mut c = Command::new("setpriv");
-            c.args(p).arg(BIN);
-            c
-        }
-        None => Command::new(BIN),
-    };
-    cmd.args(args).env("SOCKBROKER_SOCKET", control).env_remove("MULTIBINDER_SOCK").stdin(Stdio::null());
-    cmd.output().unwrap()
 }
 
 fn fd_count(broker: &Broker) -> usize {
@@ -228,7 +196,7 @@ fn symlinked_folder_in_a_granted_prefix_is_refused() {
                 "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
             ])
             .arg(&path)
-            .output()
+            .output_within(COMMAND_TIMEOUT)
             .unwrap();
         assert!(
             connect.status.success(),
@@ -413,7 +381,7 @@ fn list_floods_are_bounded_and_list_needs_a_rule() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("may not use method 'status'"), "{}", output_text(&out));
     let attacker = as_user(ATTACKER);
     let attacker: Vec<&str> = attacker.iter().map(String::as_str).collect();
-    let out = big_cli(&broker.control, Some(&attacker), &["list", "--json"]);
+    let out = run_cli(&broker.control, Some(&attacker), &["list", "--json"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen.as_array().unwrap().len(), 1001);
@@ -441,11 +409,11 @@ fn list_pages_through_ten_thousand_sockets() {
     let broker = start("hostile-10k", "", Privilege::Root, None);
     hold_many(&broker, "10k", 10_000);
     let rss_before = rss_kib(broker.pid());
-    let out = big_cli(&broker.control, None, &["list", "--json"]);
+    let out = run_cli(&broker.control, None, &["list", "--json"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 10_000);
-    let out = big_cli(&broker.control, None, &["list"]);
+    let out = run_cli(&broker.control, None, &["list"]);
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 10_001);
     // One page at a time: the broker never builds the whole listing.

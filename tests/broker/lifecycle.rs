@@ -373,7 +373,7 @@ fn default_path_for_a_user_is_under_xdg_runtime_dir() {
     let port = held_port(&control, "tcp");
     let mut bind = Command::new("setpriv");
     as_nobody(&mut bind);
-    let out = bind.args(["bind", &format!("tcp://127.0.0.1:{port}")]).output().unwrap();
+    let out = bind.args(["bind", &format!("tcp://127.0.0.1:{port}")]).output_within(COMMAND_TIMEOUT).unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(text(&out.stdout).starts_with(&format!("tcp://127.0.0.1:{port}: received socket inode")));
 

@@ -541,7 +541,7 @@ fn takeover_by_another_user_is_refused() {
         .args(["serve", "--takeover", "--control"])
         .arg(&broker.control)
         .env_remove("NOTIFY_SOCKET")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");

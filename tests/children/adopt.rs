@@ -13,7 +13,6 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,66 +89,6 @@ fn descendants(pid: i32) -> Vec<i32> {
 #[track_caller]
 fn wait_exit(child: &mut Child, what: &str) {
     assert!(wait_timeout(child, Duration::from_secs(30)).is_some(), "{what} did not exit within 30s");
-}
-
-/// Clients each running `request` in a loop until stopped: counts and the
-/// first errors.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(threads: usize, request: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Load {
-        let request = Arc::new(request);
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..threads)
-            .map(|_| {
-                let (stop, ok, failed, errors, request) =
-                    (stop.clone(), ok.clone(), failed.clone(), errors.clone(), request.clone());
-                std::thread::spawn(move || {
-                    let end = Instant::now() + Duration::from_secs(300);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                        match request() {
-                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                errors.lock().unwrap().push(e);
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        Load { stop, ok, failed, errors, threads }
-    }
-
-    /// Waits (bounded) until `n` more requests succeeded.
-    #[track_caller]
-    fn wait_for(&self, n: u64) {
-        let target = self.ok.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.ok.load(Ordering::Relaxed) < target {
-            assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Stops the clients; (succeeded, failed, first errors).
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            t.join().unwrap();
-        }
-        let errors = self.errors.lock().unwrap().iter().take(5).cloned().collect();
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
-    }
 }
 
 /// One HTTP/1.0 request on a new connection; Ok on a 200.
@@ -278,7 +217,7 @@ fn haproxy_that_bound_its_port_moves_under_the_broker_with_no_failed_request() {
     let worker = descendants(old_pid).into_iter().find(|p| holds(*p, inode)).expect("a worker holds the listener");
     assert!(!holds(old_pid, inode));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = Load::start(2, move || http_ok(addr));
+    let load = RequestLoop::start(2, move || http_ok(addr));
     load.wait_for(50);
 
     // 1. The broker copies HAProxy's socket: the same kernel socket. Asked of
@@ -334,7 +273,7 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let seen = gens.clone();
-    let load = Load::start(2, move || {
+    let load = RequestLoop::start(2, move || {
         let body = http_get(addr).map_err(|e| e.to_string())?;
         seen.lock().unwrap().extend(generation(&body));
         Ok(())
@@ -403,7 +342,7 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let seen = gens.clone();
-    let load = Load::start(2, move || {
+    let load = RequestLoop::start(2, move || {
         let body = http_body(addr)?;
         seen.lock().unwrap().extend(generation(&body));
         Ok(())
@@ -506,13 +445,13 @@ fn udp_and_unix_sockets_move_with_no_lost_request() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let pids = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let (p1, p2) = (pids.clone(), pids.clone());
-    let udp_load = Load::start(1, move || {
+    let udp_load = RequestLoop::start(1, move || {
         udp_echo(addr).map(|p| {
             p1.lock().unwrap().insert(p);
         })
     });
     let unix_path = path.clone();
-    let unix_load = Load::start(1, move || {
+    let unix_load = RequestLoop::start(1, move || {
         unix_echo(&unix_path).map(|p| {
             p2.lock().unwrap().insert(p);
         })
@@ -718,11 +657,11 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
     for i in &inodes {
         assert!(holds(mb.0.id() as i32, *i), "multibinder holds its sockets");
     }
-    let loads: Vec<Load> = addrs
+    let loads: Vec<RequestLoop> = addrs
         .iter()
         .map(|a| {
             let a = *a;
-            Load::start(1, move || http_ok(a))
+            RequestLoop::start(1, move || http_ok(a))
         })
         .collect();
     for l in &loads {
@@ -735,7 +674,7 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
         .args(["adopt", "--multibinder", mb_sock.to_str().unwrap(), "--from-templates", template.to_str().unwrap()])
         .env_remove("SOCKBROKER_SOCKET")
         .env("MULTIBINDER_SOCK", &mb_sock)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     let text = output_text(&out);
     assert!(!out.status.success() && text.contains("set SOCKBROKER_SOCKET"), "{text}");

@@ -536,6 +536,59 @@ impl Drop for Broker {
     }
 }
 
+/// How long a command a test runs to completion (`sockbroker check`, `haproxy
+/// -c`, `man`, `supervisor reload`…) may take before the test fails.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`Command::output`] with a deadline: stdin from /dev/null, stdout and
+/// stderr captured (read while the command runs, so a large output cannot
+/// stall it); a command still running at the deadline, or whose output is
+/// still held open by a child it left behind, is killed and the call
+/// returns `TimedOut` naming the command.
+pub trait OutputWithin {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output> {
+        use std::io::Read;
+        let deadline = Instant::now() + limit;
+        let mut child = self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, mut pipe) in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+                .into_iter()
+                .enumerate()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                let _ = tx.send((i, bytes));
+            });
+        }
+        let timed_out = |what: &str| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{self:?}: {what} within {limit:?}"))
+        };
+        let Some(status) = wait_timeout(&mut child, limit) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(timed_out("did not exit"));
+        };
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (i, bytes) = rx.recv_timeout(left).map_err(|_| timed_out("left its output open"))?;
+            if i == 0 {
+                stdout = bytes;
+            } else {
+                stderr = bytes;
+            }
+        }
+        Ok(Output { status, stdout, stderr })
+    }
+}
+
 /// Runs the CLI with `SOCKBROKER_SOCKET=control`, optionally under
 /// `setpriv PRIV…`, with a deadline.
 pub fn run_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> Output {
@@ -547,17 +600,8 @@ pub fn run_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> Outpu
         }
         None => Command::new(BIN),
     };
-    cmd.args(args)
-        .env("SOCKBROKER_SOCKET", control)
-        .env_remove("MULTIBINDER_SOCK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
-        let _ = child.kill();
-    }
-    child.wait_with_output().unwrap()
+    cmd.args(args).env("SOCKBROKER_SOCKET", control).env_remove("MULTIBINDER_SOCK");
+    cmd.output_within(COMMAND_TIMEOUT).unwrap()
 }
 
 /// The stdout and stderr of a command, for assertion messages.
@@ -574,7 +618,7 @@ pub fn output_text(out: &Output) -> String {
 pub fn check(dir: &Path, toml: &str) -> Output {
     let file = dir.join("check.toml");
     std::fs::write(&file, toml).unwrap();
-    Command::new(BIN).args(["check", "--config", file.to_str().unwrap()]).output().unwrap()
+    Command::new(BIN).args(["check", "--config", file.to_str().unwrap()]).output_within(COMMAND_TIMEOUT).unwrap()
 }
 
 /// `systemd-analyze verify UNITS…` run in `dir`, with `dir` first on the unit
@@ -589,7 +633,7 @@ pub fn systemd_analyze_verify(dir: &Path, units: &[&str]) -> String {
         .current_dir(dir)
         .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
         .env("SYSTEMD_LOG_COLOR", "0")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .expect("systemd-analyze (Debian package systemd) must be installed");
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -917,4 +961,29 @@ pub fn first_line_within(stdout: std::process::ChildStdout, limit: Duration, wha
         let _ = tx.send(line);
     });
     rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no line within {limit:?}"))
+}
+
+/// Starts `tests/hostile/peer.py CONTROL MODE CONNS ARG` (the hostile or the
+/// measuring local peer) as user `who` (setpriv), and returns it, killed
+/// when dropped, with the first line it prints: `ready N` once its attack
+/// holds N connections, or `measure`'s latencies. That line must come
+/// within 120 s.
+#[track_caller]
+pub fn hostile_peer(control: &Path, who: &str, mode: &str, conns: usize, arg: usize) -> (KillOnDrop, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/peer.py");
+    let mut child = Command::new("setpriv")
+        .args(as_user(who))
+        .arg("/usr/bin/python3")
+        .arg(script)
+        .arg(control)
+        .args([mode, &conns.to_string(), &arg.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = KillOnDrop(child);
+    let line = first_line_within(stdout, Duration::from_secs(120), &format!("tests/hostile/peer.py {mode}"));
+    (child, line)
 }
