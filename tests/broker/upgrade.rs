@@ -557,35 +557,14 @@ fn adopts_multibinder_environment() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let raw = listener.as_raw_fd();
-    let dir = test_dir("upgrade_multibinder");
-    let notify_path = dir.join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["serve", "--control"])
-        .arg(dir.join("control.sock"))
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env(format!("MULTIBINDER_BIND__tcp__127_0.0.1__{port}"), raw.to_string())
-        .stderr(std::fs::File::create(dir.join("broker.log")).unwrap());
-    // SAFETY: between fork and exec only fcntl, which is async-signal-safe,
-    // runs; it clears close-on-exec on exactly the descriptor being handed over.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            let flags = nix::libc::fcntl(raw, nix::libc::F_GETFD);
-            if flags < 0 || nix::libc::fcntl(raw, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    wait_ready(&notify, &mut child, "broker");
-    let mut client = Client::connect(dir.join("control.sock")).unwrap();
+    let broker = Broker::builder("upgrade_multibinder")
+        .env(&format!("MULTIBINDER_BIND__tcp__127_0.0.1__{port}"), &raw.to_string())
+        .inherit_fd(raw)
+        .start();
+    let mut client = broker.client();
     let got = client.bind(&format!("tcp://127.0.0.1:{port}").parse().unwrap()).unwrap();
     assert_eq!(inode(got.as_fd()), inode(listener.as_fd()));
-    assert_sockets_cloexec(child.id() as i32);
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_sockets_cloexec(broker.pid());
 }
 
 /// Waits (bounded) until the log says `needle` `count` times: the broker

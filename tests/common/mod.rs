@@ -109,6 +109,10 @@ pub struct BrokerBuilder {
     prelude: String,
     exec_prefix: Vec<String>,
     drain_notify: bool,
+    env_remove: Vec<String>,
+    control_flag: bool,
+    stderr_pipe: bool,
+    inherit: Vec<RawFd>,
 }
 
 impl Broker {
@@ -125,6 +129,10 @@ impl Broker {
             prelude: String::new(),
             exec_prefix: Vec::new(),
             drain_notify: false,
+            env_remove: Vec::new(),
+            control_flag: true,
+            stderr_pipe: false,
+            inherit: Vec::new(),
         }
     }
 
@@ -175,6 +183,35 @@ impl BrokerBuilder {
     /// An environment variable (RUST_LOG overrides the default `debug`).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Removes a variable from the broker's environment.
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env_remove.push(key.to_string());
+        self
+    }
+
+    /// Leaves `--control` out: the broker finds its path as a deployment
+    /// would (SOCKBROKER_SOCKET, XDG_RUNTIME_DIR, …); [`Self::control`]
+    /// says where that is.
+    pub fn no_control_flag(mut self) -> Self {
+        self.control_flag = false;
+        self
+    }
+
+    /// The broker's stderr as a pipe in `broker.child.stderr` instead of the
+    /// log file (a test of the log's reader going away).
+    pub fn stderr_pipe(mut self) -> Self {
+        self.stderr_pipe = true;
+        self
+    }
+
+    /// Lets `fd`, open in this process, cross into the broker at the same
+    /// number (its close-on-exec flag cleared in the child only), as an old
+    /// process hands a socket down.
+    pub fn inherit_fd(mut self, fd: RawFd) -> Self {
+        self.inherit.push(fd);
         self
     }
 
@@ -233,7 +270,10 @@ impl BrokerBuilder {
         let dir = self.dir.clone().unwrap_or_else(|| test_dir(&self.name));
         let control = self.control.clone().unwrap_or_else(|| dir.join("control.sock"));
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let mut all: Vec<String> = vec!["serve".into(), "--control".into(), control.display().to_string()];
+        let mut all: Vec<String> = vec!["serve".into()];
+        if self.control_flag {
+            all.extend(["--control".into(), control.display().to_string()]);
+        }
         if let Some(toml) = &self.config {
             let file = dir.join("sockbroker.toml");
             std::fs::write(&file, toml).unwrap();
@@ -247,6 +287,8 @@ impl BrokerBuilder {
         };
         let notify_path = dir.join(format!("notify-{n}.sock"));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
+        // Writable by a broker run as another user (exec_under setpriv).
+        std::fs::set_permissions(&notify_path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
         let log = dir.join(format!("broker-{n}.log"));
         let mut cmd = Command::new(&program);
         cmd.args(&all)
@@ -257,9 +299,30 @@ impl BrokerBuilder {
             .env_remove("LISTEN_FDNAMES")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .stderr(if self.stderr_pipe { Stdio::piped() } else { Stdio::from(std::fs::File::create(&log).unwrap()) });
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        for k in &self.env_remove {
+            cmd.env_remove(k);
+        }
+        if !self.inherit.is_empty() {
+            use std::os::unix::process::CommandExt;
+            let fds = self.inherit.clone();
+            // SAFETY: between fork and exec only fcntl (async-signal-safe)
+            // runs, on descriptors this process keeps open until spawn
+            // returns; nothing is allocated.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &fds {
+                        let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+                        if flags < 0 || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = spawn_fresh_script(&mut cmd);
         match ready_or_exit(&notify, &mut child, "broker") {
@@ -336,8 +399,12 @@ impl BrokerBuilder {
     pub fn start_activated(self, activate_args: &[String], inherit: Vec<OwnedFd>) -> (Broker, UnixStream) {
         use std::os::unix::process::CommandExt;
         assert!(
-            self.args.is_empty() && self.env.is_empty() && self.config.is_none() && self.exec_prefix.is_empty(),
-            "start_activated takes its arguments from activate_args"
+            self.args.is_empty()
+                && self.env.is_empty()
+                && self.config.is_none()
+                && self.exec_prefix.is_empty()
+                && self.inherit.is_empty(),
+            "start_activated takes its arguments from activate_args and its descriptors from inherit"
         );
         let dir = self.dir.clone().unwrap_or_else(|| test_dir(&self.name));
         let control = self.control.clone().unwrap_or_else(|| dir.join("control.sock"));
