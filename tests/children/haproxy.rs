@@ -2,7 +2,7 @@
 //! syntaxes, a thousand binds, `haproxy run` reloads under load, a broken
 //! config, graceful stop, two instances side by side.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -12,10 +12,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::daemons::RequestLoop;
 use common::*;
 use nix::sys::signal::Signal;
 use sockbroker::haproxy::{render_template, RenderOptions};
@@ -37,7 +36,7 @@ fn sockbroker(broker: &Broker, args: &[&str]) -> Output {
         .env("SOCKBROKER_SOCKET", &broker.control)
         .env_remove("NOTIFY_SOCKET")
         .current_dir(&broker.dir)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap()
 }
 
@@ -117,7 +116,7 @@ fn erb_write_only_fallback_and_errors() {
         .args(["haproxy", "render", template.to_str().unwrap(), "-o", "direct.cfg"])
         .env("SOCKBROKER_SOCKET", broker.dir.join("nobody.sock"))
         .current_dir(&broker.dir)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(!gone.status.success());
     let err = String::from_utf8_lossy(&gone.stderr);
@@ -126,7 +125,7 @@ fn erb_write_only_fallback_and_errors() {
         .args(["haproxy", "render", "--fallback-bind", template.to_str().unwrap(), "-o", "direct.cfg"])
         .env("SOCKBROKER_SOCKET", broker.dir.join("nobody.sock"))
         .current_dir(&broker.dir)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert_success(&fallback, "--fallback-bind");
     assert!(String::from_utf8_lossy(&fallback.stderr).contains("reloads may drop connections"));
@@ -298,62 +297,6 @@ fn one_request(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Clients opening new connections in a loop until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, threads: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..threads)
-            .map(|_| {
-                let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match one_request(addr) {
-                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                errors.lock().unwrap().push(e);
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        Load { stop, ok, failed, errors, threads }
-    }
-
-    /// Waits (bounded) until `n` more requests succeeded.
-    #[track_caller]
-    fn wait_for(&self, n: u64) {
-        let target = self.ok.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.ok.load(Ordering::Relaxed) < target {
-            assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors.lock().unwrap());
-            std::thread::yield_now();
-        }
-    }
-
-    /// Stops the clients; (succeeded, failed, first errors).
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            t.join().unwrap();
-        }
-        let errors = self.errors.lock().unwrap().iter().take(5).cloned().collect();
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
-    }
-}
-
 /// A broker holding a fresh loopback port, and an HTTP template for it.
 fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
     let broker = Broker::start(name);
@@ -370,7 +313,7 @@ fn twenty_reloads_under_load_fail_no_connection() {
     let mut run = Run::start(&broker, "web", &template, &[], &[]);
     let first = run.haproxy_pids();
     assert_eq!(first.len(), 1, "one HAProxy master: {first:?}");
-    let load = Load::start(addr, 2);
+    let load = RequestLoop::start(2, move || one_request(addr));
     load.wait_for(50);
     for i in 0..20 {
         let status = run.reload();
@@ -410,7 +353,7 @@ fn a_broken_config_never_replaces_the_running_instance() {
     let mut run = Run::start(&broker, "web", &template, &[], &[]);
     let serving = run.haproxy_pids();
     let good = std::fs::read_to_string(&template).unwrap();
-    let load = Load::start(addr, 1);
+    let load = RequestLoop::start(1, move || one_request(addr));
     load.wait_for(20);
 
     // HAProxy rejects this one: the check fails, generation 1 serves on.
@@ -427,7 +370,7 @@ fn a_broken_config_never_replaces_the_running_instance() {
     let out = Command::new(BIN)
         .args(["supervisor", "reload", "--pid", &run.child.id().to_string()])
         .stdin(Stdio::null())
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -653,7 +596,7 @@ fn haproxy_exec_does_not_pass_on_a_leaked_descriptor() {
             Ok(())
         });
     }
-    let out = cmd.output().unwrap();
+    let out = cmd.output_within(COMMAND_TIMEOUT).unwrap();
     assert_success(&out, "haproxy exec -- fake-haproxy");
     let fds = std::fs::read_to_string(&seen).unwrap();
     assert!(!fds.contains("leaked-file"), "HAProxy got the leaked descriptor: {fds}");

@@ -1,7 +1,7 @@
 //! `sockbroker exec` against real LISTEN_FDS consumers: the Python test
 //! daemon and systemd-socket-proxyd.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
@@ -96,7 +96,7 @@ fn unreachable_broker_is_an_error_unless_fallback_bind() {
     let out = Command::new(BIN)
         .args(["exec", "--socket", &spec, "--", "true"])
         .env("SOCKBROKER_SOCKET", &missing)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -128,7 +128,11 @@ fn unreachable_broker_is_an_error_unless_fallback_bind() {
 fn bad_arguments_are_clear_errors() {
     let dir = test_dir("exec_badargs");
     let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).env("SOCKBROKER_SOCKET", dir.join("x.sock")).output().unwrap();
+        let out = Command::new(BIN)
+            .args(args)
+            .env("SOCKBROKER_SOCKET", dir.join("x.sock"))
+            .output_within(COMMAND_TIMEOUT)
+            .unwrap();
         assert!(!out.status.success(), "{args:?} must fail");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
@@ -139,7 +143,7 @@ fn bad_arguments_are_clear_errors() {
     let out = Command::new(BIN)
         .args(["exec", "--socket", &format!("tcp://127.0.0.1:{}", free_port()), "--", "/no/such/daemon"])
         .env("SOCKBROKER_SOCKET", &broker.control)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/daemon: command not found"));

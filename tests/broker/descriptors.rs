@@ -1,7 +1,7 @@
 //! Descriptor hygiene of the real broker: everything it holds is
 //! close-on-exec, and its descriptor count does not grow with requests.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -95,7 +95,7 @@ fn persistent_load(control: &std::path::Path, requests: &[Vec<u8>], total: usize
 #[test]
 fn descriptor_count_is_stable_after_100k_requests() {
     raise_nofile();
-    let broker = Broker::start_with("fdleak", &[], &[("RUST_LOG", "info")]);
+    let broker = Broker::builder("fdleak").env("RUST_LOG", "info").start();
     let at_start = broker.fd_count_at_start();
     let mut client = broker.client();
     let mut requests = Vec::new();

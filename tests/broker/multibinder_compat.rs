@@ -1,6 +1,6 @@
 //! The reference client's exact wire form against the real broker.
 
-mod common;
+use crate::common;
 
 use std::os::fd::AsFd;
 
@@ -109,7 +109,7 @@ fn multibinder_sock_is_honoured() {
         .args(["bind", &format!("tcp://127.0.0.1:{port}")])
         .env_remove("SOCKBROKER_SOCKET")
         .env("MULTIBINDER_SOCK", &broker.control)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let (reply, fds) = reference_request(&broker.control, &multibinder_bind_request("127.0.0.1", port));

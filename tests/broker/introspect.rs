@@ -1,6 +1,6 @@
 //! `list`, `status`, batch bind and `release` through the real binary.
 
-mod common;
+use crate::common;
 
 use std::net::TcpStream;
 use std::os::fd::AsFd;
@@ -18,7 +18,7 @@ fn list(broker: &Broker) -> Vec<SocketInfo> {
 #[test]
 fn list_reports_each_socket_and_the_accept_queue() {
     let pid = std::process::id();
-    let (broker, port) = Broker::start_with_config_port("list", |port| {
+    let (broker, port) = Broker::builder("list").start_on_free_port(|port| {
         format!("[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\nbacklog = 50\n")
     });
     let mut client = broker.client();
@@ -71,7 +71,7 @@ fn list_reports_each_socket_and_the_accept_queue() {
 
 #[test]
 fn status_reports_version_uptime_and_counts() {
-    let broker = Broker::start_with_config("status", "[[allow]]\nuser = \"nobody\"\nsockets = [\"x\"]\n");
+    let broker = Broker::builder("status").config("[[allow]]\nuser = \"nobody\"\nsockets = [\"x\"]\n").start();
     broker.client().bind(&format!("unix:@sbt-status-{}", std::process::id()).parse().unwrap()).unwrap();
     let (v, _) = broker.client().call("status", serde_json::Value::Null).unwrap();
     let s: Status = serde_json::from_value(v).unwrap();
@@ -112,9 +112,8 @@ fn batch_bind_splits_descriptors_under_the_scm_limit() {
 
 #[test]
 fn release_closes_the_broker_copy_of_an_on_demand_socket_only() {
-    let (broker, port) = Broker::start_with_config_port("release", |port| {
-        format!("[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\n")
-    });
+    let (broker, port) = Broker::builder("release")
+        .start_on_free_port(|port| format!("[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\n"));
     let _ = port;
     let mut client = broker.client();
     let spec: SocketSpec = format!("unix:@sbt-release-{}", std::process::id()).parse().unwrap();

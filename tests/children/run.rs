@@ -1,7 +1,7 @@
 //! `sockbroker run`: reloads under a loopback load of new connections, failed
 //! reloads, stop, and systemd-socket-proxyd as a generation.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -227,7 +227,7 @@ fn delay_readiness_and_a_first_generation_that_fails() {
         .args(["run", "--socket", &spec, "--", "python3", daemon.to_str().unwrap(), "--exit-on-gen", "1"])
         .env("SOCKBROKER_SOCKET", &broker.control)
         .env_remove("NOTIFY_SOCKET")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -287,7 +287,7 @@ impl Run {
 
     /// `sockbroker supervisor ARGS --pid PID` (as `setpriv PRIV…` if given).
     fn supervisor(&self, args: &[&str]) -> std::process::Output {
-        supervisor_cmd(self.pid(), args).output().unwrap()
+        supervisor_cmd(self.pid(), args).output_within(COMMAND_TIMEOUT).unwrap()
     }
 
     /// The supervisor's status line, from its control socket.
@@ -395,14 +395,14 @@ fn supervisor_reload_refuses_other_users() {
     let out = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "supervisor", "reload", "--pid"])
         .arg(run.pid().to_string())
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("may not ask: only root and uid 0"), "{text}");
     assert!(run.status().contains("serving generation 1 "), "a refused request reloaded");
     // A pid that is no supervisor: a clear error, not a hang.
-    let out = supervisor_cmd(std::process::id() as i32, &["reload"]).output().unwrap();
+    let out = supervisor_cmd(std::process::id() as i32, &["reload"]).output_within(COMMAND_TIMEOUT).unwrap();
     assert!(!out.status.success());
     assert!(output_text(&out).contains("cannot reach the supervisor of pid"), "{}", output_text(&out));
 
@@ -412,7 +412,7 @@ fn supervisor_reload_refuses_other_users() {
     let name = format!("sockbroker-supervisor/{}", other.0.id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let _squatter = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
-    let out = supervisor_cmd(other.0.id() as i32, &["reload"]).output().unwrap();
+    let out = supervisor_cmd(other.0.id() as i32, &["reload"]).output_within(COMMAND_TIMEOUT).unwrap();
     let text = output_text(&out);
     assert!(!out.status.success(), "{text}");
     let want = format!("is served by pid {}, not by {}: refusing to trust it", std::process::id(), other.0.id());
@@ -457,7 +457,7 @@ fn bounded_draining_over_many_reloads() {
     );
     let pid = run.0.id() as i32;
     wait_until(START_TIMEOUT, "generation 1 serving", || {
-        let out = supervisor_cmd(pid, &["status"]).output().unwrap();
+        let out = supervisor_cmd(pid, &["status"]).output_within(COMMAND_TIMEOUT).unwrap();
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("serving generation 1 ")
     });
 
@@ -481,7 +481,7 @@ fn bounded_draining_over_many_reloads() {
         let mut conn = std::net::TcpStream::connect(addr).unwrap();
         conn.write_all(b"GET / HTTP/1.0\r\n").unwrap();
         held.push(conn);
-        let out = supervisor_cmd(pid, &["reload"]).output().unwrap();
+        let out = supervisor_cmd(pid, &["reload"]).output_within(COMMAND_TIMEOUT).unwrap();
         let text = output_text(&out);
         assert!(out.status.success() && text.contains(&format!("generation {n} (pid")), "reload {n}: {text}");
     }
@@ -495,7 +495,9 @@ fn bounded_draining_over_many_reloads() {
     wait_until(Duration::from_secs(3) + START_TIMEOUT, "the drain deadline to stop every old generation", || {
         children(pid) == 1
     });
-    let status = String::from_utf8_lossy(&supervisor_cmd(pid, &["status"]).output().unwrap().stdout).into_owned();
+    let status =
+        String::from_utf8_lossy(&supervisor_cmd(pid, &["status"]).output_within(COMMAND_TIMEOUT).unwrap().stdout)
+            .into_owned();
     assert!(
         status.contains(&format!("serving generation {} ", reloads + 1)) && status.contains("0 draining"),
         "{status}"

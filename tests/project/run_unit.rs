@@ -2,7 +2,7 @@
 //! instance, with no output at all (verify exits 0 on warnings such as
 //! unknown keys, so the output decides).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

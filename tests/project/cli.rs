@@ -3,7 +3,7 @@
 //! a client command, a quiet exit when stdout's reader is gone, and `list`
 //! showing each socket's inode and the processes holding it.
 
-mod common;
+use crate::common;
 
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
@@ -16,7 +16,7 @@ fn sockbroker(args: &[&str]) -> std::process::Output {
         .env_remove("SOCKBROKER_SOCKET")
         .env_remove("MULTIBINDER_SOCK")
         .stdin(Stdio::null())
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap()
 }
 
@@ -54,7 +54,11 @@ fn socket_flag_names_the_control_socket() {
     let broker = Broker::start("cli-socket");
     let control = broker.control.to_str().unwrap();
     for args in [vec!["--socket", control, "status"], vec!["status", "--socket", control]] {
-        let out = Command::new(BIN).args(&args).env("SOCKBROKER_SOCKET", "/nonexistent/control.sock").output().unwrap();
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("SOCKBROKER_SOCKET", "/nonexistent/control.sock")
+            .output_within(COMMAND_TIMEOUT)
+            .unwrap();
         assert!(out.status.success(), "{args:?}: {}", output_text(&out));
         assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("pid {}", broker.pid())), "{args:?}");
     }
@@ -94,7 +98,7 @@ fn closed_stdout_exits_quietly() {
     // And through a shell pipe, as an operator types it.
     let out = Command::new("bash")
         .args(["-o", "pipefail", "-c", &format!("'{BIN}' --socket '{control}' list | head -1")])
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(out.stderr.is_empty(), "{}", output_text(&out));
@@ -174,14 +178,17 @@ fn man_pages_render_and_completions_parse() {
         let out = Command::new("man")
             .args(["--warnings", "-l", page])
             .env("MANWIDTH", "80")
-            .output()
+            .output_within(COMMAND_TIMEOUT)
             .expect("man (apt-get install man-db; scripts/test does)");
         assert!(out.status.success(), "man -l {page}: {}", output_text(&out));
         assert!(out.stderr.is_empty(), "man -l {page}: {}", String::from_utf8_lossy(&out.stderr));
         let text = plain(&out.stdout);
         assert!(text.contains("NAME") && text.len() > 300, "man -l {page}:\n{text}");
     }
-    let top = Command::new("man").args(["-l", &format!("{}/man1/sockbroker.1", dir.display())]).output().unwrap();
+    let top = Command::new("man")
+        .args(["-l", &format!("{}/man1/sockbroker.1", dir.display())])
+        .output_within(COMMAND_TIMEOUT)
+        .unwrap();
     let top = plain(&top.stdout);
     for section in ["EXAMPLES", "ENVIRONMENT", "SOCKBROKER_SOCKET", "SUBCOMMANDS"] {
         assert!(top.contains(section), "sockbroker(1) lacks {section}:\n{top}");
@@ -191,7 +198,7 @@ fn man_pages_render_and_completions_parse() {
         let out = Command::new(shell)
             .arg("-n")
             .arg(&path)
-            .output()
+            .output_within(COMMAND_TIMEOUT)
             .unwrap_or_else(|e| panic!("{shell}: {e} (scripts/test installs it)"));
         assert!(out.status.success(), "{shell} -n {}: {}", path.display(), output_text(&out));
     }
@@ -222,7 +229,7 @@ fn control_path_errors_name_the_cause() {
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "serve"])
         .env("XDG_RUNTIME_DIR", "/run/user/4242424")
         .env_remove("SOCKBROKER_SOCKET")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -9,13 +9,10 @@
 //! Latency here is checked with generous bounds (the machine is shared);
 //! the figures are for `cargo bench --bench hostile`.
 
-mod common;
+use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -25,34 +22,9 @@ use serde_json::json;
 const ATTACKER: &str = "sbtatk";
 /// A legitimate, unprivileged daemon's account.
 const APP: &str = "sbtapp";
-/// What `units/sockbroker.service` leaves the broker (CapabilityBoundingSet=).
-const UNIT_CAPS: &str = "-all,+net_bind_service,+chown,+fowner";
-/// Those capabilities as the kernel's mask (CAP_CHOWN 0, CAP_FOWNER 3,
-/// CAP_NET_BIND_SERVICE 10).
-const UNIT_CAP_MASK: u64 = (1 << 0) | (1 << 3) | (1 << 10);
 /// A legitimate bind must answer within this, attack or not (generous: the
 /// machine is shared; the 100 ms p99 target is the bench's).
 const ANSWER_WITHIN: Duration = Duration::from_secs(3);
-
-/// Makes a system user (and its group) once; returns uid and gid.
-fn user(name: &str) -> (u32, u32) {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if nix::unistd::User::from_name(name).unwrap().is_none() {
-        let status = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
-            .status()
-            .expect("useradd (Debian package passwd) must be installed");
-        // 9: made meanwhile by another test binary.
-        assert!(status.success() || status.code() == Some(9), "useradd {name}: {status}");
-    }
-    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
-    (u.uid.as_raw(), u.gid.as_raw())
-}
-
-fn as_user(name: &str) -> Vec<String> {
-    vec![format!("--reuid={name}"), format!("--regid={name}"), "--clear-groups".into()]
-}
 
 /// How the broker runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,35 +38,18 @@ enum Privilege {
 /// Starts the broker with `toml` (plus an open control socket) as `how`,
 /// with `RLIMIT_NOFILE` at `nofile` when given.
 fn start(name: &str, toml: &str, how: Privilege, nofile: Option<u64>) -> Broker {
-    let dir = test_dir(name);
-    let config = dir.join("sockbroker.toml");
-    std::fs::write(&config, format!("[control]\nmode = \"0666\"\n{toml}")).unwrap();
-    let mut prefix = String::new();
+    let mut builder = Broker::builder(name).config(format!("[control]\nmode = \"0666\"\n{toml}"));
     if let Some(n) = nofile {
-        prefix.push_str(&format!("prlimit --nofile={n}:{n} "));
+        builder = builder.nofile(n);
     }
     if how == Privilege::Unit {
-        prefix.push_str(&format!("setpriv --no-new-privs --inh-caps=-all --bounding-set={UNIT_CAPS} "));
+        builder = builder.unit_capabilities();
     }
-    let wrapper = broker_wrapper(&dir, "broker.sh", "", &prefix);
-    let control = dir.join("control.sock");
-    let broker = Broker::start_program(&wrapper, dir, control, &["--config", config.to_str().unwrap()], &[]);
+    let broker = builder.start();
     if how == Privilege::Unit {
         assert_eq!(cap_eff(broker.pid()), UNIT_CAP_MASK, "the broker runs with the unit's capabilities only");
     }
     broker
-}
-
-fn cap_eff(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
-    u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// A hostile peer running as [`ATTACKER`], killed when dropped.
@@ -104,32 +59,10 @@ struct Attack {
     holds: usize,
 }
 
-fn peer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/peer.py")
-}
-
 /// Starts `peer.py CONTROL MODE CONNS ARG` as `who` and waits for its
 /// "ready" line.
 fn attack(broker: &Broker, who: &str, mode: &str, conns: usize, arg: usize) -> Attack {
-    let mut cmd = Command::new("setpriv");
-    cmd.args(as_user(who))
-        .arg("/usr/bin/python3")
-        .arg(peer_script())
-        .arg(&broker.control)
-        .args([mode, &conns.to_string(), &arg.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child: Child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let child = KillOnDrop(child);
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("the hostile peer did not get ready");
+    let (child, line) = hostile_peer(&broker.control, who, mode, conns, arg);
     let holds = line.trim().strip_prefix("ready ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
     Attack { child, holds }
 }
@@ -166,21 +99,6 @@ fn app_bind(broker: &Broker, name: &str) {
     assert!(out.status.success(), "{}", output_text(&out));
 }
 
-/// The CLI with a large output: read while it runs (`run_cli` waits first,
-/// and a full pipe would stall it).
-fn big_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> std::process::Output {
-    let mut cmd = match setpriv {
-        Some(p) => {
-            let mut c = Command::new("setpriv");
-            c.args(p).arg(BIN);
-            c
-        }
-        None => Command::new(BIN),
-    };
-    cmd.args(args).env("SOCKBROKER_SOCKET", control).env_remove("MULTIBINDER_SOCK").stdin(Stdio::null());
-    cmd.output().unwrap()
-}
-
 fn fd_count(broker: &Broker) -> usize {
     broker.open_fds().len()
 }
@@ -212,7 +130,7 @@ fn in_flight_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
 #[test]
 fn symlinked_folder_in_a_granted_prefix_is_refused() {
     let _shared = in_flight_shared();
-    let (app_uid, app_gid) = user(APP);
+    let (app_uid, app_gid) = system_user(APP);
     let dir = test_dir("hostile-link");
     let granted = dir.join("app");
     let secret = dir.join("secret");
@@ -278,7 +196,7 @@ fn symlinked_folder_in_a_granted_prefix_is_refused() {
                 "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
             ])
             .arg(&path)
-            .output()
+            .output_within(COMMAND_TIMEOUT)
             .unwrap();
         assert!(
             connect.status.success(),
@@ -315,8 +233,8 @@ impl InoExt for std::fs::Metadata {
 #[test]
 fn unread_descriptors_do_not_stop_hand_outs() {
     let _shared = in_flight_shared();
-    user(ATTACKER);
-    user(APP);
+    system_user(ATTACKER);
+    system_user(APP);
     for how in [Privilege::Unit, Privilege::Root] {
         let toml = format!(
             "{}[limits]\nunread_timeout = \"2s\"\n\
@@ -361,8 +279,8 @@ fn unread_descriptors_do_not_stop_hand_outs() {
 #[test]
 fn slowloris_and_idle_floods_leave_slots_for_others() {
     let _shared = in_flight_shared();
-    user(ATTACKER);
-    let (app_uid, _) = user(APP);
+    system_user(ATTACKER);
+    let (app_uid, _) = system_user(APP);
     let toml = format!(
         "{}[limits]\nrequest_timeout = \"2s\"\n\
          [[allow]]\nanyone = true\nsockets = [\"web\"]\n\
@@ -401,8 +319,8 @@ fn slowloris_and_idle_floods_leave_slots_for_others() {
 #[test]
 fn a_full_table_still_serves_peers_a_rule_names() {
     let _shared = in_flight_shared();
-    user(ATTACKER);
-    let (app_uid, _) = user(APP);
+    system_user(ATTACKER);
+    let (app_uid, _) = system_user(APP);
     let toml = format!(
         "{}[limits]\nmax_clients = 64\nreserved_clients = 8\nmax_clients_per_uid = 1000\n\
          [[allow]]\nanyone = true\nsockets = [\"web\"]\n\
@@ -440,8 +358,8 @@ fn hold_many(broker: &Broker, tag: &str, n: usize) {
 #[test]
 fn list_floods_are_bounded_and_list_needs_a_rule() {
     let _shared = in_flight_shared();
-    user(ATTACKER);
-    let (app_uid, _) = user(APP);
+    system_user(ATTACKER);
+    let (app_uid, _) = system_user(APP);
     let toml = format!(
         "{}[[allow]]\nuser = \"{ATTACKER}\"\nsockets = [\"web\"]\nintrospect = true\n\
          [[allow]]\nuid = {app_uid}\nsockets = [\"web\"]\n",
@@ -463,7 +381,7 @@ fn list_floods_are_bounded_and_list_needs_a_rule() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("may not use method 'status'"), "{}", output_text(&out));
     let attacker = as_user(ATTACKER);
     let attacker: Vec<&str> = attacker.iter().map(String::as_str).collect();
-    let out = big_cli(&broker.control, Some(&attacker), &["list", "--json"]);
+    let out = run_cli(&broker.control, Some(&attacker), &["list", "--json"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen.as_array().unwrap().len(), 1001);
@@ -491,11 +409,11 @@ fn list_pages_through_ten_thousand_sockets() {
     let broker = start("hostile-10k", "", Privilege::Root, None);
     hold_many(&broker, "10k", 10_000);
     let rss_before = rss_kib(broker.pid());
-    let out = big_cli(&broker.control, None, &["list", "--json"]);
+    let out = run_cli(&broker.control, None, &["list", "--json"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 10_000);
-    let out = big_cli(&broker.control, None, &["list"]);
+    let out = run_cli(&broker.control, None, &["list"]);
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 10_001);
     // One page at a time: the broker never builds the whole listing.
@@ -520,8 +438,8 @@ fn list_pages_through_ten_thousand_sockets() {
 #[test]
 fn release_is_for_the_creator_and_refusals_do_not_flood_the_log() {
     let _shared = in_flight_shared();
-    user(ATTACKER);
-    user(APP);
+    system_user(ATTACKER);
+    system_user(APP);
     let pid = std::process::id();
     let toml = format!(
         "[[allow]]\nanyone = true\nsockets = [\"*\"]\non_demand = [\"unix:@sbt-rel2-{pid}-*\"]\n{}\
@@ -557,12 +475,14 @@ fn release_is_for_the_creator_and_refusals_do_not_flood_the_log() {
     a.stop();
     let grown = std::fs::metadata(&broker.log).unwrap().len() - log_before;
     let log = broker.log_text();
-    let lines = log.lines().filter(|l| l.contains(&format!("uid={}", user(ATTACKER).0))).count();
+    let lines = log.lines().filter(|l| l.contains(&format!("uid={}", system_user(ATTACKER).0))).count();
     // RUST_LOG=debug writes every item at DEBUG (not limited: tests only);
     // the WARN/INFO lines about the attacker stay within the burst and rate.
     let loud = log
         .lines()
-        .filter(|l| (l.contains(" WARN ") || l.contains(" INFO ")) && l.contains(&format!("uid={}", user(ATTACKER).0)))
+        .filter(|l| {
+            (l.contains(" WARN ") || l.contains(" INFO ")) && l.contains(&format!("uid={}", system_user(ATTACKER).0))
+        })
         .count();
     let minutes = start.elapsed().as_secs_f64() / 60.0;
     let allowed = 3 + (6.0 * minutes).ceil() as usize + 2;
@@ -625,8 +545,8 @@ fn bind_many_limits_are_what_the_docs_say() {
 #[test]
 fn idle_strangers_do_not_take_the_last_descriptors() {
     let _alone = in_flight_alone();
-    user(ATTACKER);
-    let (app_uid, _) = user(APP);
+    system_user(ATTACKER);
+    let (app_uid, _) = system_user(APP);
     let toml = format!(
         "{}[[allow]]\nanyone = true\nsockets = [\"web\"]\n[[allow]]\nuid = {app_uid}\nsockets = [\"web\"]\n",
         web("nofile")

@@ -1,7 +1,7 @@
 //! The configuration file through the real binary: `check`, declared sockets
 //! at start, and live reload (control method and SIGHUP).
 
-mod common;
+use crate::common;
 
 use std::net::TcpStream;
 use std::os::fd::AsFd;
@@ -117,7 +117,7 @@ fn serve_refuses_an_invalid_file() {
     let out = std::process::Command::new(BIN)
         .args(["serve", "--control", dir.join("c.sock").to_str().unwrap(), "--config", config.to_str().unwrap()])
         .env_remove("NOTIFY_SOCKET")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     assert!(!out.status.success());
     assert!(
@@ -146,7 +146,7 @@ listen = "unix:@sbt-{dir_tag}-{pid}"
 
 #[track_caller]
 fn start_declared(name: &str) -> (Broker, u16) {
-    Broker::start_with_config_port(name, |port| declared(port, name))
+    Broker::builder(name).start_on_free_port(|port| declared(port, name))
 }
 
 #[test]

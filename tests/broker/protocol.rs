@@ -2,7 +2,7 @@
 //! framing (split, concatenated, oversized requests), and clients that stall,
 //! vanish or idle.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -299,7 +299,7 @@ fn clients_that_vanish_cost_nothing() {
 /// after a request) is disconnected by the broker.
 #[test]
 fn idle_clients_are_dropped() {
-    let broker = Broker::start_with("protidle", &["--idle-timeout", "1s"], &[]);
+    let broker = Broker::builder("protidle").args(&["--idle-timeout", "1s"]).start();
     let silent = connect(&broker.control);
     let partial = connect(&broker.control);
     (&partial).write_all(b"{\"method\":\"bi").unwrap();
@@ -321,7 +321,7 @@ fn idle_clients_are_dropped() {
 /// descriptor unless the reply says success.
 #[test]
 fn mangled_requests_never_crash_or_wedge_the_broker() {
-    let broker = Broker::start_with("protfuzz", &[], &[("RUST_LOG", "warn")]);
+    let broker = Broker::builder("protfuzz").env("RUST_LOG", "warn").start();
     let port = held_port(&broker.control, "tcp");
     let seeds = [
         bind_request(1, json!({"address": "127.0.0.1", "port": port, "backlog": 10})),
@@ -399,7 +399,7 @@ fn mangled_requests_never_crash_or_wedge_the_broker() {
 /// since it may be a descriptor a daemon expected and never got.
 #[test]
 fn an_undelivered_reply_is_logged_at_warn() {
-    let broker = Broker::start_with("protgone", &[], &[("RUST_LOG", "info")]);
+    let broker = Broker::builder("protgone").env("RUST_LOG", "info").start();
     let port = held_port(&broker.control, "tcp");
     // The broker may answer before the hang-up lands (then the reply sits
     // unread in a closed socket, and nothing fails): try again, bounded.

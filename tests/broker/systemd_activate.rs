@@ -3,7 +3,7 @@
 //! takes its control socket from systemd, skips what it cannot use, and sends
 //! the sockets it makes itself to the fd store.
 
-mod common;
+use crate::common;
 
 use std::io::IoSliceMut;
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -89,7 +89,8 @@ fn passed_sockets_are_held_by_name_and_by_address() {
         format!("-l{}", control.display()),
     ];
     let inherit = vec![OwnedFd::from(udp.try_clone().unwrap()), OwnedFd::from(dgram.try_clone().unwrap())];
-    let (mut broker, early) = Broker::start_activated(dir, control.clone(), &args, inherit);
+    let (mut broker, early) =
+        Broker::builder("activated").dir(dir).control(control.clone()).start_activated(&args, inherit);
     let log = broker.log_text();
     assert!(log.contains("from systemd"), "{log}");
     assert!(log.contains("5 sockets from systemd, 0 from the fd store, 0 passed descriptors skipped"), "{log}");
@@ -169,7 +170,8 @@ fn unusable_descriptors_are_skipped_and_logged() {
         format!("-l127.0.0.1:{p2}"),
         format!("-l{}", control.display()),
     ];
-    let (broker, _early) = Broker::start_activated(dir, control, &args, vec![pipe_r, idle]);
+    let (broker, _early) =
+        Broker::builder("activated").dir(dir).control(control).start_activated(&args, vec![pipe_r, idle]);
     let log = broker.log_text();
     assert!(log.contains("fd 3 ('pipe'): unusable: not a socket; skipped"), "{log}");
     assert!(log.contains("fd 4 ('idle'): unusable: tcp://127.0.0.1:"), "{log}");
@@ -189,7 +191,7 @@ fn unusable_descriptors_are_skipped_and_logged() {
 
 #[test]
 fn listen_fds_for_another_process_are_ignored() {
-    let broker = Broker::start_with("act-notours", &[], &[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")]);
+    let broker = Broker::builder("act-notours").env("LISTEN_PID", "1").env("LISTEN_FDS", "1").start();
     let log = broker.log_text();
     assert!(log.contains("LISTEN_PID=1 is not our pid"), "{log}");
     assert!(log.contains("0 sockets from systemd"), "{log}");
@@ -222,7 +224,7 @@ fn own_sockets_go_to_the_fd_store_and_come_back() {
     let dir = test_dir("act-store2");
     let control = dir.join("control.sock");
     let args = vec![format!("--fdname={fdname}:control"), format!("-l{}", control.display())];
-    let (second, _early) = Broker::start_activated(dir, control, &args, stored);
+    let (second, _early) = Broker::builder("activated").dir(dir).control(control).start_activated(&args, stored);
     let log = second.log_text();
     assert!(log.contains(&format!("holding {spec} (from the fd store)")), "{log}");
     let again = second.client().bind(&spec.parse().unwrap()).unwrap();
@@ -313,7 +315,7 @@ fn released_sockets_leave_the_fd_store() {
 /// (WATCHDOG_USEC); STOPPING=1 comes on SIGTERM.
 #[test]
 fn watchdog_pings_and_stopping() {
-    let mut broker = Broker::start_with("act-watchdog", &[], &[("WATCHDOG_USEC", "200000")]);
+    let mut broker = Broker::builder("act-watchdog").env("WATCHDOG_USEC", "200000").start();
     assert!(broker.log_text().contains("systemd watchdog: pinging every 100ms"), "{}", broker.log_text());
     let start = Instant::now();
     for _ in 0..3 {

@@ -8,7 +8,7 @@
 //! multibinder's wire format and no retry: one connection per request (the
 //! reference client), and one connection kept open throughout.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -267,7 +267,7 @@ fn reexecs_and_takeovers_under_load_lose_nothing() {
         }
         let before = load.counters.snapshot();
         load.counters.wait_progress(before);
-        let new = Broker::start_in(dir.clone(), control.clone(), &["--takeover"], &[]);
+        let new = Broker::builder("takeover").dir(dir.clone()).control(control.clone()).arg("--takeover").start();
         let mut old = std::mem::replace(&mut broker, new);
         let status = wait_timeout(&mut old.child, Duration::from_secs(10)).expect("old broker still running");
         assert!(status.success(), "old broker after takeover: {status}");
@@ -310,7 +310,7 @@ fn reexecs_and_takeovers_under_load_lose_nothing() {
 #[test]
 fn reexec_and_takeover_keep_declared_options() {
     use nix::sys::socket::{getsockopt, sockopt};
-    let (mut broker, _port) = Broker::start_with_config_port("upgrade_options", |port| {
+    let (mut broker, _port) = Broker::builder("upgrade_options").start_on_free_port(|port| {
         format!(
             "[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\nbacklog = 77\nkeepalive = true\n\
              keepalive_idle = 31\nno_delay = true\nreceive_buffer = 65536\n"
@@ -339,7 +339,7 @@ fn reexec_and_takeover_keep_declared_options() {
 
     let config = broker.config_path();
     let args = ["--takeover", "--config", config.to_str().unwrap()];
-    let new = Broker::start_in(broker.dir.clone(), broker.control.clone(), &args, &[]);
+    let new = Broker::builder("takeover").beside(&broker).args(&args).start();
     let mut old = std::mem::replace(&mut broker, new);
     assert!(wait_timeout(&mut old.child, Duration::from_secs(10)).expect("old broker exits").success());
     assert!(broker.log_text().contains("resumed after takeover"), "{}", broker.log_text());
@@ -353,8 +353,8 @@ fn reexec_to_a_missing_or_broken_binary_keeps_serving() {
     let dir = test_dir("upgrade_broken");
     let program = dir.join("sockbroker");
     install(Path::new(BIN), &program);
-    let control = dir.join("control.sock");
-    let mut broker = Broker::start_program(&program, dir.clone(), control.clone(), &[], &[]);
+    let mut broker = Broker::builder("upgrade_broken").program(&program).dir(dir.clone()).start();
+    let control = broker.control.clone();
     let mut client = broker.client();
     let (spec, fd) = bind_free_tcp(&mut client);
     let want = inode(fd.as_fd());
@@ -491,7 +491,7 @@ fn takeover_carries_more_sockets_than_one_message_holds() {
     let specs: Vec<String> = (0..600).map(|i| format!("unix:@sbt-many-{}-{i}", std::process::id())).collect();
     let inodes: Vec<u64> = specs.iter().map(|s| inode(client.bind(&s.parse().unwrap()).unwrap().as_fd())).collect();
     drop(client);
-    let new = Broker::start_in(dir, control, &["--takeover"], &[]);
+    let new = Broker::builder("takeover").dir(dir).control(control).arg("--takeover").start();
     let mut old = std::mem::replace(&mut broker, new);
     assert!(wait_timeout(&mut old.child, Duration::from_secs(10)).expect("old broker exits").success());
     reexec(&mut broker);
@@ -517,7 +517,7 @@ fn client_retries_until_a_broker_listens() {
         let (control, spec) = (control.clone(), spec.clone());
         move || Client::connect(&control).and_then(|mut c| c.bind(&spec.parse().unwrap()))
     });
-    let broker = Broker::start_in(dir, control, &[], &[]);
+    let broker = Broker::builder("restart").dir(dir).control(control).start();
     let got = asking.join().unwrap().expect("the bind asked before the broker started");
     assert_eq!(inode(got.as_fd()), inode(broker.client().bind(&spec.parse().unwrap()).unwrap().as_fd()));
 }
@@ -526,10 +526,7 @@ fn client_retries_until_a_broker_listens() {
 /// refused, exits non-zero, and the broker serves on.
 #[test]
 fn takeover_by_another_user_is_refused() {
-    if !nix::unistd::geteuid().is_root() || std::process::Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("skipped: needs root and setpriv");
-        return;
-    }
+    assert!(nix::unistd::geteuid().is_root(), "needs root to run a process as nobody (setpriv)");
     let broker = Broker::start("upgrade_other_user");
     let mut client = broker.client();
     let (spec, fd) = bind_free_tcp(&mut client);
@@ -544,7 +541,7 @@ fn takeover_by_another_user_is_refused() {
         .args(["serve", "--takeover", "--control"])
         .arg(&broker.control)
         .env_remove("NOTIFY_SOCKET")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
@@ -560,35 +557,14 @@ fn adopts_multibinder_environment() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let raw = listener.as_raw_fd();
-    let dir = test_dir("upgrade_multibinder");
-    let notify_path = dir.join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["serve", "--control"])
-        .arg(dir.join("control.sock"))
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env(format!("MULTIBINDER_BIND__tcp__127_0.0.1__{port}"), raw.to_string())
-        .stderr(std::fs::File::create(dir.join("broker.log")).unwrap());
-    // SAFETY: between fork and exec only fcntl, which is async-signal-safe,
-    // runs; it clears close-on-exec on exactly the descriptor being handed over.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            let flags = nix::libc::fcntl(raw, nix::libc::F_GETFD);
-            if flags < 0 || nix::libc::fcntl(raw, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    wait_ready(&notify, &mut child, "broker");
-    let mut client = Client::connect(dir.join("control.sock")).unwrap();
+    let broker = Broker::builder("upgrade_multibinder")
+        .env(&format!("MULTIBINDER_BIND__tcp__127_0.0.1__{port}"), &raw.to_string())
+        .inherit_fd(raw)
+        .start();
+    let mut client = broker.client();
     let got = client.bind(&format!("tcp://127.0.0.1:{port}").parse().unwrap()).unwrap();
     assert_eq!(inode(got.as_fd()), inode(listener.as_fd()));
-    assert_sockets_cloexec(child.id() as i32);
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_sockets_cloexec(broker.pid());
 }
 
 /// Waits (bounded) until the log says `needle` `count` times: the broker

@@ -1,7 +1,7 @@
 //! Every socket option of a declared socket, read back from the kernel
 //! (getsockopt, TCP_INFO, stat) on the descriptor the broker hands out.
 
-mod common;
+use crate::common;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -15,7 +15,7 @@ use sockbroker::socket::{accept_queue, get_int_option};
 /// `options` (TOML lines); returns it with the socket it hands out.
 #[track_caller]
 fn tcp(name: &str, listen_host: &str, options: &str) -> (Broker, OwnedFd) {
-    let (broker, _) = Broker::start_with_config_port(name, |port| {
+    let (broker, _) = Broker::builder(name).start_on_free_port(|port| {
         format!("[[socket]]\nname = \"s\"\nlisten = \"tcp://{listen_host}:{port}\"\n{options}\n")
     });
     let fd = broker.client().bind_name("s").unwrap();
@@ -26,7 +26,7 @@ fn tcp(name: &str, listen_host: &str, options: &str) -> (Broker, OwnedFd) {
 #[track_caller]
 fn other(name: &str, listen: &str, options: &str) -> (Broker, OwnedFd) {
     let broker =
-        Broker::start_with_config(name, &format!("[[socket]]\nname = \"s\"\nlisten = \"{listen}\"\n{options}\n"));
+        Broker::builder(name).config(format!("[[socket]]\nname = \"s\"\nlisten = \"{listen}\"\n{options}\n")).start();
     let fd = broker.client().bind_name("s").unwrap();
     (broker, fd)
 }
@@ -171,16 +171,14 @@ fn a_stale_unix_path_is_replaced_but_never_a_regular_file() {
 
     let file = dir.join("plain");
     std::fs::write(&file, "keep").unwrap();
-    let sub = test_dir("optstale2");
-    let config = sub.join("sockbroker.toml");
-    std::fs::write(&config, format!("[[socket]]\nname = \"s\"\nlisten = \"unix:{}\"\n", file.display())).unwrap();
-    let err = Broker::try_start_in(sub.clone(), sub.join("control.sock"), &["--config", config.to_str().unwrap()], &[])
+    let err = Broker::builder("optstale2")
+        .config(format!("[[socket]]\nname = \"s\"\nlisten = \"unix:{}\"\n", file.display()))
+        .try_start()
         .err()
         .expect("a regular file at the path stops the start");
     assert!(err.contains("exists and is not a socket; refusing to remove it"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
     std::fs::remove_dir_all(&dir).unwrap();
-    std::fs::remove_dir_all(&sub).unwrap();
 }
 
 #[test]

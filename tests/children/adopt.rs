@@ -5,7 +5,7 @@
 //! the refusals: a non-root caller, a missing pid, a process without sockets,
 //! a key held by another socket.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -13,7 +13,6 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,66 +89,6 @@ fn descendants(pid: i32) -> Vec<i32> {
 #[track_caller]
 fn wait_exit(child: &mut Child, what: &str) {
     assert!(wait_timeout(child, Duration::from_secs(30)).is_some(), "{what} did not exit within 30s");
-}
-
-/// Clients each running `request` in a loop until stopped: counts and the
-/// first errors.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(threads: usize, request: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Load {
-        let request = Arc::new(request);
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..threads)
-            .map(|_| {
-                let (stop, ok, failed, errors, request) =
-                    (stop.clone(), ok.clone(), failed.clone(), errors.clone(), request.clone());
-                std::thread::spawn(move || {
-                    let end = Instant::now() + Duration::from_secs(300);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                        match request() {
-                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                errors.lock().unwrap().push(e);
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        Load { stop, ok, failed, errors, threads }
-    }
-
-    /// Waits (bounded) until `n` more requests succeeded.
-    #[track_caller]
-    fn wait_for(&self, n: u64) {
-        let target = self.ok.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.ok.load(Ordering::Relaxed) < target {
-            assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Stops the clients; (succeeded, failed, first errors).
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            t.join().unwrap();
-        }
-        let errors = self.errors.lock().unwrap().iter().take(5).cloned().collect();
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
-    }
 }
 
 /// One HTTP/1.0 request on a new connection; Ok on a 200.
@@ -278,7 +217,7 @@ fn haproxy_that_bound_its_port_moves_under_the_broker_with_no_failed_request() {
     let worker = descendants(old_pid).into_iter().find(|p| holds(*p, inode)).expect("a worker holds the listener");
     assert!(!holds(old_pid, inode));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = Load::start(2, move || http_ok(addr));
+    let load = RequestLoop::start(2, move || http_ok(addr));
     load.wait_for(50);
 
     // 1. The broker copies HAProxy's socket: the same kernel socket. Asked of
@@ -334,7 +273,7 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let seen = gens.clone();
-    let load = Load::start(2, move || {
+    let load = RequestLoop::start(2, move || {
         let body = http_get(addr).map_err(|e| e.to_string())?;
         seen.lock().unwrap().extend(generation(&body));
         Ok(())
@@ -403,7 +342,7 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let seen = gens.clone();
-    let load = Load::start(2, move || {
+    let load = RequestLoop::start(2, move || {
         let body = http_body(addr)?;
         seen.lock().unwrap().extend(generation(&body));
         Ok(())
@@ -506,13 +445,13 @@ fn udp_and_unix_sockets_move_with_no_lost_request() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let pids = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let (p1, p2) = (pids.clone(), pids.clone());
-    let udp_load = Load::start(1, move || {
+    let udp_load = RequestLoop::start(1, move || {
         udp_echo(addr).map(|p| {
             p1.lock().unwrap().insert(p);
         })
     });
     let unix_path = path.clone();
-    let unix_load = Load::start(1, move || {
+    let unix_load = RequestLoop::start(1, move || {
         unix_echo(&unix_path).map(|p| {
             p2.lock().unwrap().insert(p);
         })
@@ -556,7 +495,7 @@ fn udp_and_unix_sockets_move_with_no_lost_request() {
 /// `--adopt-orphans` holding the same sockets; without it, it cannot start.
 #[test]
 fn a_killed_broker_takes_its_declared_sockets_back_from_the_daemon() {
-    let (mut broker, port) = Broker::start_with_config_port("adopt-orphans", |port| {
+    let (mut broker, port) = Broker::builder("adopt-orphans").start_on_free_port(|port| {
         format!(
             "[[socket]]\nname = \"web\"\nlisten = \"tcp://127.0.0.1:{port}\"\n\n\
              [[socket]]\nname = \"dns\"\nlisten = \"udp://127.0.0.1:{port}\"\n\n\
@@ -590,13 +529,13 @@ fn a_killed_broker_takes_its_declared_sockets_back_from_the_daemon() {
     let config = broker.config_path();
     let args = ["--config", config.to_str().unwrap()];
     // Without --adopt-orphans: the declared sockets are in use.
-    let refused = Broker::try_start_in(broker.dir.clone(), broker.control.clone(), &args, &[]).err();
+    let refused = Broker::builder("restart").beside(&broker).args(&args).try_start().err();
     let log = refused.expect("a broker without --adopt-orphans cannot open sockets a daemon holds");
     assert!(log.contains("in use") || log.contains("already listening"), "{log}");
 
     let mut with = args.to_vec();
     with.push("--adopt-orphans");
-    let back = Broker::start_in(broker.dir.clone(), broker.control.clone(), &with, &[]);
+    let back = Broker::builder("restart").beside(&broker).args(&with).start();
     for (k, i) in keys.iter().zip(&inodes) {
         assert!(holds(back.pid(), *i), "{k}: the restarted broker holds the same socket (inode {i})");
         assert!(holds(daemon_pid, *i));
@@ -718,11 +657,11 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
     for i in &inodes {
         assert!(holds(mb.0.id() as i32, *i), "multibinder holds its sockets");
     }
-    let loads: Vec<Load> = addrs
+    let loads: Vec<RequestLoop> = addrs
         .iter()
         .map(|a| {
             let a = *a;
-            Load::start(1, move || http_ok(a))
+            RequestLoop::start(1, move || http_ok(a))
         })
         .collect();
     for l in &loads {
@@ -735,7 +674,7 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
         .args(["adopt", "--multibinder", mb_sock.to_str().unwrap(), "--from-templates", template.to_str().unwrap()])
         .env_remove("SOCKBROKER_SOCKET")
         .env("MULTIBINDER_SOCK", &mb_sock)
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .unwrap();
     let text = output_text(&out);
     assert!(!out.status.success() && text.contains("set SOCKBROKER_SOCKET"), "{text}");
@@ -776,15 +715,7 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
 /// The user tests run the refused caller as, made with useradd.
 fn test_user() -> &'static str {
     const USER: &str = "sbadopt";
-    let exists = Command::new("id").arg(USER).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
-    if !exists.success() {
-        let made = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER])
-            .status()
-            .unwrap();
-        // Another test binary may have made it meanwhile.
-        assert!(made.success() || Command::new("id").arg(USER).status().unwrap().success());
-    }
+    system_user(USER);
     USER
 }
 
@@ -959,14 +890,9 @@ fn broker_free_listener() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// The shipped unit's capability set (units/sockbroker.service).
-const UNIT_CAPS: &str = "setpriv --bounding-set -all,+net_bind_service,+chown,+fowner";
-
 /// Whether process `pid` has CAP_SYS_PTRACE in its effective set.
 fn has_ptrace(pid: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
-    u64::from_str_radix(hex, 16).unwrap() & (1 << 19) != 0
+    cap_eff(pid) & (1 << 19) != 0
 }
 
 /// docs/adopt.md, "Who needs which privilege": the broker with the shipped
@@ -975,9 +901,8 @@ fn has_ptrace(pid: i32) -> bool {
 /// in the broker and says so.
 #[test]
 fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
-    let dir = test_dir("adopt-caps");
-    let wrapper = broker_wrapper(&dir, "unit-caps.sh", "", UNIT_CAPS);
-    let broker = Broker::start_program(&wrapper, dir.clone(), dir.join("control.sock"), &[], &[]);
+    let broker = Broker::builder("adopt-caps").unit_capabilities().start();
+    let dir = broker.dir.clone();
     assert!(!has_ptrace(broker.pid()), "the broker runs without CAP_SYS_PTRACE");
     let port = free_port();
     let udp = format!("udp://127.0.0.1:{port}");
@@ -994,7 +919,7 @@ fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
     notify.wait_line(&mut daemon.0, "READY=1", Duration::from_secs(20));
     let inode = bound_inode(&udp).unwrap();
     // `sockbroker adopt` itself does need the capability, and says so.
-    let capless = ["--bounding-set", "-all,+net_bind_service,+chown,+fowner"];
+    let capless = ["--bounding-set", UNIT_CAPS];
     let out = run_cli(&broker.control, Some(&capless), &["adopt", "--pid", &daemon.0.id().to_string()]);
     let text = output_text(&out);
     assert!(!out.status.success() && text.contains("not permitted") && text.contains("lacks CAP_SYS_PTRACE"), "{text}");
@@ -1006,12 +931,11 @@ fn the_broker_needs_no_ptrace_capability_to_adopt_but_recovery_does() {
 
     // Recovery without the capability: the holder cannot be looked into,
     // the log says what is missing, and the start fails on the address.
-    let dir = test_dir("adopt-caps-recovery");
-    let wrapper = broker_wrapper(&dir, "unit-caps.sh", "", UNIT_CAPS);
-    let config = dir.join("orphans.toml");
-    std::fs::write(&config, format!("[[socket]]\nname = \"dns\"\nlisten = \"{udp}\"\n")).unwrap();
-    let args = ["--config", config.to_str().unwrap(), "--adopt-orphans"];
-    let second = Broker::try_start_program(&wrapper, dir.clone(), dir.join("control.sock"), &args, &[]);
+    let second = Broker::builder("adopt-caps-recovery")
+        .unit_capabilities()
+        .config(format!("[[socket]]\nname = \"dns\"\nlisten = \"{udp}\"\n"))
+        .arg("--adopt-orphans")
+        .try_start();
     let log = second.err().expect("no recovery without CAP_SYS_PTRACE");
     assert!(log.contains("lacks CAP_SYS_PTRACE") && log.contains(&udp), "{log}");
     assert!(log.contains("Address already in use"), "{log}");
