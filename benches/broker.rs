@@ -9,19 +9,18 @@
 //! request), stderr to a file. `BENCH_RUST_LOG=warn` measures it without
 //! the per-request line.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{connect, proc_status, raise_nofile, rss_kib, Broker};
 use sockbroker::fd::{recv_with_fds, send_with_fds};
 use sockbroker::protocol::framing::Framer;
-
-/// The broker binary (release profile under `cargo bench`).
-const BIN: &str = env!("CARGO_BIN_EXE_sockbroker");
 
 /// How many of each thing to do.
 struct Sizes {
@@ -34,72 +33,18 @@ struct Sizes {
 const FULL: Sizes = Sizes { latency: 10_000, throughput_total: 64_000, distinct: 1_000, held: 10_000 };
 const SMOKE: Sizes = Sizes { latency: 200, throughput_total: 640, distinct: 50, held: 200 };
 
-struct Broker {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
+/// The broker as in production: the default log level (info) unless
+/// BENCH_RUST_LOG says otherwise (to measure what the per-request log line
+/// costs).
+fn start_broker(tag: &str) -> Broker {
+    let level = std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
+    Broker::builder(tag).env("RUST_LOG", &level).drain_notify().start()
 }
 
-impl Broker {
-    fn start(tag: &str) -> Broker {
-        let dir = std::env::temp_dir().join(format!("sockbroker-bench-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let control = dir.join("control.sock");
-        let notify_path = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--control"])
-            .arg(&control)
-            .env("NOTIFY_SOCKET", &notify_path)
-            // The default log level unless BENCH_RUST_LOG says otherwise
-            // (to measure what the per-request log line costs).
-            .env("RUST_LOG", std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut buf = [0u8; 512];
-        loop {
-            if let Ok(n) = notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                    break;
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("broker exited before READY=1: {status}");
-            }
-            assert!(Instant::now() < deadline, "broker not ready after 20s");
-        }
-        Broker { child, dir, control }
-    }
-
-    fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS:")
-    }
-
-    /// Private memory only: VmRSS also counts the pages of the binary and of
-    /// libc mapped from files, which are shared and do not grow with sockets.
-    fn anon_kib(&self) -> u64 {
-        self.status_kib("RssAnon:")
-    }
-
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Private memory only, KiB: VmRSS also counts the pages of the binary and
+/// of libc mapped from files, which are shared and do not grow with sockets.
+fn anon_kib(broker: &Broker) -> u64 {
+    proc_status(broker.pid(), "RssAnon:").parse().unwrap()
 }
 
 fn request(id: usize, params: &str) -> Vec<u8> {
@@ -126,7 +71,7 @@ fn read_reply(stream: &UnixStream, framer: &mut Framer) -> OwnedFd {
 
 /// The reference client's way: a new connection, one sendmsg, one recvmsg.
 fn bind_new_connection(control: &Path, req: &[u8]) -> OwnedFd {
-    let stream = UnixStream::connect(control).unwrap();
+    let stream = connect(control);
     send_with_fds(stream.as_fd(), req, &[]).unwrap();
     read_reply(&stream, &mut Framer::default())
 }
@@ -153,9 +98,9 @@ fn report_latency(what: &str, mut samples: Vec<Duration>) {
 }
 
 /// A port free on every address (nothing bound to the wildcard or to any
-/// 127.x address with it a moment ago).
+/// 127.x address with it a moment ago), for binds on 127.77.x.y.
 fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn main() {
@@ -163,7 +108,7 @@ fn main() {
     let sizes = if full { FULL } else { SMOKE };
     raise_nofile();
 
-    let broker = Broker::start("main");
+    let broker = start_broker("bench-broker");
     let control = broker.control.clone();
     let port = free_port();
     let held = request(0, &format!(r#"{{"address":"127.0.0.1","port":{port}}}"#));
@@ -180,7 +125,7 @@ fn main() {
     report_latency("new connection per request (held socket)", samples);
 
     // (b) One persistent connection.
-    let stream = UnixStream::connect(&control).unwrap();
+    let stream = connect(&control);
     let mut framer = Framer::default();
     let mut samples = Vec::with_capacity(sizes.latency);
     for _ in 0..sizes.latency {
@@ -202,7 +147,7 @@ fn main() {
                 let held = held.clone();
                 let barrier = barrier.clone();
                 std::thread::spawn(move || {
-                    let stream = UnixStream::connect(&control).unwrap();
+                    let stream = connect(&control);
                     let mut framer = Framer::default();
                     barrier.wait();
                     for _ in 0..per_client {
@@ -225,11 +170,11 @@ fn main() {
         );
     }
 
-    let busy_rss = broker.rss_kib();
+    let busy_rss = rss_kib(broker.pid());
 
     // Creating and handing out distinct TCP sockets: 127.77.x.y, one port.
     let port = free_port();
-    let stream = UnixStream::connect(&control).unwrap();
+    let stream = connect(&control);
     let mut framer = Framer::default();
     let reqs: Vec<Vec<u8>> = (0..sizes.distinct)
         .map(|i| request(i, &format!(r#"{{"address":"127.77.{}.{}","port":{port}}}"#, i / 250, i % 250 + 1)))
@@ -249,11 +194,11 @@ fn main() {
     drop(broker);
 
     // Memory: a fresh broker idle, then holding many sockets.
-    let broker = Broker::start("rss");
-    let idle_fresh = broker.rss_kib();
-    let idle_anon = broker.anon_kib();
+    let broker = start_broker("bench-rss");
+    let idle_fresh = rss_kib(broker.pid());
+    let idle_anon = anon_kib(&broker);
     let port = free_port();
-    let stream = UnixStream::connect(&broker.control).unwrap();
+    let stream = connect(&broker.control);
     let mut framer = Framer::default();
     for i in 0..sizes.held {
         let r = request(i, &format!(r#"{{"address":"127.78.{}.{}","port":{port}}}"#, i / 250, i % 250 + 1));
@@ -264,24 +209,16 @@ fn main() {
         "rss: idle {:.2} MiB; holding {} sockets {:.2} MiB (and after the latency and throughput runs: {:.2} MiB)",
         idle_fresh as f64 / 1024.0,
         sizes.held,
-        broker.rss_kib() as f64 / 1024.0,
+        rss_kib(broker.pid()) as f64 / 1024.0,
         busy_rss as f64 / 1024.0
     );
     println!(
         "rss anonymous (private): idle {:.2} MiB; holding {} sockets {:.2} MiB",
         idle_anon as f64 / 1024.0,
         sizes.held,
-        broker.anon_kib() as f64 / 1024.0
+        anon_kib(&broker) as f64 / 1024.0
     );
     if !full {
         println!("(smoke run with small counts; `cargo bench --bench broker` for the figures)");
-    }
-}
-
-/// The bench holds thousands of descriptors briefly; use the hard limit.
-fn raise_nofile() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }

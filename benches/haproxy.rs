@@ -18,8 +18,11 @@
 //! `HAPROXY_BENCH_RELOADS` and `HAPROXY_BENCH_RATE` (connections/s) override
 //! the defaults (100, 4000).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,23 +30,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{free_port, wait_ready, wait_timeout, Broker, BIN};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
-const BIN: &str = env!("CARGO_BIN_EXE_sockbroker");
 const THREADS: usize = 4;
 const STEADY: Duration = Duration::from_secs(2);
 const SETTLE: Duration = Duration::from_millis(50);
 
 fn main() {
+    // `cargo test --benches` (scripts/test) runs this binary without
+    // `--bench`: then a short smoke run checks that every scenario still
+    // works, and that sockbroker's reloads lose nothing.
+    let smoke = !std::env::args().any(|a| a == "--bench");
     if !Path::new(HAPROXY).exists() {
+        // The smoke run is a test: scripts/test installs HAProxy.
+        assert!(!smoke, "haproxy bench: {HAPROXY} not found (apt-get install haproxy)");
         eprintln!("haproxy bench: {HAPROXY} not found (apt-get install haproxy); skipped");
         return;
     }
-    // `cargo test --all-targets` runs this binary without `--bench`: then a
-    // short smoke run checks that every scenario still works.
-    let smoke = !std::env::args().any(|a| a == "--bench");
     let reloads: u64 = env_or("HAPROXY_BENCH_RELOADS", if smoke { 3 } else { 100 });
     let rate: u64 = env_or("HAPROXY_BENCH_RATE", if smoke { 500 } else { 4000 });
     let steady = if smoke { Duration::from_millis(300) } else { STEADY };
@@ -133,7 +139,9 @@ struct Instances {
     dir: PathBuf,
     config: PathBuf,
     children: Vec<Child>,
-    broker: Option<Child>,
+    broker: Option<Broker>,
+    /// Tells the thread that reads the supervisor's notify messages to end.
+    done: Arc<AtomicBool>,
 }
 
 impl Instances {
@@ -143,24 +151,21 @@ impl Instances {
             _ => dir.join("web.cfg"),
         };
         std::fs::write(&config, self::config(kind, dir, port, 0)).unwrap();
-        let mut me = Instances { kind, dir: dir.to_path_buf(), config, children: Vec::new(), broker: None };
+        let mut me = Instances {
+            kind,
+            dir: dir.to_path_buf(),
+            config,
+            children: Vec::new(),
+            broker: None,
+            done: Arc::new(AtomicBool::new(false)),
+        };
         match kind {
             Kind::Classic | Kind::Seamless => me.spawn_haproxy(&["-db"]),
             Kind::MasterWorker => me.spawn_haproxy(&["-W", "-db"]),
             Kind::Sockbroker => {
-                let control = dir.join("control.sock");
-                let broker_notify = dir.join("broker-notify.sock");
-                let bn = UnixDatagram::bind(&broker_notify).unwrap();
-                let broker = Command::new(BIN)
-                    .args(["serve", "--control", control.to_str().unwrap()])
-                    .env("NOTIFY_SOCKET", &broker_notify)
-                    .env("RUST_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
+                let broker = Broker::builder("bench-haproxy").env("RUST_LOG", "warn").start();
+                let control = broker.control.clone();
                 me.broker = Some(broker);
-                wait_ready(&bn);
                 let notify_path = dir.join("run-notify.sock");
                 let notify = UnixDatagram::bind(&notify_path).unwrap();
                 let child = Command::new(BIN)
@@ -177,13 +182,16 @@ impl Instances {
                     .spawn()
                     .unwrap();
                 me.children.push(child);
-                wait_ready(&notify);
+                wait_ready(&notify, me.children.last_mut().unwrap(), "sockbroker haproxy run");
                 // Read what the supervisor says, as systemd would: a full
-                // datagram queue blocks the sender.
+                // datagram queue blocks the sender. Until the scenario stops.
+                let done = me.done.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 4096];
-                    notify.set_read_timeout(None).unwrap();
-                    while notify.recv(&mut buf).is_ok() {}
+                    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                    while !done.load(Ordering::Relaxed) {
+                        let _ = notify.recv(&mut buf);
+                    }
                 });
             }
         }
@@ -247,34 +255,14 @@ impl Instances {
             let _ = kill(Pid::from_raw(c.id() as i32), sig);
         }
         for c in &mut self.children {
-            wait_or_kill(c, Duration::from_secs(15));
+            if wait_timeout(c, Duration::from_secs(15)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
-        if let Some(mut b) = self.broker.take() {
-            let _ = kill(Pid::from_raw(b.id() as i32), Signal::SIGTERM);
-            wait_or_kill(&mut b, Duration::from_secs(5));
-        }
-    }
-}
-
-fn wait_or_kill(c: &mut Child, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if c.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
-}
-
-fn wait_ready(notify: &UnixDatagram) {
-    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = notify.recv(&mut buf).expect("no READY=1 within 30s");
-        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-            return;
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(mut broker) = self.broker.take() {
+            broker.stop();
         }
     }
 }
@@ -360,7 +348,7 @@ struct Row {
 }
 
 fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duration) -> Row {
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut instances = Instances::start(kind, dir, port);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -15,158 +15,54 @@
 //! Needs root (useradd, setpriv); otherwise it says so and exits. Under
 //! `cargo test` (no `--bench`) it runs with small counts.
 
-use std::io::{BufRead, BufReader};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::os::fd::AsFd;
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{connect, hostile_peer, rss_kib, system_user, wait_timeout, Broker, KillOnDrop};
 use sockbroker::fd::{recv_with_fds, send_with_fds};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sockbroker");
 const ATTACKER: &str = "sbtatk";
 const APP: &str = "sbtapp";
 
-fn user(name: &str) -> u32 {
-    if nix::unistd::User::from_name(name).unwrap().is_none() {
-        let status = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
-            .status()
-            .unwrap();
-        assert!(status.success() || status.code() == Some(9), "useradd {name}: {status}");
-    }
-    nix::unistd::User::from_name(name).unwrap().unwrap().uid.as_raw()
+/// The broker as the shipped unit runs it: the unit's capabilities,
+/// LimitNOFILE=65536 (or what this machine allows), log level info.
+fn start_broker() -> Broker {
+    let (app, _) = system_user(APP);
+    system_user(ATTACKER);
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(65536, |(_, h)| h);
+    let pid = std::process::id();
+    Broker::builder("bench-hostile")
+        .config(format!(
+            "[control]\nmode = \"0666\"\n\
+             [[socket]]\nname = \"web\"\nlisten = \"unix:@sbt-bench-hostile-{pid}\"\n\
+             [[allow]]\nuser = \"{ATTACKER}\"\nsockets = [\"web\"]\non_demand = [\"unix:@sbt-bench-many-*\"]\nintrospect = true\n\
+             [[allow]]\nuid = {app}\nsockets = [\"web\"]\n"
+        ))
+        .nofile(hard.min(65536))
+        .unit_capabilities()
+        .env("RUST_LOG", "info")
+        .drain_notify()
+        .start()
 }
 
-fn as_user(name: &str) -> Vec<String> {
-    vec![format!("--reuid={name}"), format!("--regid={name}"), "--clear-groups".into()]
+fn fds(broker: &Broker) -> usize {
+    broker.open_fds().len()
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/peer.py")
-}
-
-struct Broker {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let dir = std::env::temp_dir().join(format!("sockbroker-bench-hostile-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let app = user(APP);
-        user(ATTACKER);
-        let config = dir.join("sockbroker.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[control]\nmode = \"0666\"\n\
-                 [[socket]]\nname = \"web\"\nlisten = \"unix:@sbt-bench-hostile-{}\"\n\
-                 [[allow]]\nuser = \"{ATTACKER}\"\nsockets = [\"web\"]\non_demand = [\"unix:@sbt-bench-many-*\"]\nintrospect = true\n\
-                 [[allow]]\nuid = {app}\nsockets = [\"web\"]\n",
-                std::process::id()
-            ),
-        )
-        .unwrap();
-        let control = dir.join("control.sock");
-        let notify_path = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        // LimitNOFILE=65536, or what this machine allows.
-        let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(65536, |(_, h)| h);
-        let nofile = hard.min(65536);
-        let mut child = Command::new("prlimit")
-            .arg(format!("--nofile={nofile}:{nofile}"))
-            .args(["setpriv", "--no-new-privs", "--inh-caps=-all"])
-            .arg("--bounding-set=-all,+net_bind_service,+chown,+fowner")
-            .arg(BIN)
-            .args(["serve", "--control"])
-            .arg(&control)
-            .arg("--config")
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut buf = [0u8; 512];
-        loop {
-            if let Ok(n) = notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                    break;
-                }
-            }
-            assert!(child.try_wait().unwrap().is_none(), "broker exited before READY=1");
-            assert!(Instant::now() < deadline, "broker not ready after 20s");
-        }
-        Broker { child, dir, control }
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-/// A hostile peer, killed when dropped.
-struct Attack(Child);
-
-impl Drop for Attack {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn peer(broker: &Broker, who: &str, mode: &str, conns: usize, arg: usize) -> (Child, String) {
-    let mut child = Command::new("setpriv")
-        .args(as_user(who))
-        .arg("/usr/bin/python3")
-        .arg(script())
-        .arg(&broker.control)
-        .args([mode, &conns.to_string(), &arg.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    (child, line)
-}
-
-fn attack(broker: &Broker, mode: &str, conns: usize, arg: usize) -> Attack {
-    let (child, line) = peer(broker, ATTACKER, mode, conns, arg);
+/// A hostile peer as [`ATTACKER`], killed when dropped, once it is ready.
+fn attack(broker: &Broker, mode: &str, conns: usize, arg: usize) -> KillOnDrop {
+    let (child, line) = hostile_peer(&broker.control, ATTACKER, mode, conns, arg);
     assert!(line.starts_with("ready"), "{mode}: {line:?}");
-    Attack(child)
+    child
 }
 
 /// Latencies (µs, sorted) of `n` binds by the legitimate user.
 fn measure_app(broker: &Broker, n: usize) -> Vec<u64> {
-    let (mut child, line) = peer(broker, APP, "measure", n, 0);
-    let _ = child.wait();
+    let (mut child, line) = hostile_peer(&broker.control, APP, "measure", n, 0);
+    let _ = wait_timeout(&mut child.0, Duration::from_secs(60));
     let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     assert_eq!(v.len(), n, "measure: {line:?}");
     v
@@ -178,8 +74,7 @@ fn measure_root(broker: &Broker, n: usize) -> Vec<u64> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let s = UnixStream::connect(&broker.control).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let s = connect(&broker.control);
         send_with_fds(s.as_fd(), request, &[]).unwrap();
         let mut buf = [0u8; 4096];
         let got = recv_with_fds(s.as_fd(), &mut buf).unwrap();
@@ -197,7 +92,7 @@ fn pct(v: &[u64], p: f64) -> f64 {
 
 fn wait_fds(broker: &Broker, at_most: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while broker.fds() > at_most && Instant::now() < deadline {
+    while fds(broker) > at_most && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -205,18 +100,20 @@ fn wait_fds(broker: &Broker, at_most: usize) {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     if !nix::unistd::geteuid().is_root() {
+        // The smoke run is a test (scripts/test runs as root): it fails.
+        assert!(full, "hostile: needs root (useradd, setpriv)");
         println!("hostile: needs root (useradd, setpriv); skipped");
         return;
     }
     let n = if full { 2000 } else { 100 };
-    let broker = Broker::start();
+    let broker = start_broker();
     // Sockets for `list` to page through.
     let held = if full { 1000 } else { 100 };
     let many: Vec<String> =
         (0..held).map(|i| format!("{{\"spec\":\"unix:@sbt-bench-many-{}-{i}\"}}", std::process::id())).collect();
     let req = format!("{{\"jsonrpc\":\"2.0\",\"method\":\"bind_many\",\"params\":[{}],\"id\":1}}", many.join(","));
     {
-        let s = UnixStream::connect(&broker.control).unwrap();
+        let s = connect(&broker.control);
         send_with_fds(s.as_fd(), req.as_bytes(), &[]).unwrap();
         let mut buf = vec![0u8; 1 << 20];
         let mut text = Vec::new();
@@ -226,7 +123,7 @@ fn main() {
             text.extend_from_slice(&buf[..got.len]);
         }
     }
-    let baseline_fds = broker.fds();
+    let baseline_fds = fds(&broker);
 
     let phases: [(&str, &str, usize, usize); 5] = [
         ("no attack", "", 0, 0),
@@ -251,8 +148,8 @@ fn main() {
             pct(&app, 0.99),
             pct(&root, 0.5),
             pct(&root, 0.99),
-            broker.fds(),
-            broker.rss_kib() as f64 / 1024.0
+            fds(&broker),
+            rss_kib(broker.pid()) as f64 / 1024.0
         );
         drop(attack);
         wait_fds(&broker, baseline_fds);

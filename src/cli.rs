@@ -366,7 +366,7 @@ pub enum HaproxyCommand {
         /// How a new instance is known to serve: `notify` (READY=1 from `haproxy -Ws`)
         /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
         #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
-        ready: crate::haproxy::reload::Readiness,
+        ready: crate::haproxy::run::Readiness,
         /// Proof of readiness, drain bounds.
         #[command(flatten)]
         reload: ReloadArgs,
@@ -630,14 +630,14 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         }
         HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
             let (proof, drain) = reload.split();
-            let options = haproxy::reload::RunOptions {
+            let options = haproxy::run::RunOptions {
                 proof,
                 drain,
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,
             };
-            return Ok(haproxy::reload::run(&command, options)?);
+            return Ok(haproxy::run::run(&command, options)?);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -664,8 +664,8 @@ fn supervisor_command(command: SupervisorCommand) -> Result<ExitCode, crate::sup
     Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {
-    use crate::haproxy::reload::Readiness;
+fn parse_readiness(text: &str) -> Result<crate::haproxy::run::Readiness, String> {
+    use crate::haproxy::run::Readiness;
     match text {
         "notify" => Ok(Readiness::Notify),
         "pidfile" => Ok(Readiness::Pidfile),

@@ -465,15 +465,10 @@ fn run_failures(m: &Machine) {
     m.ok(&["systemctl", "stop", unit]);
 }
 
-/// A fenced block of docs/generic-daemons.md: the one after
-/// `<!-- tested: PATH -->`.
+/// The file docs/generic-daemons.md shows for `path`: its fenced block
+/// marked `<!-- recipe: PATH -->`.
 fn recipe(path: &str) -> String {
-    let doc = std::fs::read_to_string(format!("{ROOT}/docs/generic-daemons.md")).unwrap();
-    let marker = format!("<!-- tested: {path} -->");
-    let after = doc.split(&marker).nth(1).unwrap_or_else(|| panic!("no {marker} in docs/generic-daemons.md"));
-    let block = after.split("```").nth(1).unwrap();
-    // Past the info string (```sh).
-    block.split_once('\n').unwrap().1.to_string()
+    package::recipe("docs/generic-daemons.md", path)
 }
 
 /// The recipes of docs/generic-daemons.md, as the doc shows them.

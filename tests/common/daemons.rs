@@ -240,3 +240,71 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// Client threads each running `request` (one request on a new connection,
+/// say) in a loop until finished, dropped, or 300 s have passed: counts and
+/// the first errors. [`Load`] is the HTTP one with latencies.
+pub struct RequestLoop {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RequestLoop {
+    pub fn start(threads: usize, request: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> RequestLoop {
+        let request = Arc::new(request);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, ok, failed, errors, request) =
+                    (stop.clone(), ok.clone(), failed.clone(), errors.clone(), request.clone());
+                std::thread::spawn(move || {
+                    let end = Instant::now() + Duration::from_secs(300);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                        match request() {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                errors.lock().unwrap().push(e);
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        RequestLoop { stop, ok, failed, errors, threads }
+    }
+
+    /// Waits (bounded) until `n` more requests succeeded.
+    #[track_caller]
+    pub fn wait_for(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.ok.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Stops the clients; (succeeded, failed, first errors).
+    pub fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        let errors = self.errors.lock().unwrap().iter().take(5).cloned().collect();
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
+    }
+}
+
+impl Drop for RequestLoop {
+    /// A test that fails before [`RequestLoop::finish`] leaves no client running.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -67,7 +67,9 @@ pub fn ready_or_exit(notify: &UnixDatagram, child: &mut Child, what: &str) -> Re
     }
 }
 
-/// A running broker, stopped and cleaned up on drop.
+/// A running broker, stopped and cleaned up on drop. Made by
+/// [`BrokerBuilder`] (`Broker::builder(name)…start()`), the one way tests
+/// and benches start a broker; [`Broker::start`] is its shortest form.
 pub struct Broker {
     pub child: Child,
     pub dir: PathBuf,
@@ -75,69 +77,220 @@ pub struct Broker {
     pub log: PathBuf,
     pub notify: UnixDatagram,
     args: Vec<String>,
+    /// Set on drop: stops the thread of [`BrokerBuilder::drain_notify`].
+    draining: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// What `units/sockbroker.service` leaves the broker (CapabilityBoundingSet=).
+pub const UNIT_CAPS: &str = "-all,+net_bind_service,+chown,+fowner";
+/// Those capabilities as the kernel's mask (CAP_CHOWN 0, CAP_FOWNER 3,
+/// CAP_NET_BIND_SERVICE 10), as /proc/PID/status shows CapEff.
+pub const UNIT_CAP_MASK: u64 = (1 << 0) | (1 << 3) | (1 << 10);
+
+/// How to start a test broker: `sockbroker serve --control DIR/control.sock`
+/// with NOTIFY_SOCKET, RUST_LOG=debug and stderr in a log file, waiting for
+/// READY=1. Each setter changes one thing:
+///
+/// ```ignore
+/// let broker = Broker::builder("name").config(TOML).env("RUST_LOG", "info").start();
+/// let next = Broker::builder("name").beside(&broker).arg("--takeover").start();
+/// let (broker, port) = Broker::builder("name").start_on_free_port(|port| toml(port));
+/// ```
+#[must_use]
+#[derive(Clone)]
+pub struct BrokerBuilder {
+    name: String,
+    program: PathBuf,
+    dir: Option<PathBuf>,
+    control: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    config: Option<String>,
+    prelude: String,
+    exec_prefix: Vec<String>,
+    drain_notify: bool,
+    env_remove: Vec<String>,
+    control_flag: bool,
+    stderr_pipe: bool,
+    inherit: Vec<RawFd>,
 }
 
 impl Broker {
-    /// Starts `sockbroker serve --control DIR/control.sock` and waits for READY=1.
+    /// A builder for a broker in a fresh folder named after `name`.
+    pub fn builder(name: &str) -> BrokerBuilder {
+        BrokerBuilder {
+            name: name.to_string(),
+            program: PathBuf::from(BIN),
+            dir: None,
+            control: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            config: None,
+            prelude: String::new(),
+            exec_prefix: Vec::new(),
+            drain_notify: false,
+            env_remove: Vec::new(),
+            control_flag: true,
+            stderr_pipe: false,
+            inherit: Vec::new(),
+        }
+    }
+
+    /// `Broker::builder(name).start()`: no configuration, defaults.
     #[track_caller]
     pub fn start(name: &str) -> Broker {
-        Broker::start_with(name, &[], &[])
+        Broker::builder(name).start()
+    }
+}
+
+impl BrokerBuilder {
+    /// Runs in `dir` (made by the test) instead of a fresh folder. Several
+    /// brokers may share a folder: each gets its own notify socket and log.
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
     }
 
-    /// Starts the broker with extra `serve` arguments and environment.
-    #[track_caller]
-    pub fn start_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> Broker {
-        let dir = test_dir(name);
-        let control = dir.join("control.sock");
-        Broker::start_in(dir, control, args, env)
+    /// Listens on `control` instead of DIR/control.sock.
+    pub fn control(mut self, control: impl Into<PathBuf>) -> Self {
+        self.control = Some(control.into());
+        self
     }
 
-    /// Starts the broker in `dir` on `control`.
-    #[track_caller]
-    pub fn start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Broker {
-        Broker::try_start_in(dir, control, args, env)
-            .unwrap_or_else(|log| panic!("broker exited before READY=1:\n{log}"))
+    /// The folder and control socket of `other` (a takeover, a restart).
+    pub fn beside(self, other: &Broker) -> Self {
+        self.dir(other.dir.clone()).control(other.control.clone())
     }
 
-    /// Starts the broker in `dir` on `control`; when it exits before READY=1,
-    /// returns its log instead (for tests that retry, e.g. on a port taken).
-    #[track_caller]
-    pub fn try_start_in(dir: PathBuf, control: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Result<Broker, String> {
-        Broker::try_start_program(Path::new(BIN), dir, control, args, env)
+    /// Runs `program` (a copy of the broker binary, say) instead of [`BIN`].
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = program.into();
+        self
     }
 
-    /// Starts `program` (a copy of the broker binary, say) in `dir` on
-    /// `control`. Several brokers may share a folder: each gets its own notify
-    /// socket and log.
-    #[track_caller]
-    pub fn start_program(
-        program: &Path,
-        dir: PathBuf,
-        control: PathBuf,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Broker {
-        Broker::try_start_program(program, dir, control, args, env)
-            .unwrap_or_else(|log| panic!("broker exited before READY=1:\n{log}"))
+    /// One more `serve` argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
     }
 
-    /// Like [`Broker::start_program`], but returns the log when the broker
-    /// exits before READY=1.
+    /// More `serve` arguments.
+    pub fn args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.args.extend(args.iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// An environment variable (RUST_LOG overrides the default `debug`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Removes a variable from the broker's environment.
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env_remove.push(key.to_string());
+        self
+    }
+
+    /// Leaves `--control` out: the broker finds its path as a deployment
+    /// would (SOCKBROKER_SOCKET, XDG_RUNTIME_DIR, …); [`Self::control`]
+    /// says where that is.
+    pub fn no_control_flag(mut self) -> Self {
+        self.control_flag = false;
+        self
+    }
+
+    /// The broker's stderr as a pipe in `broker.child.stderr` instead of the
+    /// log file (a test of the log's reader going away).
+    pub fn stderr_pipe(mut self) -> Self {
+        self.stderr_pipe = true;
+        self
+    }
+
+    /// Lets `fd`, open in this process, cross into the broker at the same
+    /// number (its close-on-exec flag cleared in the child only), as an old
+    /// process hands a socket down.
+    pub fn inherit_fd(mut self, fd: RawFd) -> Self {
+        self.inherit.push(fd);
+        self
+    }
+
+    /// `--config DIR/sockbroker.toml`, written with `toml` at start
+    /// ([`Broker::write_config`] replaces it later).
+    pub fn config(mut self, toml: impl Into<String>) -> Self {
+        self.config = Some(toml.into());
+        self
+    }
+
+    /// Shell lines run just before the broker is exec'd, in its process
+    /// (e.g. `export VAR=…` computed at spawn time).
+    pub fn prelude(mut self, shell: &str) -> Self {
+        self.prelude = shell.to_string();
+        self
+    }
+
+    /// Runs the broker under `command…` (which execs it, so the broker keeps
+    /// the pid), e.g. `prlimit --nofile=10:10`.
+    pub fn exec_under(mut self, command: &str) -> Self {
+        self.exec_prefix.push(command.to_string());
+        self
+    }
+
+    /// `RLIMIT_NOFILE` soft and hard at `n` (prlimit).
+    pub fn nofile(self, n: u64) -> Self {
+        self.exec_under(&format!("prlimit --nofile={n}:{n}"))
+    }
+
+    /// Root with only the shipped unit's capabilities ([`UNIT_CAPS`], as
+    /// `units/sockbroker.service` grants) and no new privileges (setpriv).
+    pub fn unit_capabilities(self) -> Self {
+        self.exec_under(&format!("setpriv --no-new-privs --inh-caps=-all --bounding-set={UNIT_CAPS}"))
+    }
+
+    /// After READY=1, a thread reads and discards the broker's notify
+    /// messages until the broker is dropped, as systemd reads them (for
+    /// benches: one FDSTORE=1 message goes out per new socket, and a full
+    /// queue would make the broker wait on each send).
+    pub fn drain_notify(mut self) -> Self {
+        self.drain_notify = true;
+        self
+    }
+
+    /// Starts the broker and waits for READY=1; fails the test with the
+    /// broker's log when it exits first.
     #[track_caller]
-    pub fn try_start_program(
-        program: &Path,
-        dir: PathBuf,
-        control: PathBuf,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Broker, String> {
+    pub fn start(self) -> Broker {
+        self.try_start().unwrap_or_else(|log| panic!("broker exited before READY=1:\n{log}"))
+    }
+
+    /// Starts the broker; when it exits before READY=1, returns its command
+    /// line, exit status and log instead (for tests of a refused start).
+    #[track_caller]
+    pub fn try_start(self) -> Result<Broker, String> {
+        let dir = self.dir.clone().unwrap_or_else(|| test_dir(&self.name));
+        let control = self.control.clone().unwrap_or_else(|| dir.join("control.sock"));
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let mut all: Vec<String> = vec!["serve".into()];
+        if self.control_flag {
+            all.extend(["--control".into(), control.display().to_string()]);
+        }
+        if let Some(toml) = &self.config {
+            let file = dir.join("sockbroker.toml");
+            std::fs::write(&file, toml).unwrap();
+            all.extend(["--config".into(), file.display().to_string()]);
+        }
+        all.extend(self.args.iter().cloned());
+        let program = if self.prelude.is_empty() && self.exec_prefix.is_empty() {
+            self.program.clone()
+        } else {
+            self.wrapper(&dir, n)
+        };
         let notify_path = dir.join(format!("notify-{n}.sock"));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
+        // Writable by a broker run as another user (exec_under setpriv).
+        std::fs::set_permissions(&notify_path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
         let log = dir.join(format!("broker-{n}.log"));
-        let mut all: Vec<String> = vec!["serve".into(), "--control".into(), control.display().to_string()];
-        all.extend(args.iter().map(|s| s.to_string()));
-        let mut cmd = Command::new(program);
+        let mut cmd = Command::new(&program);
         cmd.args(&all)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")
@@ -146,32 +299,72 @@ impl Broker {
             .env_remove("LISTEN_FDNAMES")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env {
+            .stderr(if self.stderr_pipe { Stdio::piped() } else { Stdio::from(std::fs::File::create(&log).unwrap()) });
+        for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        for k in &self.env_remove {
+            cmd.env_remove(k);
+        }
+        if !self.inherit.is_empty() {
+            use std::os::unix::process::CommandExt;
+            let fds = self.inherit.clone();
+            // SAFETY: between fork and exec only fcntl (async-signal-safe)
+            // runs, on descriptors this process keeps open until spawn
+            // returns; nothing is allocated.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &fds {
+                        let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+                        if flags < 0 || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = spawn_fresh_script(&mut cmd);
         match ready_or_exit(&notify, &mut child, "broker") {
-            Ok(()) => Ok(Broker { child, dir, control, log, notify, args: all }),
-            Err(status) => Err(format!("{all:?}: {status}\n{}", std::fs::read_to_string(&log).unwrap_or_default())),
+            Ok(()) => {
+                let draining = self.drain_notify.then(|| {
+                    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let (reader, stop2) = (notify.try_clone().unwrap(), stop.clone());
+                    reader.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while !stop2.load(Ordering::Relaxed) {
+                            let _ = reader.recv(&mut buf);
+                        }
+                    });
+                    stop
+                });
+                Ok(Broker { child, dir, control, log, notify, args: all, draining })
+            }
+            Err(status) => {
+                let text = format!("{all:?}: {status}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                if self.dir.is_none() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(text)
+            }
         }
     }
 
-    /// Starts the broker with a configuration that declares a TCP port:
-    /// `toml(port)` with a port that was free, retried when the broker finds
-    /// it taken by the time it binds.
+    /// Starts the broker with `.config(toml(port))` on a loopback TCP port
+    /// that was free, retried in a fresh folder (up to 10 times) when the
+    /// port is taken by the time the broker binds it.
     #[track_caller]
-    pub fn start_with_config_port(name: &str, toml: impl Fn(u16) -> String) -> (Broker, u16) {
+    pub fn start_on_free_port(self, toml: impl Fn(u16) -> String) -> (Broker, u16) {
         for _ in 0..10 {
             let port = free_port();
-            let dir = test_dir(name);
-            let config = dir.join("sockbroker.toml");
-            std::fs::write(&config, toml(port)).unwrap();
-            let control = dir.join("control.sock");
-            match Broker::try_start_in(dir.clone(), control, &["--config", config.to_str().unwrap()], &[]) {
+            let dir = self.dir.clone().unwrap_or_else(|| test_dir(&self.name));
+            match self.clone().dir(dir.clone()).config(toml(port)).try_start() {
                 Ok(broker) => return (broker, port),
                 Err(log) if log.contains("Address already in use") => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    if self.dir.is_none() {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
                 }
                 Err(log) => panic!("broker exited before READY=1:\n{log}"),
             }
@@ -179,84 +372,42 @@ impl Broker {
         panic!("no free port after 10 tries");
     }
 
-    /// Starts the broker with `--config DIR/sockbroker.toml` holding `toml`.
-    #[track_caller]
-    pub fn start_with_config(name: &str, toml: &str) -> Broker {
-        let dir = test_dir(name);
-        let control = dir.join("control.sock");
-        let config = dir.join("sockbroker.toml");
-        std::fs::write(&config, toml).unwrap();
-        Broker::start_in(dir, control, &["--config", config.to_str().unwrap()], &[])
-    }
-
-    /// The configuration file of [`Broker::start_with_config`].
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.join("sockbroker.toml")
-    }
-
-    /// Replaces the configuration file atomically (write, then rename), so a
-    /// reload never reads it half-written.
-    pub fn write_config(&self, toml: &str) {
-        let tmp = self.dir.join("sockbroker.toml.new");
-        std::fs::write(&tmp, toml).unwrap();
-        std::fs::rename(&tmp, self.config_path()).unwrap();
-    }
-
-    /// Discards the notify messages received so far, so the next
-    /// [`Broker::wait_notify`] sees only what follows.
-    pub fn drain_notify(&self) {
-        self.notify.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 4096];
-        while self.notify.recv(&mut buf).is_ok() {}
-        self.notify.set_nonblocking(false).unwrap();
-    }
-
-    /// Runs `sockbroker ARGS` against this broker, as root.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        run_cli(&self.control, None, args)
-    }
-
-    /// Runs `sockbroker ARGS` against this broker as `nobody:nogroup`
-    /// (setpriv drops every group and both ids before exec).
-    pub fn cli_as_nobody(&self, args: &[&str]) -> Output {
-        run_cli(&self.control, Some(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"]), args)
-    }
-
-    /// Waits (bounded) for a notify message line starting with `prefix`,
-    /// skipping others; returns the line.
-    #[track_caller]
-    pub fn wait_notify(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + START_TIMEOUT;
-        self.notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).to_string();
-                if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
-                    return line.to_string();
-                }
-            }
-        }
-        panic!("no notify message starting with {prefix:?} within {START_TIMEOUT:?}");
+    /// A shell script in `dir` that runs the prelude, then execs the exec
+    /// prefix followed by the program and its arguments (the broker keeps
+    /// the script's pid).
+    fn wrapper(&self, dir: &Path, n: usize) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("broker-{n}.sh"));
+        let prefix = self.exec_prefix.join(" ");
+        let script = format!("#!/bin/sh\n{}\nexec {prefix} \"{}\" \"$@\"\n", self.prelude, self.program.display());
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
     }
 
     /// Starts the broker under the real `systemd-socket-activate`, which
     /// listens on what `activate_args` says (`-l ADDR`, `--fdname=…`, which
     /// must include `-lCONTROL`) and, on the first connection, execs the
     /// broker in place with LISTEN_FDS. That first connection is made to the
-    /// control socket before the broker runs, and returned. `inherit` descriptors are
-    /// handed to the activator as its own LISTEN_FDS (3, 4, …), which it
-    /// passes through ahead of its sockets, so tests can pass any descriptor
-    /// the way systemd would. The activator keeps only a few variables, so
-    /// NOTIFY_SOCKET and RUST_LOG travel with `-E`.
+    /// control socket before the broker runs, and returned. `inherit`
+    /// descriptors are handed to the activator as its own LISTEN_FDS (3, 4,
+    /// …), which it passes through ahead of its sockets, so tests can pass
+    /// any descriptor the way systemd would. The activator keeps only a few
+    /// variables, so NOTIFY_SOCKET and RUST_LOG travel with `-E`. Uses the
+    /// builder's folder and control socket; other settings do not apply.
     #[track_caller]
-    pub fn start_activated(
-        dir: PathBuf,
-        control: PathBuf,
-        activate_args: &[String],
-        inherit: Vec<OwnedFd>,
-    ) -> (Broker, UnixStream) {
+    pub fn start_activated(self, activate_args: &[String], inherit: Vec<OwnedFd>) -> (Broker, UnixStream) {
         use std::os::unix::process::CommandExt;
+        assert!(
+            self.args.is_empty()
+                && self.env.is_empty()
+                && self.config.is_none()
+                && self.exec_prefix.is_empty()
+                && self.inherit.is_empty(),
+            "start_activated takes its arguments from activate_args and its descriptors from inherit"
+        );
+        let dir = self.dir.clone().unwrap_or_else(|| test_dir(&self.name));
+        let control = self.control.clone().unwrap_or_else(|| dir.join("control.sock"));
         let notify_path = dir.join(format!("notify-{}.sock", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let log = dir.join("broker.log");
@@ -309,7 +460,7 @@ impl Broker {
         drop(inherit);
         // Built at once, so any failure below kills the process and prints
         // its log.
-        let mut broker = Broker { child, dir, control, log, notify, args: all };
+        let mut broker = Broker { child, dir, control, log, notify, args: all, draining: None };
         // The activator listens, then waits for a connection before it
         // starts the broker: connect as soon as it accepts connections.
         let deadline = Instant::now() + START_TIMEOUT;
@@ -331,6 +482,59 @@ impl Broker {
         };
         wait_ready(&broker.notify, &mut broker.child, "broker under systemd-socket-activate");
         (broker, early)
+    }
+}
+
+impl Broker {
+    /// The configuration file of [`BrokerBuilder::config`].
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("sockbroker.toml")
+    }
+
+    /// Replaces the configuration file atomically (write, then rename), so a
+    /// reload never reads it half-written.
+    pub fn write_config(&self, toml: &str) {
+        let tmp = self.dir.join("sockbroker.toml.new");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    /// Discards the notify messages received so far, so the next
+    /// [`Broker::wait_notify`] sees only what follows.
+    pub fn drain_notify(&self) {
+        self.notify.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        while self.notify.recv(&mut buf).is_ok() {}
+        self.notify.set_nonblocking(false).unwrap();
+    }
+
+    /// Runs `sockbroker ARGS` against this broker, as root.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_cli(&self.control, None, args)
+    }
+
+    /// Runs `sockbroker ARGS` against this broker as `nobody:nogroup`
+    /// (setpriv drops every group and both ids before exec).
+    pub fn cli_as_nobody(&self, args: &[&str]) -> Output {
+        run_cli(&self.control, Some(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"]), args)
+    }
+
+    /// Waits (bounded) for a notify message line starting with `prefix`,
+    /// skipping others; returns the line.
+    #[track_caller]
+    pub fn wait_notify(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + START_TIMEOUT;
+        self.notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
+                    return line.to_string();
+                }
+            }
+        }
+        panic!("no notify message starting with {prefix:?} within {START_TIMEOUT:?}");
     }
 
     /// The broker's pid.
@@ -379,6 +583,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(stop) = &self.draining {
+            stop.store(true, Ordering::Relaxed);
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -396,6 +603,59 @@ impl Drop for Broker {
     }
 }
 
+/// How long a command a test runs to completion (`sockbroker check`, `haproxy
+/// -c`, `man`, `supervisor reload`…) may take before the test fails.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`Command::output`] with a deadline: stdin from /dev/null, stdout and
+/// stderr captured (read while the command runs, so a large output cannot
+/// stall it); a command still running at the deadline, or whose output is
+/// still held open by a child it left behind, is killed and the call
+/// returns `TimedOut` naming the command.
+pub trait OutputWithin {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output> {
+        use std::io::Read;
+        let deadline = Instant::now() + limit;
+        let mut child = self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, mut pipe) in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+                .into_iter()
+                .enumerate()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                let _ = tx.send((i, bytes));
+            });
+        }
+        let timed_out = |what: &str| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{self:?}: {what} within {limit:?}"))
+        };
+        let Some(status) = wait_timeout(&mut child, limit) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(timed_out("did not exit"));
+        };
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (i, bytes) = rx.recv_timeout(left).map_err(|_| timed_out("left its output open"))?;
+            if i == 0 {
+                stdout = bytes;
+            } else {
+                stderr = bytes;
+            }
+        }
+        Ok(Output { status, stdout, stderr })
+    }
+}
+
 /// Runs the CLI with `SOCKBROKER_SOCKET=control`, optionally under
 /// `setpriv PRIV…`, with a deadline.
 pub fn run_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> Output {
@@ -407,17 +667,8 @@ pub fn run_cli(control: &Path, setpriv: Option<&[&str]>, args: &[&str]) -> Outpu
         }
         None => Command::new(BIN),
     };
-    cmd.args(args)
-        .env("SOCKBROKER_SOCKET", control)
-        .env_remove("MULTIBINDER_SOCK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
-        let _ = child.kill();
-    }
-    child.wait_with_output().unwrap()
+    cmd.args(args).env("SOCKBROKER_SOCKET", control).env_remove("MULTIBINDER_SOCK");
+    cmd.output_within(COMMAND_TIMEOUT).unwrap()
 }
 
 /// The stdout and stderr of a command, for assertion messages.
@@ -434,14 +685,14 @@ pub fn output_text(out: &Output) -> String {
 pub fn check(dir: &Path, toml: &str) -> Output {
     let file = dir.join("check.toml");
     std::fs::write(&file, toml).unwrap();
-    Command::new(BIN).args(["check", "--config", file.to_str().unwrap()]).output().unwrap()
+    Command::new(BIN).args(["check", "--config", file.to_str().unwrap()]).output_within(COMMAND_TIMEOUT).unwrap()
 }
 
 /// `systemd-analyze verify UNITS…` run in `dir`, with `dir` first on the unit
 /// path (templates are verified through an instance name): its whole output,
 /// since it exits 0 on warnings such as unknown keys. `Documentation=man:`
 /// pages are not looked up (`--man=no`): they are installed by the package,
-/// and tests/cli.rs renders them.
+/// and tests/project/cli.rs renders them.
 pub fn systemd_analyze_verify(dir: &Path, units: &[&str]) -> String {
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
@@ -449,7 +700,7 @@ pub fn systemd_analyze_verify(dir: &Path, units: &[&str]) -> String {
         .current_dir(dir)
         .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
         .env("SYSTEMD_LOG_COLOR", "0")
-        .output()
+        .output_within(COMMAND_TIMEOUT)
         .expect("systemd-analyze (Debian package systemd) must be installed");
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -706,18 +957,6 @@ pub fn spawn_fresh_script(cmd: &mut Command) -> Child {
     }
 }
 
-/// A shell script in `dir` that runs `prelude`, then execs `exec_prefix`
-/// followed by the broker and its arguments (the broker keeps the script's
-/// pid): a way to start the broker under `prlimit`, or with variables
-/// computed at spawn time, through [`Broker::start_program`].
-pub fn broker_wrapper(dir: &Path, name: &str, prelude: &str, exec_prefix: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{prelude}\nexec {exec_prefix} \"{BIN}\" \"$@\"\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
 /// A port on 127.0.0.1 that the broker at `control` now holds a `kind`
 /// ("tcp" or "udp") socket for, so every later bind of it succeeds: probes
 /// a free port and asks the broker for it, retrying when someone else took
@@ -734,4 +973,84 @@ pub fn held_port(control: &Path, kind: &str) -> u16 {
         assert_eq!(reply["error"]["code"], 10000, "{reply}");
     }
     panic!("no free {kind} port after 20 tries");
+}
+
+/// A field of /proc/PID/status (`VmRSS:`, `CapEff:`…): its first word.
+#[track_caller]
+pub fn proc_status(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line =
+        status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap_or_default().to_string()
+}
+
+/// A process's resident memory, KiB (`VmRSS:`; `RssAnon:` for private pages
+/// only: VmRSS also counts the shared pages of the binary and libc).
+pub fn rss_kib(pid: i32) -> u64 {
+    proc_status(pid, "VmRSS:").parse().unwrap()
+}
+
+/// A process's effective capabilities (`CapEff:`), as a mask.
+pub fn cap_eff(pid: i32) -> u64 {
+    u64::from_str_radix(&proc_status(pid, "CapEff:"), 16).unwrap()
+}
+
+/// Makes a system user (and its group) once; returns uid and gid.
+pub fn system_user(name: &str) -> (u32, u32) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        let status = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .status()
+            .expect("useradd (Debian package passwd) must be installed");
+        // 9: made meanwhile by another test binary or a bench.
+        assert!(status.success() || status.code() == Some(9), "useradd {name}: {status}");
+    }
+    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// `setpriv` arguments that run a command as `name`, with its group only.
+pub fn as_user(name: &str) -> Vec<String> {
+    vec![format!("--reuid={name}"), format!("--regid={name}"), "--clear-groups".into()]
+}
+
+/// The first line a child writes to `stdout`, waiting at most `limit` (a
+/// thread reads, so a silent child cannot hang the caller).
+#[track_caller]
+pub fn first_line_within(stdout: std::process::ChildStdout, limit: Duration, what: &str) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no line within {limit:?}"))
+}
+
+/// Starts `tests/hostile/peer.py CONTROL MODE CONNS ARG` (the hostile or the
+/// measuring local peer) as user `who` (setpriv), and returns it, killed
+/// when dropped, with the first line it prints: `ready N` once its attack
+/// holds N connections, or `measure`'s latencies. That line must come
+/// within 120 s.
+#[track_caller]
+pub fn hostile_peer(control: &Path, who: &str, mode: &str, conns: usize, arg: usize) -> (KillOnDrop, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/peer.py");
+    let mut child = Command::new("setpriv")
+        .args(as_user(who))
+        .arg("/usr/bin/python3")
+        .arg(script)
+        .arg(control)
+        .args([mode, &conns.to_string(), &arg.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = KillOnDrop(child);
+    let line = first_line_within(stdout, Duration::from_secs(120), &format!("tests/hostile/peer.py {mode}"));
+    (child, line)
 }

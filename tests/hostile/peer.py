@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A hostile local peer of the broker, for tests/hostile.rs and
+"""A hostile local peer of the broker, for tests/broker/hostile.rs and
 benches/hostile.rs. Run as an unprivileged user (setpriv --reuid=...).
 
     peer.py CONTROL MODE CONNS [ARG]

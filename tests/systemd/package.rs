@@ -33,8 +33,10 @@ pub fn suite(tree: &Path) {
     }
 }
 
-/// The blocks of `doc` marked `<!-- recipe: NAME -->`, as one script.
-fn recipe(doc: &str, name: &str) -> String {
+/// The fenced blocks of `doc` marked `<!-- recipe: NAME -->` (the one doc
+/// marker convention, checked by tests/project/docs.rs), joined: a script
+/// to run, or a file to install as written.
+pub fn recipe(doc: &str, name: &str) -> String {
     let text = std::fs::read_to_string(format!("{ROOT}/{doc}")).unwrap();
     let marker = format!("<!-- recipe: {name} -->");
     let mut script = String::new();
@@ -43,7 +45,7 @@ fn recipe(doc: &str, name: &str) -> String {
         if line.trim() != marker {
             continue;
         }
-        assert!(lines.next().is_some_and(|l| l.starts_with("```sh")), "{doc}: {marker} must precede a ```sh block");
+        assert!(lines.next().is_some_and(|l| l.starts_with("```")), "{doc}: {marker} must precede a fenced block");
         for line in lines.by_ref().take_while(|l| !l.starts_with("```")) {
             script.push_str(line);
             script.push('\n');
