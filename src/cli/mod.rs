@@ -1,59 +1,20 @@
-//! The command line: `clap` types and the dispatch to the library.
+//! The command line: [`parse`] reads it into the `clap` types of `args`, and
+//! [`run`] dispatches the parsed [`Cli`] to the library (`serve`, `exec`,
+//! `run`) or to the client-side commands of `commands`. `main` does nothing
+//! else: parse, run, print the error chain.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-
-use crate::client::{Client, ClientError};
+use crate::client::ClientError;
 use crate::config;
 use crate::daemon::{self, ServeError, ServeOptions};
-use crate::exec::{ExecError, SocketArg};
-use crate::spec::SocketSpec;
-use crate::supervisor::{Readiness, RunError, RunOptions};
-use crate::time::parse_duration;
+use crate::exec::ExecError;
+use crate::supervisor::{RunError, RunOptions};
 
-/// Holds LISTEN sockets and hands them to the daemons that serve them, so
-/// old and new generations of a daemon share one kernel listen queue.
-///
-/// `sockbroker serve` is the broker; the other commands talk to it over its
-/// control socket, or run daemons with its sockets.
-#[derive(Debug, Parser)]
-#[command(name = "sockbroker", version, about, long_about)]
-pub struct Cli {
-    /// The broker's control socket, for every command that talks to it (and
-    /// the one `serve` listens on). Same as SOCKBROKER_SOCKET=PATH, which
-    /// `exec` and `run` pass on to their daemons.
-    #[arg(long = "socket", value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
+mod args;
+mod commands;
 
-/// `--socket PATH` after a client command (`sockbroker list --socket PATH`),
-/// as well as before it.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ControlArg {
-    /// The broker's control socket [default: $SOCKBROKER_SOCKET, else
-    /// $MULTIBINDER_SOCK, else /run/sockbroker/control.sock as root,
-    /// $XDG_RUNTIME_DIR/sockbroker/control.sock otherwise, or
-    /// /tmp/sockbroker-UID/control.sock when XDG_RUNTIME_DIR is unset].
-    #[arg(long = "socket", value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-}
-
-impl ControlArg {
-    /// Connects to the broker this flag (or the environment, or the default) names.
-    fn connect(&self) -> Result<Client, ClientError> {
-        match &self.socket {
-            Some(path) => Client::connect(path),
-            None => Client::connect_default(),
-        }
-    }
-}
+pub use args::{Cli, Command, ControlArg, HaproxyCommand, MaybeDuration, ReloadArgs, SocketArgs, SupervisorCommand};
 
 /// Parses the command line, with the examples and the environment in
 /// `--help` (see [`crate::manual`]).
@@ -68,324 +29,6 @@ pub fn parse() -> Cli {
 pub fn command() -> clap::Command {
     use clap::CommandFactory;
     crate::manual::decorate(Cli::command())
-}
-
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the broker.
-    Serve {
-        /// Control socket path [default: --socket, else $SOCKBROKER_SOCKET, else [control] path
-        /// from the configuration, else /run/sockbroker/control.sock as root,
-        /// $XDG_RUNTIME_DIR/sockbroker/control.sock otherwise, or /tmp/sockbroker-UID/control.sock
-        /// when XDG_RUNTIME_DIR is unset]
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-        /// Close client connections idle for this long (e.g. 30s, 500ms);
-        /// default: limits.idle_timeout of the configuration, 30s.
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-        idle_timeout: Option<Duration>,
-        /// Take over every socket and the control socket of the broker running
-        /// on the control path, then serve in its place (it exits).
-        #[arg(long)]
-        takeover: bool,
-        /// Configuration file [default: /etc/sockbroker/sockbroker.toml if it exists, else the built-in default]
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Before opening a declared socket, look for a process that still holds it (after a
-        /// kill -9 without systemd's fd store) and copy it from there: same socket, no
-        /// "Address already in use". Needs CAP_SYS_PTRACE (see docs/adopt.md).
-        #[arg(long)]
-        adopt_orphans: bool,
-    },
-    /// Copy the live listening sockets of a running process (or a multibinder) into the
-    /// broker: the same kernel sockets, so nothing is refused while the old holder stops.
-    ///
-    /// With --pid (run as root: copying another process's descriptors needs
-    /// CAP_SYS_PTRACE), every listening TCP/UNIX socket and bound UDP/UNIX datagram
-    /// socket of PID, or only those named with --socket. With --multibinder, the
-    /// socket of every bind_tcp(...) in the templates, asked of multibinder itself
-    /// (no privilege needed). Only root or the broker's user may hand sockets to the broker.
-    Adopt {
-        /// The process to copy sockets from.
-        #[arg(long, value_name = "PID", required_unless_present = "multibinder", conflicts_with = "multibinder")]
-        pid: Option<i32>,
-        /// Only this socket (repeatable), optionally held under NAME.
-        #[arg(long = "socket", value_name = "SPEC|NAME=SPEC", requires = "pid")]
-        sockets: Vec<crate::adopt::Wanted>,
-        /// The control socket of a running multibinder.
-        #[arg(long, value_name = "SOCK", requires = "from_templates")]
-        multibinder: Option<PathBuf>,
-        /// HAProxy ERB templates whose bind_tcp(...) calls name the sockets to copy.
-        #[arg(long, value_name = "FILE", num_args = 1.., requires = "multibinder")]
-        from_templates: Vec<PathBuf>,
-    },
-    /// Validate a configuration file; print every problem with FILE:LINE:COLUMN and exit non-zero.
-    Check {
-        /// Configuration file [default: /etc/sockbroker/sockbroker.toml if it exists, else the built-in default]
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-    },
-    /// Make the running broker re-read its configuration (as SIGHUP does).
-    Reload {
-        /// The control socket.
-        #[command(flatten)]
-        control: ControlArg,
-    },
-    /// List the sockets the broker holds, with their inodes and the processes holding them now.
-    ///
-    /// HOLDERS are the pids (other than the broker's) with the socket open,
-    /// found in /proc/PID/fd with your own privileges: as a user you see your
-    /// own processes only. The INODE is what `ss -e` and /proc/PID/fdinfo show.
-    List {
-        /// Print JSON instead of a table (every field, `holders` included).
-        #[arg(long)]
-        json: bool,
-        /// The control socket.
-        #[command(flatten)]
-        control: ControlArg,
-    },
-    /// Show the broker's version, uptime and counts.
-    Status {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        /// The control socket.
-        #[command(flatten)]
-        control: ControlArg,
-    },
-    /// Make the broker close its copy of a socket it created on demand.
-    ///
-    /// Processes that received the socket keep theirs; once none is left the
-    /// port is free again.
-    Release {
-        /// The socket, in its text form.
-        #[arg(value_name = "SPEC")]
-        spec: SocketSpec,
-        /// The control socket.
-        #[command(flatten)]
-        control: ControlArg,
-    },
-    /// Ask the broker for a socket and print what was received.
-    ///
-    /// The broker keeps holding the socket afterwards (that is its job): the
-    /// port stays bound until `sockbroker release SPEC`.
-    Bind {
-        /// The control socket.
-        #[command(flatten)]
-        control: ControlArg,
-        /// The socket: tcp://ADDR:PORT, udp://ADDR:PORT, unix:/PATH, unix:@NAME.
-        #[arg(value_name = "SPEC", required_unless_present = "name", conflicts_with = "name")]
-        spec: Option<SocketSpec>,
-        /// Ask for a socket the broker holds under this name instead.
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Run COMMAND with the broker's sockets at fds 3, 4, … (LISTEN_FDS), replacing this process.
-    Exec {
-        /// The sockets for the child.
-        #[command(flatten)]
-        sockets: SocketArgs,
-        /// The daemon and its arguments.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
-        command: Vec<OsString>,
-    },
-    /// Supervise generations of a LISTEN_FDS daemon: SIGHUP starts a new one and
-    /// retires the old one once the new one is ready (zero-downtime reload).
-    Run {
-        /// The sockets for the child.
-        #[command(flatten)]
-        sockets: SocketArgs,
-        /// When a generation counts as ready: notify (READY=1 on NOTIFY_SOCKET),
-        /// delay:DURATION, or pidfile:PATH.
-        #[arg(long, value_name = "HOW", default_value = "notify")]
-        ready: Readiness,
-        /// A new generation not ready this long after its start is stopped.
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-        ready_timeout: Duration,
-        /// Sent to the old generation once the new one is ready.
-        #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = crate::supervisor::parse_signal)]
-        retire_signal: nix::sys::signal::Signal,
-        /// After SIGTERM, how long a generation may take to stop before SIGKILL.
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-        stop_timeout: Duration,
-        /// Proof of readiness, drain bounds.
-        #[command(flatten)]
-        reload: ReloadArgs,
-        /// The daemon and its arguments.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
-        command: Vec<OsString>,
-    },
-    /// HAProxy with the broker's sockets: templates, checked zero-downtime reloads.
-    #[command(subcommand)]
-    Haproxy(HaproxyCommand),
-    /// Write the man pages (DIR/man1, DIR/man5) and the bash, zsh and fish
-    /// completions (DIR/completions) made from this binary's own definitions.
-    #[command(hide = true)]
-    Generate {
-        /// Where to write them.
-        #[arg(value_name = "DIR")]
-        dir: PathBuf,
-    },
-    /// Talk to a running supervisor (`run`, `haproxy run`) by its pid.
-    #[command(subcommand)]
-    Supervisor(SupervisorCommand),
-}
-
-/// `sockbroker supervisor …`
-#[derive(Debug, Subcommand)]
-pub enum SupervisorCommand {
-    /// Reload and wait for the outcome: exit 0 once the new generation serves
-    /// and the old one was told to retire; exit 1 with the reason on stderr
-    /// when the reload failed and the old generation serves on.
-    ///
-    /// For ExecReload=: `sockbroker supervisor reload --pid $MAINPID`. Root
-    /// and the supervisor's own user may ask. Requests that arrive during a
-    /// reload wait for the next one, which serves them all.
-    Reload {
-        /// The supervisor's pid (systemd's $MAINPID).
-        #[arg(long, value_name = "PID")]
-        pid: i32,
-        /// Give up waiting after this long (the reload itself goes on) [default: wait for the outcome].
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-        timeout: Option<Duration>,
-    },
-    /// The generations alive and the status line.
-    Status {
-        /// The supervisor's pid.
-        #[arg(long, value_name = "PID")]
-        pid: i32,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// How `run` and `haproxy run` prove a new generation and bound old ones.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ReloadArgs {
-    /// After a new generation says it is ready, it must stay alive this long
-    /// (and pass --ready-probe) before the old one is retired; both accept meanwhile.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-    pub ready_grace: Duration,
-    /// A shell command that must exit 0 before the old generation is retired, run
-    /// with SOCKBROKER_GENERATION and SOCKBROKER_GENERATION_PID set; retried until --ready-timeout.
-    #[arg(long, value_name = "COMMAND")]
-    pub ready_probe: Option<String>,
-    /// Stop a retiring generation hard (SIGKILL; HAProxy: hard stop) this long after
-    /// the retire signal: `off` lets it drain as long as it needs.
-    #[arg(long, value_name = "DURATION|off", default_value = "off", value_parser = parse_optional_duration)]
-    pub drain_timeout: MaybeDuration,
-    /// At most this many generations alive at once; beyond it the oldest draining one is stopped hard.
-    #[arg(long, value_name = "N", default_value_t = crate::supervisor::DEFAULT_MAX_GENERATIONS,
-          value_parser = parse_max_generations)]
-    pub max_generations: usize,
-}
-
-impl ReloadArgs {
-    /// The supervisor's view of these options.
-    pub fn split(self) -> (crate::supervisor::Proof, crate::supervisor::Drain) {
-        (
-            crate::supervisor::Proof { grace: self.ready_grace, probe: self.ready_probe },
-            crate::supervisor::Drain { timeout: self.drain_timeout.0, max_generations: self.max_generations },
-        )
-    }
-}
-
-/// A duration, or `off` (no limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaybeDuration(pub Option<Duration>);
-
-fn parse_optional_duration(text: &str) -> Result<MaybeDuration, String> {
-    match text {
-        "off" | "none" | "infinity" => Ok(MaybeDuration(None)),
-        _ => parse_duration(text).map(|d| MaybeDuration(Some(d))),
-    }
-}
-
-fn parse_max_generations(text: &str) -> Result<usize, String> {
-    let n: usize = text.parse().map_err(|_| format!("'{text}': not a number"))?;
-    if n < 2 {
-        return Err(format!("{n}: at least 2 (the serving generation and the one starting)"));
-    }
-    Ok(n)
-}
-
-/// `sockbroker haproxy …`
-#[derive(Debug, Subcommand)]
-pub enum HaproxyCommand {
-    /// Render a config template: each bind call becomes fd@N for a socket from the broker.
-    ///
-    /// The fd@N numbers are this process's descriptors: the written file is for
-    /// reading and diffing. To check or start HAProxy, use `exec` or `run`,
-    /// which render and start HAProxy in one process.
-    Render {
-        /// The template: X.cfg.erb, X.cfg.mb or X.cfg.sb.
-        template: PathBuf,
-        /// Where to write [default: the template path without .erb/.mb/.sb].
-        #[arg(short, long, value_name = "OUT")]
-        output: Option<PathBuf>,
-        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
-        #[arg(long)]
-        fallback_bind: bool,
-    },
-    /// multibinder-haproxy-erb: render every -f template, then exec HAProxy with the sockets open.
-    ///
-    /// Takes HAProxy's own command line; with --erb-write-only among its
-    /// arguments, renders and exits. `exec -- haproxy -c -f X.cfg.erb` checks a template.
-    #[command(visible_alias = "erb")]
-    Exec {
-        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
-        #[arg(long)]
-        fallback_bind: bool,
-        /// Write rendered configs into DIR instead of beside their templates.
-        #[arg(long, value_name = "DIR")]
-        rendered_dir: Option<PathBuf>,
-        /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
-        command: Vec<std::ffi::OsString>,
-    },
-    /// Run HAProxy in the foreground and reload it with zero failed connections.
-    ///
-    /// Renders, starts `haproxy -Ws` and waits for READY=1 and --ready-grace.
-    /// A reload (`sockbroker supervisor reload --pid PID`, which waits for the
-    /// outcome, or SIGHUP/SIGUSR2): a new instance is rendered and started, and
-    /// only once it is proven ready does the old one get SIGUSR1 (soft stop).
-    /// A config HAProxy refuses never replaces the running instance; `haproxy -c`
-    /// then says why. SIGTERM, SIGINT or SIGUSR1 soft-stop everything and exit.
-    Run {
-        /// If the broker is unreachable, write plain ADDRESS:PORT binds (with a warning) instead of failing.
-        #[arg(long)]
-        fallback_bind: bool,
-        /// Write rendered configs into DIR instead of beside their templates.
-        #[arg(long, value_name = "DIR")]
-        rendered_dir: Option<PathBuf>,
-        /// How long a new instance may take to become ready.
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-        ready_timeout: Duration,
-        /// How a new instance is known to serve: `notify` (READY=1 from `haproxy -Ws`)
-        /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
-        #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
-        ready: crate::haproxy::reload::Readiness,
-        /// Proof of readiness, drain bounds.
-        #[command(flatten)]
-        reload: ReloadArgs,
-        /// The HAProxy command: /usr/sbin/haproxy -f X.cfg.erb [ARGS]
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "HAPROXY")]
-        command: Vec<std::ffi::OsString>,
-    },
-}
-
-/// The sockets handed to a child (`exec`, `run`).
-#[derive(Debug, clap::Args)]
-pub struct SocketArgs {
-    /// A socket for the child, in order from fd 3: SPEC (tcp://127.0.0.1:80, unix:/run/x.sock, …),
-    /// NAME (a socket the broker holds under that name) or NAME=SPEC; NAME goes to LISTEN_FDNAMES.
-    #[arg(long = "socket", value_name = "SPEC|NAME|NAME=SPEC")]
-    pub sockets: Vec<SocketArg>,
-    /// If the broker is unreachable, bind the sockets directly (with a warning: reloads may then drop connections).
-    #[arg(long)]
-    pub fallback_bind: bool,
 }
 
 /// Everything that can make the command fail.
@@ -451,41 +94,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             })?;
         }
         Command::Adopt { pid, sockets, multibinder, from_templates } => {
-            let broker = config::client_control_path();
-            if let Some(mb) = &multibinder {
-                // MULTIBINDER_SOCK, still set for the old services, would
-                // make the broker's path multibinder's own.
-                let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-                if same(mb).is_some() && same(mb) == same(&broker) {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!(
-                            "the broker's control socket resolves to {}, the multibinder socket itself \
-                             (MULTIBINDER_SOCK?): set SOCKBROKER_SOCKET to the broker's control socket",
-                            mb.display()
-                        ),
-                    )
-                    .into());
-                }
-            }
-            // Connect first: no copying when the broker is not there.
-            let mut client = Client::connect(&broker)?;
-            let copied = match (pid, multibinder) {
-                (Some(pid), _) => crate::adopt::copy_from_pid(pid, &sockets)?,
-                (None, Some(sock)) => crate::adopt::copy_from_multibinder(&sock, &from_templates)?,
-                (None, None) => unreachable!("clap requires --pid or --multibinder"),
-            };
-            let from: Vec<String> = copied.iter().map(|c| c.from.clone()).collect();
-            for (a, from) in client.adopt(&copied)?.iter().zip(from) {
-                match a.outcome {
-                    crate::adopt::Outcome::Adopted => println!("{}: adopted from {from} (inode {})", a.key, a.inode),
-                    crate::adopt::Outcome::AlreadyHeld => {
-                        println!("{}: already held by the broker (the same socket, inode {})", a.key, a.inode)
-                    }
-                }
-            }
+            commands::adopt(pid, &sockets, multibinder.as_deref(), &from_templates)?
         }
-        Command::Check { config } => return Ok(check(config.as_deref())),
+        Command::Check { config } => return Ok(commands::check(config.as_deref())),
         Command::Reload { control } => {
             let (result, _) = control.connect()?.call("reload", serde_json::Value::Null)?;
             let applied: crate::reload::Applied = serde_json::from_value(result).unwrap_or_default();
@@ -497,7 +108,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 applied.rules
             ))?;
         }
-        Command::List { json, control } => list(&control, json)?,
+        Command::List { json, control } => commands::list(&control, json)?,
         Command::Status { json, control } => {
             let (result, _) = control.connect()?.call("status", serde_json::Value::Null)?;
             if json {
@@ -539,13 +150,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 command,
             })?);
         }
-        Command::Haproxy(command) => return run_haproxy(command),
+        Command::Haproxy(command) => return commands::run_haproxy(command),
         Command::Generate { dir } => {
             for path in crate::manual::generate(command(), &dir)? {
                 say(format_args!("{}\n", path.display()))?;
             }
         }
-        Command::Supervisor(command) => return Ok(supervisor_command(command)?),
+        Command::Supervisor(command) => return Ok(commands::supervisor_command(command)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -557,150 +168,4 @@ fn say(args: std::fmt::Arguments<'_>) -> Result<(), CliError> {
     use std::io::Write;
     std::io::stdout().lock().write_fmt(args)?;
     Ok(())
-}
-
-/// `sockbroker list`: the broker's list, with each socket's holders found
-/// here, in /proc, with the caller's own privileges.
-fn list(control: &ControlArg, json: bool) -> Result<(), CliError> {
-    use crate::introspect;
-    let mut client = control.connect()?;
-    let mut entries = client.list_entries()?;
-    let broker = client.peer_pid();
-    let sockets: Vec<introspect::SocketInfo> = serde_json::from_value(serde_json::Value::Array(entries.clone()))
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let holders = introspect::holders(sockets.iter().filter_map(|s| s.inode), broker);
-    if json {
-        // The broker's objects as sent (fields this client does not know
-        // included), each with `holders` added.
-        for entry in &mut entries {
-            let inode = entry.get("inode").and_then(serde_json::Value::as_u64);
-            let pids = inode.and_then(|i| holders.get(&i)).cloned().unwrap_or_default();
-            if let Some(object) = entry.as_object_mut() {
-                object.insert("holders".into(), serde_json::json!(pids));
-            }
-        }
-        say(format_args!("{}\n", serde_json::to_string_pretty(&entries).unwrap_or_default()))
-    } else {
-        say(format_args!("{}", introspect::table(&sockets, &holders, std::time::SystemTime::now())))
-    }
-}
-
-/// `sockbroker check`: every problem on stderr, one per line; exit 1 on any.
-fn check(flag: Option<&std::path::Path>) -> ExitCode {
-    let source = config::Source::resolve(flag);
-    match source.load() {
-        Ok(c) => {
-            // A closed stdout changes nothing: the verdict is the exit status.
-            let _ = say(format_args!(
-                "{source}: ok ({} declared sockets, {} allow rules)\n",
-                c.sockets.len(),
-                c.rules.len()
-            ));
-            ExitCode::SUCCESS
-        }
-        Err(config::ConfigError::Invalid { problems, .. }) => {
-            for p in &problems {
-                eprintln!("{p}");
-            }
-            eprintln!("{source}: {} problem{}", problems.len(), if problems.len() == 1 { "" } else { "s" });
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("sockbroker: {}", crate::error_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
-    use crate::haproxy::{self, RenderOptions};
-    match command {
-        HaproxyCommand::Render { template, output, fallback_bind } => {
-            let options = RenderOptions { control: None, fallback_bind, rendered_dir: None };
-            let rendered = haproxy::render_template(&template, output.as_deref(), &options)?;
-            say(format_args!(
-                "{}: {} sockets from the broker, {} direct binds\n",
-                rendered.output.display(),
-                rendered.fds.len(),
-                rendered.direct_binds
-            ))?;
-        }
-        HaproxyCommand::Exec { fallback_bind, rendered_dir, command } => {
-            haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;
-        }
-        HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
-            let (proof, drain) = reload.split();
-            let options = haproxy::reload::RunOptions {
-                proof,
-                drain,
-                render: RenderOptions { control: None, fallback_bind, rendered_dir },
-                ready_timeout,
-                readiness: ready,
-            };
-            return Ok(haproxy::reload::run(&command, options)?);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `sockbroker supervisor …`: exit 0 on success, 1 with the reason on stderr.
-fn supervisor_command(command: SupervisorCommand) -> Result<ExitCode, crate::supervisor::control::ControlError> {
-    use crate::supervisor::control::{self, Request};
-    let (pid, request, timeout, json) = match command {
-        SupervisorCommand::Reload { pid, timeout } => (pid, Request::Reload, timeout, false),
-        SupervisorCommand::Status { pid, json } => (pid, Request::Status, None, json),
-    };
-    let reply = control::call(nix::unistd::Pid::from_raw(pid), request, timeout)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
-    } else if reply.ok {
-        println!("{}", reply.message);
-        for g in &reply.generations {
-            println!("generation {} pid {} {}", g.number, g.pid, g.state);
-        }
-    } else {
-        eprintln!("sockbroker: {}", reply.message);
-    }
-    Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
-
-fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {
-    use crate::haproxy::reload::Readiness;
-    match text {
-        "notify" => Ok(Readiness::Notify),
-        "pidfile" => Ok(Readiness::Pidfile),
-        other => Err(format!("'{other}': expected notify or pidfile")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reload_options() {
-        let parse = |extra: &[&str]| {
-            let args = [&["sockbroker", "run", "--socket", "web"][..], extra, &["--", "true"]].concat();
-            match Cli::try_parse_from(args).map_err(|e| e.to_string())?.command {
-                Command::Run { reload, .. } => Ok::<_, String>(reload.split()),
-                other => panic!("{other:?}"),
-            }
-        };
-        let (proof, drain) = parse(&[]).unwrap();
-        assert_eq!(proof.grace, crate::supervisor::DEFAULT_READY_GRACE);
-        assert_eq!(drain, crate::supervisor::Drain::default());
-        let (proof, drain) =
-            parse(&["--ready-grace", "0", "--drain-timeout", "90s", "--max-generations", "3", "--ready-probe", "true"])
-                .unwrap();
-        assert_eq!((proof.grace, proof.probe.as_deref()), (Duration::ZERO, Some("true")));
-        assert_eq!((drain.timeout, drain.max_generations), (Some(Duration::from_secs(90)), 3));
-        assert_eq!(parse(&["--drain-timeout", "off"]).unwrap().1.timeout, None);
-        assert!(parse(&["--max-generations", "1"]).unwrap_err().contains("at least 2"));
-    }
-
-    #[test]
-    fn cli_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
-    }
 }
