@@ -199,14 +199,22 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file has problems; every one is listed.
-    #[error("{origin}: invalid configuration:\n{}", list(.problems))]
+    /// The file has problems; every one is listed, each with its
+    /// FILE:LINE:COLUMN (so the header does not name the file again).
+    #[error("invalid configuration ({}):\n{}", count(.problems), list(.problems))]
     Invalid {
         /// The file.
         origin: String,
         /// What is wrong, in file order.
         problems: Vec<Problem>,
     },
+}
+
+fn count(problems: &[Problem]) -> String {
+    match problems.len() {
+        1 => "1 problem".to_string(),
+        n => format!("{n} problems"),
+    }
 }
 
 fn list(problems: &[Problem]) -> String {

@@ -69,14 +69,22 @@ pub struct OpenError {
     pub source: io::Error,
 }
 
+impl OpenError {
+    /// What failed, without the key: for a message that names the socket
+    /// already (a log line about a request for it).
+    pub fn cause(&self) -> String {
+        match self.step {
+            Step::Bind => self.source.to_string(),
+            step => format!("{step}: {}", self.source),
+        }
+    }
+}
+
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // bind() failures read exactly as multibinder's do:
         // "tcp://127.0.0.1:80: Permission denied (os error 13)".
-        match self.step {
-            Step::Bind => write!(f, "{}: {}", self.key, self.source),
-            step => write!(f, "{}: {}: {}", self.key, step, self.source),
-        }
+        write!(f, "{}: {}", self.key, self.cause())
     }
 }
 

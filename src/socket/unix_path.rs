@@ -6,6 +6,7 @@
 //! calls [`bind_unix_path`]; the control socket calls
 //! [`clear_stale_unix_path`].
 
+use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -19,15 +20,15 @@ use nix::sys::stat::{umask, Mode};
 use super::Step;
 use crate::spec::SocketOptions;
 
-/// Why a UNIX socket path could not be used.
-#[derive(Debug, thiserror::Error)]
+/// Why a UNIX socket path could not be used. Displayed as `PATH: REASON`;
+/// inside an [`super::OpenError`], whose key already names the path, only
+/// the reason is given ([`PathError::into_io`]), so the path is said once.
+#[derive(Debug)]
 pub enum PathError {
     /// Something other than a socket is at the path; it is never removed.
-    #[error("{0}: exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
     /// A symbolic link squats the path (someone may want the socket made
     /// where it points); it is never followed nor removed.
-    #[error("{path}: is a symbolic link (to {target}), not a socket; refusing to follow or remove it")]
     Symlink {
         /// The socket path.
         path: PathBuf,
@@ -35,26 +36,45 @@ pub enum PathError {
         target: PathBuf,
     },
     /// A process accepts connections on the path.
-    #[error("{0}: a live socket is already listening there")]
     Live(PathBuf),
     /// A stale socket file the broker did not create, and no rule for this
     /// exact path allows replacing it.
-    #[error("{0}: a socket file the broker did not create is there; refusing to replace it (an allow rule naming this exact path permits it)")]
     NotOurs(PathBuf),
     /// The path could not be examined or removed.
-    #[error("{path}: {source}")]
     Io {
         /// The socket path.
         path: PathBuf,
         /// The cause.
-        #[source]
         source: io::Error,
     },
 }
 
 impl PathError {
-    /// The error as an `io::Error` with a fitting kind, for callers that
-    /// report I/O errors.
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        match self {
+            PathError::NotASocket(path) | PathError::Live(path) | PathError::NotOurs(path) => path,
+            PathError::Symlink { path, .. } | PathError::Io { path, .. } => path,
+        }
+    }
+
+    /// What is wrong at the path, without naming it.
+    pub fn reason(&self) -> String {
+        match self {
+            PathError::NotASocket(_) => "exists and is not a socket; refusing to remove it".into(),
+            PathError::Symlink { target, .. } => {
+                format!("is a symbolic link (to {}), not a socket; refusing to follow or remove it", target.display())
+            }
+            PathError::Live(_) => "a live socket is already listening there".into(),
+            PathError::NotOurs(_) => "a socket file the broker did not create is there; refusing to replace it \
+                                      (an allow rule naming this exact path permits it)"
+                .into(),
+            PathError::Io { source, .. } => source.to_string(),
+        }
+    }
+
+    /// The error as an `io::Error` with a fitting kind and the reason alone
+    /// (for an [`super::OpenError`], whose key names the path already).
     pub fn into_io(self) -> io::Error {
         let kind = match &self {
             PathError::NotASocket(_) | PathError::Symlink { .. } | PathError::Live(_) | PathError::NotOurs(_) => {
@@ -62,7 +82,22 @@ impl PathError {
             }
             PathError::Io { source, .. } => source.kind(),
         };
-        io::Error::new(kind, self)
+        io::Error::new(kind, self.reason())
+    }
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path().display(), self.reason())
+    }
+}
+
+impl std::error::Error for PathError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PathError::Io { source, .. } => Some(source),
+            _ => None,
+        }
     }
 }
 
@@ -183,7 +218,8 @@ pub fn open_folder(dir: &Path) -> io::Result<OwnedFd> {
 /// The folder and file name of a socket path: the name must be a plain
 /// name (not `..`, not empty).
 fn split_path(path: &Path) -> io::Result<(&Path, &std::ffi::OsStr)> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a path to a file", path.display()));
+    // The caller's key names the path: say only what is wrong with it.
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, "not a path to a file");
     let name = path.file_name().ok_or_else(bad)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("/"));
     if path.as_os_str().as_bytes().ends_with(b"/") || path.ends_with("..") {
