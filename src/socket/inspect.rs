@@ -101,13 +101,7 @@ fn inet_key(ty: SockType, addr: std::net::SocketAddr) -> Result<(SocketKey, &'st
         SockType::Datagram => (Transport::Udp, "UDP"),
         other => return Err(InspectError::Unsupported(format!("IP {other:?}"))),
     };
-    // The scope and flow label are not part of a key (spec.rs parses none).
-    let addr = match addr {
-        std::net::SocketAddr::V6(v6) => {
-            std::net::SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), v6.port(), 0, 0))
-        }
-        v4 => v4,
-    };
+    // SocketKey::inet makes the key canonical, as for every other source.
     Ok((SocketKey::inet(transport, addr).map_err(InspectError::Unbound)?, name))
 }
 
