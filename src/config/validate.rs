@@ -124,31 +124,30 @@ impl<'a> Validator<'a> {
     }
 
     fn user(&mut self, u: &Spanned<String>, key: &str) -> Option<u32> {
-        let name = u.get_ref();
-        if let Ok(uid) = name.parse::<u32>() {
-            return Some(uid);
-        }
-        match nix::unistd::User::from_name(name) {
-            Ok(Some(user)) => Some(user.uid.as_raw()),
-            _ => {
-                self.push(u.span(), key.into(), ProblemKind::UnknownUser(name.clone()));
-                None
-            }
-        }
+        let by_name = |name: &str| Some(nix::unistd::User::from_name(name).ok()??.uid.as_raw());
+        self.id(u, key, by_name, ProblemKind::UnknownUser)
     }
 
     fn group(&mut self, g: &Spanned<String>, key: &str) -> Option<u32> {
-        let name = g.get_ref();
-        if let Ok(gid) = name.parse::<u32>() {
-            return Some(gid);
+        let by_name = |name: &str| Some(nix::unistd::Group::from_name(name).ok()??.gid.as_raw());
+        self.id(g, key, by_name, ProblemKind::UnknownGroup)
+    }
+
+    /// A uid or gid: a number as written, else the name looked up in the
+    /// user or group database; a name it does not know is a problem.
+    fn id(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        by_name: impl Fn(&str) -> Option<u32>,
+        unknown: fn(String) -> ProblemKind,
+    ) -> Option<u32> {
+        let name = value.get_ref();
+        let id = name.parse::<u32>().ok().or_else(|| by_name(name));
+        if id.is_none() {
+            self.push(value.span(), key.into(), unknown(name.clone()));
         }
-        match nix::unistd::Group::from_name(name) {
-            Ok(Some(group)) => Some(group.gid.as_raw()),
-            _ => {
-                self.push(g.span(), key.into(), ProblemKind::UnknownGroup(name.clone()));
-                None
-            }
-        }
+        id
     }
 
     fn int(&mut self, value: &Option<Spanned<i64>>, key: String, min: i64, max: i64) -> Option<u32> {

@@ -10,8 +10,6 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -103,32 +101,21 @@ impl std::error::Error for PathError {
 
 /// Makes a UNIX socket path free for `bind()`: nothing there is fine; a socket
 /// that refuses connections (left by a dead process) is removed; a live socket
-/// or any other kind of file is an error and is left alone.
+/// or any other kind of file is an error and is left alone. The same check as
+/// a brokered socket's ([`bind_unix_path`]), with every stale file replaceable.
 pub fn clear_stale_unix_path(path: &Path) -> Result<(), PathError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(PathError::Io { path: path.into(), source }),
+    use nix::fcntl::{openat, OFlag, AT_FDCWD};
+    let io_err = |source: io::Error| PathError::Io { path: path.into(), source };
+    let (dir, name) = split_path(path).map_err(io_err)?;
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let dirfd = match openat(AT_FDCWD, dir, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        // No folder, so no file: nothing to clear (bind() says what is missing).
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(io_err(e.into())),
     };
-    if meta.file_type().is_symlink() {
-        let target = std::fs::read_link(path).unwrap_or_default();
-        return Err(PathError::Symlink { path: path.into(), target });
-    }
-    if !meta.file_type().is_socket() {
-        return Err(PathError::NotASocket(path.into()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(PathError::Live(path.into())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            log::info!("{}: removing stale socket (nobody listens on it)", path.display());
-            match std::fs::remove_file(path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(PathError::Io { path: path.into(), source }),
-            }
-        }
-        Err(source) => Err(PathError::Io { path: path.into(), source }),
-    }
+    let sa = UnixAddr::new(path.as_os_str().as_bytes()).map_err(|e| io_err(e.into()))?;
+    clear_stale_at(dirfd.as_fd(), name, path, &sa, &|_| true)
 }
 
 /// A file, by device and inode: how the broker recognises the socket files
@@ -277,8 +264,9 @@ pub(super) fn bind_unix_path(
     Ok(id)
 }
 
-/// [`clear_stale_unix_path`] inside an opened folder, asking `may_replace`
-/// before removing a stale socket file.
+/// The one stale-file check: at `name` inside the opened folder `dir`
+/// (`path` names it in errors), asking `may_replace` before removing a stale
+/// socket file.
 fn clear_stale_at(
     dir: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
@@ -292,8 +280,13 @@ fn clear_stale_at(
         Err(nix::errno::Errno::ENOENT) => return Ok(()),
         Err(e) => return Err(PathError::Io { path: path.into(), source: e.into() }),
     };
-    if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
-        return Err(PathError::NotASocket(path.into()));
+    match st.st_mode & nix::libc::S_IFMT {
+        nix::libc::S_IFSOCK => {}
+        nix::libc::S_IFLNK => {
+            let target = nix::fcntl::readlinkat(dir, name).map(PathBuf::from).unwrap_or_default();
+            return Err(PathError::Symlink { path: path.into(), target });
+        }
+        _ => return Err(PathError::NotASocket(path.into())),
     }
     let probe = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| PathError::Io { path: path.into(), source: e.into() })?;
@@ -333,6 +326,13 @@ mod tests {
         let live = dir.join("live.sock");
         let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
         assert!(matches!(clear_stale_unix_path(&live), Err(PathError::Live(_))));
+
+        // A link squatting the path is neither followed nor removed.
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink(&live, &link).unwrap();
+        let err = clear_stale_unix_path(&link).unwrap_err();
+        assert!(matches!(&err, PathError::Symlink { target, .. } if *target == live), "{err}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
 
         let stale = dir.join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
