@@ -24,6 +24,10 @@
 //! [`Problem`]; `serve` refuses to start, and a reload keeps the old
 //! configuration, on any of them. `docs/config.md` documents every key.
 //!
+//! Files: `file` (the TOML as written), `validate` (file → [`Config`]),
+//! `problem` (what is wrong, and where); this one holds the sources, the
+//! validated types and the control path.
+//!
 //! # Control socket path
 //!
 //! Order of precedence:
