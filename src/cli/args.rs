@@ -340,7 +340,7 @@ pub enum HaproxyCommand {
         /// How a new instance is known to serve: `notify` (READY=1 from `haproxy -Ws`)
         /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
         #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
-        ready: crate::haproxy::reload::Readiness,
+        ready: crate::haproxy::run::Readiness,
         /// Proof of readiness, drain bounds.
         #[command(flatten)]
         reload: ReloadArgs,
@@ -362,8 +362,8 @@ pub struct SocketArgs {
     pub fallback_bind: bool,
 }
 
-fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {
-    use crate::haproxy::reload::Readiness;
+fn parse_readiness(text: &str) -> Result<crate::haproxy::run::Readiness, String> {
+    use crate::haproxy::run::Readiness;
     match text {
         "notify" => Ok(Readiness::Notify),
         "pidfile" => Ok(Readiness::Pidfile),

@@ -136,14 +136,14 @@ pub(super) fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError>
         }
         HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
             let (proof, drain) = reload.split();
-            let options = haproxy::reload::RunOptions {
+            let options = haproxy::run::RunOptions {
                 proof,
                 drain,
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,
             };
-            return Ok(haproxy::reload::run(&command, options)?);
+            return Ok(haproxy::run::run(&command, options)?);
         }
     }
     Ok(ExitCode::SUCCESS)

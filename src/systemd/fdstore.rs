@@ -41,14 +41,13 @@ use std::fmt::Write as _;
 
 use libsystemd::daemon::NotifyState;
 
+use super::listen::FDNAME_MAX;
 use super::notify;
 use crate::registry::{HeldSocket, Origin};
 use crate::spec::SocketKey;
 
 /// Start of every FDNAME the broker gives a stored socket.
 pub const PREFIX: &str = "sb.";
-/// The longest FDNAME systemd takes (`FDNAME_MAX`).
-pub const FDNAME_MAX: usize = 255;
 
 /// A key (and name) whose FDNAME would be too long for systemd.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,11 +159,7 @@ pub fn remove(held: &HeldSocket) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// systemd's `fdname_is_valid`.
-    fn valid(name: &str) -> bool {
-        name.len() <= FDNAME_MAX && name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b':')
-    }
+    use crate::systemd::listen::fdname_is_valid;
 
     #[test]
     fn every_kind_round_trips_within_systemd_rules() {
@@ -182,7 +177,7 @@ mod tests {
         ] {
             let key: SocketKey = text.parse().unwrap();
             let fdname = encode(&key, name).unwrap();
-            assert!(valid(&fdname), "{fdname}");
+            assert!(fdname_is_valid(&fdname), "{fdname}");
             assert_eq!(decode(&fdname), Some((key, name.map(String::from))), "{fdname}");
         }
     }
