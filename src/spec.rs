@@ -29,7 +29,7 @@
 //! This module makes no system calls.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -126,8 +126,15 @@ pub enum SpecError {
 }
 
 impl SocketKey {
-    /// A TCP or UDP key; refuses port 0.
+    /// A TCP or UDP key; refuses port 0. Every key of an IP socket is made
+    /// here, in its canonical form: an IPv6 flow label (which `getsockname`
+    /// may report and no text form names) is not part of it; the scope
+    /// (`%2`, for link-local addresses) is, as `bind()` needs it.
     pub fn inet(transport: Transport, addr: SocketAddr) -> Result<Self, SpecError> {
+        let addr = match addr {
+            SocketAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(*v6.ip(), v6.port(), 0, v6.scope_id())),
+            v4 => v4,
+        };
         let key = SocketKey::Inet { transport, addr };
         if addr.port() == 0 {
             return Err(SpecError::PortZero(key.to_string()));
@@ -402,6 +409,15 @@ mod tests {
         assert!(matches!(long.parse::<SocketKey>(), Err(SpecError::TooLong(_))));
         assert!(matches!(SocketKey::inet_parts(Transport::Tcp, "127.0.0.1", 70000), Err(SpecError::PortRange(70000))));
         assert!(matches!(SocketKey::inet_parts(Transport::Tcp, "localhost", 80), Err(SpecError::BadAddress(_))));
+    }
+
+    #[test]
+    fn ip_keys_are_canonical() {
+        let with_flow = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 80, 7, 2));
+        let key = SocketKey::inet(Transport::Tcp, with_flow).unwrap();
+        assert_eq!(key, "tcp://[fe80::1%2]:80".parse().unwrap());
+        assert_eq!(key.to_string(), "tcp://[fe80::1%2]:80");
+        assert_ne!(key, "tcp://[fe80::1]:80".parse().unwrap(), "the scope is part of the address bound");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{umask, Mode};
 
-use crate::socket::{self, OpenError, PathError};
+use crate::socket::{self, OpenError};
 use crate::spec::{SocketKey, SocketSpec, SpecError};
 
 /// Backlog of the control socket: generous, so a burst of clients during a
@@ -63,9 +63,10 @@ pub enum ControlError {
         #[source]
         source: SpecError,
     },
-    /// Another broker listens on the path, or a non-socket file is there.
+    /// Another broker listens on the path, or a non-socket file (or a link)
+    /// is there: what the stale-socket check of [`socket::open`] refused.
     #[error("{0} (is another broker running? stop it, or pass another --control path)")]
-    InUse(#[source] PathError),
+    InUse(#[source] OpenError),
     /// The socket could not be created.
     #[error("control socket: {0}")]
     Open(#[source] OpenError),
@@ -169,14 +170,14 @@ impl Drop for ControlSocket {
     }
 }
 
-/// The path problem inside an open error that stopped at the stale-socket
-/// check (a live socket, another file, a link), or the error as it was.
-fn in_use(e: OpenError) -> Result<PathError, OpenError> {
-    if e.step != socket::Step::ClearPath || e.source.get_ref().map_or(true, |inner| !inner.is::<PathError>()) {
-        return Err(e);
+/// Whether an open error is the stale-socket check refusing what is at the
+/// path (a live socket, another file, a link): then it is [`ControlError::InUse`].
+fn in_use(e: OpenError) -> Result<OpenError, OpenError> {
+    if e.step == socket::Step::ClearPath && e.source.kind() == io::ErrorKind::AddrInUse {
+        Ok(e)
+    } else {
+        Err(e)
     }
-    let inner = e.source.into_inner().expect("looked at above");
-    Ok(*inner.downcast::<PathError>().expect("looked at above"))
 }
 
 /// Creates the control socket's folder. The per-user default folder under

@@ -129,7 +129,8 @@ impl Server {
             BindTarget::Spec(spec) => (self.registry.get(&spec.key).and_then(|h| h.name.clone()), spec.key.clone()),
         };
         let grant = self.live.policy.check(&peer, Action::Bind, name.as_deref(), &key).map_err(|denied| {
-            note!(log::Level::Warn, "bind {key}: refused: {denied}");
+            // The denial names the action and the key: say them once.
+            note!(log::Level::Warn, "refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
         })?;
         let (may_replace, unix_file) = (grant.may_replace(&key), grant.unix_file());
@@ -149,7 +150,7 @@ impl Server {
                     Ok((_, new)) => new,
                     Err(e) => {
                         let hint = in_use_by_broker(&self.registry, &e);
-                        note!(log::Level::Warn, "bind {}: could not bind: {e}{hint}", spec.key);
+                        note!(log::Level::Warn, "bind {}: could not bind: {}{hint}", spec.key, e.cause());
                         return Err(RpcError::new(code::BIND_FAILED, format!("Could not bind: {e}{hint}")));
                     }
                 };

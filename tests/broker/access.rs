@@ -239,3 +239,37 @@ fn release_and_reload_are_judged_too() {
     );
     assert!(broker.cli(&["reload"]).status.success());
 }
+
+/// Each fact once: a refused bind names its address once in the client's
+/// error and once in the broker's log line for it, whether the rules refused
+/// it or the kernel did.
+#[test]
+fn a_refused_bind_names_its_address_once() {
+    let broker = Broker::builder("aclonce")
+        .config(format!("{OPEN_CONTROL}[[allow]]\nuser = \"nobody\"\non_demand = [\"unix:@sbt-aclonce-*\"]\n"))
+        .start();
+    let once = |text: &str, spec: &str, what: &str| {
+        assert_eq!(text.matches(spec).count(), 1, "{what}: {spec} should appear once in:\n{text}");
+    };
+    let log_line = |needle: &str| {
+        let log = broker.log_text();
+        log.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} line in:\n{log}")).to_string()
+    };
+
+    // Refused by the rules.
+    let spec = format!("tcp://127.0.0.1:{}", free_port());
+    let out = bind_as_nobody(&broker, &[&spec]);
+    assert_refused(&out, &format!("uid 65534 (nobody) may not bind {spec}"));
+    once(&String::from_utf8_lossy(&out.stderr), &spec, "client error");
+    once(&log_line(&format!("may not bind {spec}")), &spec, "broker log");
+
+    // Refused by the kernel: the address is taken by another process.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let spec = format!("tcp://{}", taken.local_addr().unwrap());
+    let out = broker.cli(&["bind", &spec]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Address already in use") && err.contains("code 10000"), "{}", output_text(&out));
+    once(&err, &spec, "client error");
+    once(&log_line(&format!("bind {spec}: could not bind")), &spec, "broker log");
+}

@@ -285,3 +285,38 @@ fn sighup_reloads() {
     broker.client().bind_name("hup").unwrap();
     assert_eq!(broker.client().bind_name("web").unwrap_err().code(), Some(10001));
 }
+
+/// Each fact once: a bad line's error names its file and its address once,
+/// at start and on reload (the header does not repeat the file its problems
+/// name).
+#[test]
+fn a_bad_line_names_its_file_and_address_once() {
+    let dir = test_dir("badonce");
+    let config = dir.join("bad.toml");
+    let bad = "[[socket]]\nname = \"x\"\nlisten = \"tcp://127.0.0.1:0\"\n";
+    std::fs::write(&config, bad).unwrap();
+    let file = config.display().to_string();
+    let address = "tcp://127.0.0.1:0";
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--control", dir.join("c.sock").to_str().unwrap(), "--config", &file])
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{file}:3:10: socket[0].listen: {address}: port 0 is refused")), "{err}");
+    assert_eq!(err.matches(&file).count(), 1, "{err}");
+    assert_eq!(err.matches(address).count(), 1, "{err}");
+
+    // The same line on reload: the client's error names both once.
+    let broker = Broker::builder("badoncereload").config("").start();
+    broker.write_config(bad);
+    let out = broker.cli(&["reload"]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let err = stderr(&out);
+    let file = broker.config_path().display().to_string();
+    assert!(err.contains(&format!("{file}:3:10: socket[0].listen: {address}")), "{err}");
+    assert_eq!(err.matches(&file).count(), 1, "{err}");
+    assert_eq!(err.matches(address).count(), 1, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -298,3 +298,37 @@ fn bind_failures_are_10000_and_name_the_socket() {
     let _c = UnixStream::connect(&stale).unwrap();
     listener.accept().unwrap();
 }
+
+/// Each fact once: a bad UNIX path is named once in the client's error, in
+/// the broker's log line for the request, and in the error of a broker that
+/// cannot open it at start.
+#[test]
+fn a_bad_unix_path_is_named_once() {
+    let broker = Broker::start("skpathonce");
+    let file = broker.dir.join("not-a-socket");
+    std::fs::write(&file, b"keep").unwrap();
+    let path = file.display().to_string();
+    let out = broker.cli(&["bind", &format!("unix:{path}")]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exists and is not a socket; refusing to remove it"), "{}", output_text(&out));
+    assert_eq!(err.matches(&path).count(), 1, "{}", output_text(&out));
+    let log = broker.log_text();
+    let line = log.lines().find(|l| l.contains("could not bind") && l.contains(&path)).expect("a log line");
+    assert_eq!(line.matches(&path).count(), 1, "{line}");
+
+    // Declared in the configuration: the start fails naming it once.
+    let config = broker.dir.join("declares-file.toml");
+    std::fs::write(&config, format!("[[socket]]\nname = \"s\"\nlisten = \"unix:{path}\"\n")).unwrap();
+    let other = broker.dir.join("other.sock");
+    let err = Broker::builder("declaresfile")
+        .dir(broker.dir.clone())
+        .control(other)
+        .args(&["--config", config.to_str().unwrap()])
+        .try_start()
+        .err()
+        .expect("a regular file at the declared path stops the start");
+    let line = err.lines().find(|l| l.contains("not a socket")).unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(line.matches(&path).count(), 1, "{line}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}
