@@ -154,6 +154,19 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Print the broker's metrics in the Prometheus text format (accept queue
+    /// per held socket, requests by method and outcome, clients); see docs/metrics.md.
+    ///
+    /// With --output, write them atomically to FILE instead (a temporary file
+    /// renamed over it), for node_exporter's textfile collector.
+    Metrics {
+        /// Write to this file (e.g. /var/lib/prometheus/node-exporter/sockbroker.prom).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The control socket.
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Make the broker close its copy of a socket it created on demand.
     ///
     /// Processes that received the socket keep theirs; once none is left the
@@ -506,6 +519,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 let s: crate::introspect::Status = serde_json::from_value(result)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 say(format_args!("{s}"))?;
+            }
+        }
+        Command::Metrics { output, control } => {
+            let text = control.connect()?.metrics()?;
+            match output {
+                Some(path) => crate::metrics::exposition::write_atomically(&path, &text).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("writing the metrics to {}: {e}", path.display()))
+                })?,
+                None => say(format_args!("{text}"))?,
             }
         }
         Command::Release { spec, control } => {

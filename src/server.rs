@@ -242,6 +242,8 @@ pub struct Server {
     list_order: Option<(u64, std::rc::Rc<Vec<SocketKey>>)>,
     /// When suppressed log lines were last reported.
     last_log_report: Instant,
+    /// Requests and connections counted for `metrics`.
+    pub(crate) counters: crate::metrics::counters::Counters,
 }
 
 /// How often suppressed log lines are reported, and how quiet a uid must
@@ -273,6 +275,7 @@ impl Server {
             nofile: nofile(),
             list_order: None,
             last_log_report: Instant::now(),
+            counters: Default::default(),
         }
     }
 
@@ -586,6 +589,7 @@ impl Server {
                 None
             };
             if let Some(why) = refusal {
+                self.counters.connections_refused += 1;
                 crate::peer_log!(peer, log::Level::Warn, "connection refused: {why}");
                 // Best effort, never blocking: tell the client why.
                 let reply = Response::err(Value::Null, RpcError::new(code::TOO_MANY, why)).to_bytes();
@@ -598,6 +602,7 @@ impl Server {
                 continue;
             }
             *uid_conns.entry(peer.uid).or_default() += 1;
+            self.counters.connections_accepted += 1;
             self.uid_use.entry(peer.uid).or_default().conns += 1;
             let id = self.next_conn;
             self.next_conn += 1;
@@ -806,7 +811,9 @@ impl Server {
                             }
                         }
                         Ok(req) if req.method == crate::adopt::METHOD => {
-                            match self.adopt(conn.peer, &req.params, &mut conn.received) {
+                            let result = self.adopt(conn.peer, &req.params, &mut conn.received);
+                            self.counters.request(&req.method, result.as_ref().err().map(|e| e.code));
+                            match result {
                                 Ok((value, fds)) => (Response::ok(req.id, value), fds),
                                 Err(e) => (Response::err(req.id, e), Vec::new()),
                             }

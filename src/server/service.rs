@@ -28,11 +28,13 @@ impl Server {
             "list" => self.list(peer, &req.params),
             "status" => self.status_for(peer),
             "reload" => self.reload(peer),
+            crate::metrics::METHOD => self.metrics(peer),
             other => {
                 crate::peer_log!(peer, log::Level::Info, "{other}: method not found");
                 Err(RpcError::new(code::METHOD_NOT_FOUND, format!("Method not found: {other}")))
             }
         };
+        self.counters.request(&req.method, result.as_ref().err().map(|e| e.code));
         match result {
             Ok((value, fds)) => (Response::ok(req.id, value), fds),
             Err(e) => (Response::err(req.id, e), Vec::new()),
