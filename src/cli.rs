@@ -263,6 +263,14 @@ pub enum SupervisorCommand {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
+    /// The supervisor's metrics in the Prometheus text format (docs/metrics.md): serving
+    /// generation, generations by state, reloads by outcome, the last reload's duration,
+    /// readiness wait and deepest accept queue.
+    Metrics {
+        /// The supervisor's pid.
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+    },
     /// The generations alive and the status line.
     Status {
         /// The supervisor's pid.
@@ -293,9 +301,21 @@ pub struct ReloadArgs {
     #[arg(long, value_name = "N", default_value_t = crate::supervisor::DEFAULT_MAX_GENERATIONS,
           value_parser = parse_max_generations)]
     pub max_generations: usize,
+    /// Also write the supervisor's metrics (Prometheus text format; docs/metrics.md) to
+    /// this file, atomically, on every change and every 10s: for node_exporter's textfile collector.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
+    /// The `supervisor` label of the metrics [default: the --metrics-file name without .prom, else the pid].
+    #[arg(long, value_name = "NAME")]
+    pub metrics_name: Option<String>,
 }
 
 impl ReloadArgs {
+    /// Where the supervisor's metrics go.
+    pub fn metrics(&self) -> crate::supervisor::metrics::MetricsOptions {
+        crate::supervisor::metrics::MetricsOptions { file: self.metrics_file.clone(), name: self.metrics_name.clone() }
+    }
+
     /// The supervisor's view of these options.
     pub fn split(self) -> (crate::supervisor::Proof, crate::supervisor::Drain) {
         (
@@ -548,6 +568,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             return Err(crate::exec::run(&sockets.sockets, sockets.fallback_bind, &command).into());
         }
         Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, reload, command } => {
+            let metrics = reload.metrics();
             let (proof, drain) = reload.split();
             return Ok(crate::supervisor::run(RunOptions {
                 proof,
@@ -559,6 +580,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 retire_signal,
                 stop_timeout,
                 command,
+                metrics,
             })?);
         }
         Command::Haproxy(command) => return run_haproxy(command),
@@ -651,6 +673,7 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
             haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;
         }
         HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
+            let metrics = reload.metrics();
             let (proof, drain) = reload.split();
             let options = haproxy::reload::RunOptions {
                 proof,
@@ -658,6 +681,7 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,
+                metrics,
             };
             return Ok(haproxy::reload::run(&command, options)?);
         }
@@ -671,10 +695,13 @@ fn supervisor_command(command: SupervisorCommand) -> Result<ExitCode, crate::sup
     let (pid, request, timeout, json) = match command {
         SupervisorCommand::Reload { pid, timeout } => (pid, Request::Reload, timeout, false),
         SupervisorCommand::Status { pid, json } => (pid, Request::Status, None, json),
+        SupervisorCommand::Metrics { pid } => (pid, Request::Metrics, None, false),
     };
     let reply = control::call(nix::unistd::Pid::from_raw(pid), request, timeout)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    } else if let (true, Some(text)) = (reply.ok, &reply.metrics) {
+        print!("{text}");
     } else if reply.ok {
         println!("{}", reply.message);
         for g in &reply.generations {

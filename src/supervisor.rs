@@ -69,6 +69,7 @@ use crate::exec::{self, ExecError, Launch, PassedSocket, SocketArg};
 use crate::systemd::notify;
 
 pub mod control;
+pub mod metrics;
 
 use control::{Connection, GenerationInfo, Reply, Request};
 
@@ -164,6 +165,8 @@ pub struct RunOptions {
     pub stop_timeout: Duration,
     /// The daemon's program and arguments.
     pub command: Vec<OsString>,
+    /// `--metrics-file`, `--metrics-name`.
+    pub metrics: metrics::MetricsOptions,
 }
 
 /// How generations are supervised, whatever the daemon: which signals ask
@@ -195,6 +198,8 @@ pub struct Supervision {
     pub proof: Proof,
     /// How long and how many old generations may drain.
     pub drain: Drain,
+    /// Where the metrics go besides the control socket (`--metrics-file`).
+    pub metrics: metrics::MetricsOptions,
 }
 
 /// What a new generation must show, after it says it is ready, before the
@@ -271,6 +276,13 @@ pub trait Daemon {
     /// (HAProxy: what `haproxy -c` says about the config it was given).
     fn explain_failure(&mut self, _number: u64) -> Option<Self::Error> {
         None
+    }
+
+    /// Copies of the sockets whose accept queues are sampled during a
+    /// reload (the TCP listeners among them; see [`metrics`]), taken after
+    /// each start.
+    fn watched(&mut self) -> Vec<OwnedFd> {
+        Vec::new()
     }
 
     /// One line about a start failure, for STATUS=.
@@ -459,6 +471,8 @@ struct Supervisor<D: Daemon> {
     final_status: Option<WaitStatus>,
     /// Set when generation 1 fails before it is ready.
     start_failure: Option<RunError<D::Error>>,
+    /// Reload figures and the sockets sampled ([`metrics`]).
+    telemetry: metrics::Telemetry,
 }
 
 /// Runs a LISTEN_FDS daemon under the supervisor until SIGTERM/SIGINT or the
@@ -477,6 +491,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
         stop_timeout: Some(opts.stop_timeout),
         proof: opts.proof.clone(),
         drain: opts.drain,
+        metrics: opts.metrics.clone(),
     };
     supervise(how, || ListenFdsDaemon::fetch(&opts.sockets, opts.fallback_bind, opts.command.clone()))
 }
@@ -513,6 +528,10 @@ impl Daemon for ListenFdsDaemon {
         log::info!("generation {number} (pid {pid}) started: {}", launch.program().display());
         Ok(pid)
     }
+
+    fn watched(&mut self) -> Vec<OwnedFd> {
+        self.sockets.iter().filter_map(|s| s.fd.try_clone().ok()).collect()
+    }
 }
 
 /// Runs generations of `daemon` (made by `prepare` once signals are routed
@@ -546,6 +565,7 @@ pub fn supervise<D: Daemon>(
             None
         }
     };
+    let telemetry = metrics::Telemetry::new(how.metrics.clone());
     let mut sup = Supervisor {
         how,
         daemon,
@@ -567,6 +587,7 @@ pub fn supervise<D: Daemon>(
         serving_at_stop: None,
         final_status: None,
         start_failure: None,
+        telemetry,
     };
     sup.start_generation().map_err(RunError::Start)?;
     sup.event_loop()?;
@@ -613,6 +634,12 @@ impl<D: Daemon> Supervisor<D> {
     }
 
     fn status_line(&self, failed_now: bool) -> String {
+        let mut line = self.daemon_status_line(failed_now);
+        line.push_str(&self.telemetry.status_note().unwrap_or_default());
+        line
+    }
+
+    fn daemon_status_line(&self, failed_now: bool) -> String {
         let draining = self
             .gens
             .iter()
@@ -636,6 +663,7 @@ impl<D: Daemon> Supervisor<D> {
         let notify_env = self.notify_sock.as_ref().map(|(_, name)| OsString::from(name));
         let env = [(GENERATION_ENV, Some(OsString::from(number.to_string()))), ("NOTIFY_SOCKET", notify_env)];
         let pid = self.daemon.start(number, &env)?;
+        self.telemetry.watch(self.daemon.watched());
         self.gens.push(Generation {
             number,
             pid,
@@ -656,9 +684,8 @@ impl<D: Daemon> Supervisor<D> {
                 self.answer_waiters(u64::MAX, false, "the supervisor stopped");
                 return Ok(());
             }
-            let timeout = crate::signals::poll_timeout(
-                self.next_deadline().map(|at| at.saturating_duration_since(Instant::now())),
-            );
+            let due = self.next_deadline().into_iter().chain(self.telemetry.next_due()).min();
+            let timeout = crate::signals::poll_timeout(due.map(|at| at.saturating_duration_since(Instant::now())));
             let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
             if let Some((sock, _)) = &self.notify_sock {
                 fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
@@ -678,6 +705,7 @@ impl<D: Daemon> Supervisor<D> {
             self.read_notify();
             self.read_control();
             self.check_timers();
+            self.telemetry_tick();
             if self.phase == Phase::Serving && self.reload_queued {
                 self.reload_queued = false;
                 self.begin_reload_by("queued request");
@@ -795,6 +823,12 @@ impl<D: Daemon> Supervisor<D> {
                     reply.generations = self.gens.iter().map(Generation::info).collect();
                     conn.answer(&reply);
                 }
+                Ok(Some(Request::Metrics)) => {
+                    let conn = self.reading.swap_remove(i);
+                    let mut reply = Reply::new(true, self.status_line(false));
+                    reply.metrics = Some(self.metrics_text());
+                    conn.answer(&reply);
+                }
                 Ok(Some(Request::Reload)) => {
                     let conn = self.reading.swap_remove(i);
                     let why = format!("reload requested on the control socket (uid {})", conn.uid);
@@ -823,6 +857,7 @@ impl<D: Daemon> Supervisor<D> {
     fn begin_reload_by(&mut self, why: &str) {
         self.phase = Phase::Reloading;
         self.reloads_begun += 1;
+        self.reload_began();
         let old = self.serving().map(Generation::label).unwrap_or_default();
         log::info!("{why}: reload {}: starting generation {} next to {old}", self.reloads_begun, self.next_number);
         notify::reload_started(Some(format!("reloading: starting generation {}; {old} serving", self.next_number)));
@@ -885,6 +920,7 @@ impl<D: Daemon> Supervisor<D> {
     /// check's whole output) to the callers waiting for this reload.
     fn reload_failed(&mut self, reason: String, detail: String) {
         self.reloads_failed += 1;
+        self.reload_ended(false);
         let serving = self.serving().map(Generation::label).unwrap_or_else(|| "nothing".into());
         log::error!("reload failed: {reason}; {serving} keeps serving");
         let message = format!("reload failed: {detail}\n{serving} keeps serving");
@@ -906,6 +942,9 @@ impl<D: Daemon> Supervisor<D> {
     /// says so): promoted now, or proven first ([`Proof`]) while the old
     /// one still serves.
     fn signalled_ready(&mut self, idx: usize) {
+        if self.phase == Phase::Reloading {
+            self.reload_ready(self.gens[idx].started.elapsed());
+        }
         let proof = &self.how.proof;
         if proof.grace.is_zero() && proof.probe.is_none() {
             self.promote(idx);
@@ -947,6 +986,9 @@ impl<D: Daemon> Supervisor<D> {
         if reloaded {
             self.reloads_ok += 1;
             self.last_failure = None;
+            self.reload_ended(true);
+        } else {
+            self.write_metrics_file();
         }
         self.phase = Phase::Serving;
         notify::ready(&self.status_line(false));
