@@ -120,7 +120,7 @@ fn refusals_and_unknown_methods_are_counted_in_closed_label_sets() {
     );
     assert!(!text.contains("no-such-method"), "a peer's method name never becomes a label:\n{text}");
     assert!(sample(&text, "sockbroker_clients_connected", &[]) >= Some(1.0), "{text}");
-    assert!(sample(&text, "process_open_fds", &[]) > Some(0.0), "{text}");
+    assert!(sample(&text, "sockbroker_process_open_fds", &[]) > Some(0.0), "{text}");
 }
 
 #[test]

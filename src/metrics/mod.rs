@@ -20,21 +20,28 @@ pub const METHOD: &str = "metrics";
 /// The format name in the reply, as Prometheus' Content-Type spells it.
 pub const FORMAT: &str = "text/plain; version=0.0.4";
 
-/// The conventional `process_*` families, for the process writing them:
-/// open descriptors against the limit (the broker holds every socket of
-/// the host, so running out is its failure mode), resident memory.
+/// The process's descriptors against its limit (the broker holds every
+/// socket of the host, so running out is its failure mode) and resident
+/// memory: the conventional `process_*` families under the broker's prefix,
+/// since node_exporter, which reads `--output` files, exports its own
+/// `process_*` series and would refuse duplicates.
 pub fn process(e: &mut Exposition) {
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
         // The read_dir handle itself is one of them.
         let open = dir.count().saturating_sub(1);
-        e.family("process_open_fds", Kind::Gauge, "Number of open file descriptors.").sample(&[], open);
+        e.family("sockbroker_process_open_fds", Kind::Gauge, "Number of open file descriptors.").sample(&[], open);
     }
     if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-        e.family("process_max_fds", Kind::Gauge, "Maximum number of open file descriptors (soft RLIMIT_NOFILE).")
-            .sample(&[], soft);
+        e.family(
+            "sockbroker_process_max_fds",
+            Kind::Gauge,
+            "Maximum number of open file descriptors (soft RLIMIT_NOFILE).",
+        )
+        .sample(&[], soft);
     }
     if let Some(rss) = resident_bytes() {
-        e.family("process_resident_memory_bytes", Kind::Gauge, "Resident memory size in bytes.").sample(&[], rss);
+        e.family("sockbroker_process_resident_memory_bytes", Kind::Gauge, "Resident memory size in bytes.")
+            .sample(&[], rss);
     }
 }
 
