@@ -4,6 +4,9 @@
 
 mod common;
 
+#[path = "../benches/support/storm.rs"]
+mod storm;
+
 use std::time::Instant;
 
 use common::*;
@@ -121,4 +124,29 @@ fn list_status_and_metrics_answer_with_ten_thousand_sockets() {
         "{}",
         &text[..2000]
     );
+}
+
+/// The scale benchmark's storm, small: a few `haproxy run` instances under
+/// one broker, all reloaded at once, twice, under a client loop over every
+/// socket: no request fails and every storm is served.
+#[test]
+fn a_reload_storm_fails_no_request() {
+    raise_nofile();
+    let dir = test_dir("scale-storm");
+    let s = storm::Storm {
+        bin: BIN.into(),
+        haproxy: "/usr/sbin/haproxy".into(),
+        dir: dir.join("storm"),
+        instances: 4,
+        sockets: 25,
+        storms: 2,
+        threads: 2,
+        limit: std::time::Duration::from_secs(60),
+    };
+    let r = s.run();
+    assert_eq!(r.failed, 0, "failed requests during the storms: {:?}", r.errors);
+    assert_eq!(r.unfinished, 0, "storms not served within {:?}", s.limit);
+    assert!(r.requests >= 20, "too little load to mean anything: {r:?}");
+    assert_eq!(r.held, 100, "the broker holds every instance's sockets");
+    assert_eq!(r.renders.len(), 8, "one render per instance and storm: {r:?}");
 }
