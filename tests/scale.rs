@@ -150,3 +150,23 @@ fn a_reload_storm_fails_no_request() {
     assert_eq!(r.held, 100, "the broker holds every instance's sockets");
     assert_eq!(r.renders.len(), 8, "one render per instance and storm: {r:?}");
 }
+
+/// The shipped units are sized for 10,000 held sockets and 50 instances
+/// (docs/systemd.md, "Sized for many instances per host").
+#[test]
+fn units_are_sized_for_ten_thousand_sockets() {
+    let unit = |name: &str, key: &str| -> usize {
+        let path = format!("{}/units/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let value = text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='));
+        value.unwrap_or_else(|| panic!("{path}: no {key}=")).trim().parse().unwrap()
+    };
+    let store = unit("sockbroker.service", "FileDescriptorStoreMax");
+    let nofile = unit("sockbroker.service", "LimitNOFILE");
+    let backlog = unit("sockbroker.socket", "Backlog");
+    assert!(store >= SOCKETS, "FileDescriptorStoreMax={store}");
+    assert!(nofile > 2 * SOCKETS, "LimitNOFILE={nofile}");
+    assert!(backlog >= 50, "Backlog={backlog}");
+    let limits = sockbroker::limits::Limits::default();
+    assert!(limits.max_batch >= 200, "one instance's sockets in one bind_many");
+}
