@@ -399,7 +399,7 @@ pub enum HaproxyCommand {
         /// How a new instance is known to serve: `notify` (READY=1 from `haproxy -Ws`)
         /// or `pidfile` (HAProxy's -p file names it; for builds without systemd support).
         #[arg(long, value_name = "HOW", default_value = "notify", value_parser = parse_readiness)]
-        ready: crate::haproxy::reload::Readiness,
+        ready: crate::haproxy::run::Readiness,
         /// Proof of readiness, drain bounds.
         #[command(flatten)]
         reload: ReloadArgs,
@@ -675,7 +675,7 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
         HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
             let metrics = reload.metrics();
             let (proof, drain) = reload.split();
-            let options = haproxy::reload::RunOptions {
+            let options = haproxy::run::RunOptions {
                 proof,
                 drain,
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
@@ -683,7 +683,7 @@ fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError> {
                 readiness: ready,
                 metrics,
             };
-            return Ok(haproxy::reload::run(&command, options)?);
+            return Ok(haproxy::run::run(&command, options)?);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -713,8 +713,8 @@ fn supervisor_command(command: SupervisorCommand) -> Result<ExitCode, crate::sup
     Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn parse_readiness(text: &str) -> Result<crate::haproxy::reload::Readiness, String> {
-    use crate::haproxy::reload::Readiness;
+fn parse_readiness(text: &str) -> Result<crate::haproxy::run::Readiness, String> {
+    use crate::haproxy::run::Readiness;
     match text {
         "notify" => Ok(Readiness::Notify),
         "pidfile" => Ok(Readiness::Pidfile),

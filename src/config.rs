@@ -498,9 +498,10 @@ pub fn validate(file: ConfigFile, text: &str, origin: &str) -> Result<Config, Co
     }
 }
 
-/// A name is FDNAME-compatible (systemd's fd store keeps it) and readable.
+/// A name is FDNAME-compatible (systemd's fd store keeps it) and readable:
+/// not empty, no space.
 fn valid_name(name: &str) -> bool {
-    (1..=255).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    !name.is_empty() && !name.contains(' ') && crate::systemd::listen::fdname_is_valid(name)
 }
 
 /// Collects problems while resolving values.

@@ -1,5 +1,6 @@
 //! Descriptor primitives: passing descriptors over UNIX sockets (SCM_RIGHTS),
-//! the close-on-exec flag, the credentials of a peer, and copying a descriptor
+//! the close-on-exec flag, the credentials of a peer or of a datagram's
+//! sender (`SCM_CREDENTIALS`, for `run`'s notify socket), and copying a descriptor
 //! out of another process (`pidfd_open` + `pidfd_getfd`, for `sockbroker adopt`).
 //!
 //! Everything here keeps one rule: a descriptor that enters the process is an
@@ -104,6 +105,32 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
         ));
     }
     Ok(Received { len: msg.bytes, fds })
+}
+
+/// Receives one datagram without waiting (`MSG_DONTWAIT`) and the sender's
+/// pid (`SCM_CREDENTIALS`, on a socket with `SO_PASSCRED`; `None` without
+/// it). Descriptors the sender attached are closed at once: nobody may park
+/// descriptors with us. Returns the length and the pid.
+pub fn recv_with_sender(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<(usize, Option<i32>)> {
+    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)?;
+    let mut sender = None;
+    for c in msg.cmsgs().into_iter().flatten() {
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => sender = Some(cred.pid()),
+            ControlMessageOwned::ScmRights(fds) => {
+                for fd in fds {
+                    // SAFETY: the kernel just installed it in our table for
+                    // us alone; dropping the OwnedFd closes it.
+                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((msg.bytes, sender))
 }
 
 /// Sets or clears `FD_CLOEXEC` on one descriptor.

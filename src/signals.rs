@@ -3,8 +3,8 @@
 //! ever runs at an arbitrary point of the code.
 //!
 //! A blocked signal stays blocked across `fork`; every child the project
-//! starts gets an empty mask before `execve` (see [`crate::exec`] and
-//! [`crate::supervisor`]), so daemons see their signals as usual.
+//! starts gets an empty mask before `execve` (see [`crate::child`]), so
+//! daemons see their signals as usual.
 
 use std::time::Duration;
 

@@ -498,7 +498,8 @@ fn try_reexec(server: &Server, target: &ExecTarget) -> UpgradeError {
     // socket-activation or multibinder variables left in the environment
     // would name descriptors it already takes from the state.
     let stale = |k: &std::ffi::OsStr| {
-        [STATE_FD_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"].iter().any(|v| k == *v)
+        k == STATE_FD_ENV
+            || crate::systemd::listen::LISTEN_ENV.iter().any(|v| k == *v)
             || k.as_bytes().starts_with(crate::multibinder::MULTIBINDER_BIND_PREFIX.as_bytes())
     };
     let mut env: Vec<CString> = std::env::vars_os()

@@ -8,8 +8,9 @@
 //! process now holds. Those numbers only mean something in this process, so
 //! the process that renders is the one that starts HAProxy: [`exec`] replaces
 //! itself with HAProxy (multibinder's `multibinder-haproxy-erb`), and
-//! [`reload`] keeps running and starts, checks and retires HAProxy instances
-//! (multibinder's wrapper, made safe). The descriptors stay close-on-exec in
+//! [`run`] (`haproxy run`) keeps running and starts, checks and retires
+//! HAProxy generations under the generation supervisor (multibinder's
+//! wrapper, made safe). The descriptors stay close-on-exec in
 //! this process; [`crate::child::prepare`] clears the flag on exactly those, and
 //! only in the child, after fork.
 //!
@@ -18,7 +19,7 @@
 //! drop connections.
 
 pub mod args;
-pub mod reload;
+pub mod run;
 pub mod template;
 
 use std::ffi::OsString;
@@ -92,16 +93,16 @@ pub enum HaproxyError {
         #[source]
         source: io::Error,
     },
-    /// A generation could not be prepared.
+    /// A generation of `haproxy run` could not be prepared.
     #[error(transparent)]
-    Reload(#[from] reload::ReloadError),
+    Generation(#[from] run::GenerationError),
     /// The supervisor failed.
     #[error(transparent)]
-    Run(#[from] Box<crate::supervisor::RunError<reload::ReloadError>>),
+    Run(#[from] Box<crate::supervisor::RunError<run::GenerationError>>),
 }
 
-impl From<crate::supervisor::RunError<reload::ReloadError>> for HaproxyError {
-    fn from(e: crate::supervisor::RunError<reload::ReloadError>) -> Self {
+impl From<crate::supervisor::RunError<run::GenerationError>> for HaproxyError {
+    fn from(e: crate::supervisor::RunError<run::GenerationError>) -> Self {
         HaproxyError::Run(Box::new(e))
     }
 }
@@ -296,7 +297,7 @@ pub fn exec(argv: &[OsString], options: &RenderOptions) -> Result<(), HaproxyErr
     // As `sockbroker exec` does: a descriptor our own parent leaked to us
     // (not close-on-exec) must not reach HAProxy, which gets exactly the
     // sockets its configuration names.
-    if let Err(e) = crate::exec::seal_inherited_descriptors() {
+    if let Err(e) = crate::child::seal_inherited_descriptors() {
         log::warn!("could not check inherited descriptors in /proc/self/fd: {e}");
     }
     let mut args = HaproxyArgs::parse(argv)?;

@@ -1,4 +1,4 @@
-//! Turning the descriptors systemd passed ([`listen::take_from_env`]) into
+//! Turning the descriptors systemd passed ([`super::listen::take_from_env`]) into
 //! held sockets and, possibly, the control socket.
 //!
 //! Each descriptor is identified from the kernel ([`socket::inspect`]), never

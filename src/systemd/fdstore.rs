@@ -48,6 +48,7 @@ use std::fmt::Write as _;
 
 use libsystemd::daemon::NotifyState;
 
+use super::listen::FDNAME_MAX;
 use super::notify;
 use crate::registry::{HeldSocket, Origin, Registry};
 use crate::spec::SocketKey;
@@ -58,8 +59,6 @@ pub const PREFIX: &str = "sb-";
 pub const LONG_PREFIX: &str = "sb.";
 /// How many buckets keys are hashed into.
 const BUCKETS: u64 = 4096;
-/// The longest FDNAME systemd takes (`FDNAME_MAX`).
-pub const FDNAME_MAX: usize = 255;
 
 /// A key (and name) whose FDNAME would be too long for systemd.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -220,11 +219,7 @@ pub fn remove(held: &HeldSocket, registry: &Registry) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// systemd's `fdname_is_valid`.
-    fn valid(name: &str) -> bool {
-        name.len() <= FDNAME_MAX && name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b':')
-    }
+    use crate::systemd::listen::fdname_is_valid;
 
     #[test]
     fn every_kind_round_trips_within_systemd_rules() {
@@ -242,13 +237,13 @@ mod tests {
         ] {
             let key: SocketKey = text.parse().unwrap();
             let fdname = encode(&key, name).unwrap();
-            assert!(valid(&fdname), "{fdname}");
+            assert!(fdname_is_valid(&fdname), "{fdname}");
             assert_eq!(decode(&fdname), Some((None, name.map(String::from))), "{fdname}");
             if name.is_none() {
                 assert_eq!(fdname.len(), 6, "{fdname}");
             }
             let long = encode_long(&key, name).unwrap();
-            assert!(valid(&long), "{long}");
+            assert!(fdname_is_valid(&long), "{long}");
             assert_eq!(decode(&long), Some((Some(key), name.map(String::from))), "{long}");
         }
     }

@@ -25,6 +25,22 @@ pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
 /// Environment variable: their names, `:`-separated.
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// The convention's three variables: a process that hands descriptors on
+/// (`sockbroker exec`, `run`) replaces inherited values, one that does not
+/// (HAProxy's `fd@N`, a re-exec) removes them.
+pub const LISTEN_ENV: [&str; 3] = [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES];
+/// The name `sd_listen_fds_with_names()` reports for a socket nobody named.
+pub const UNNAMED: &str = "unknown";
+/// The longest descriptor name systemd takes (its `FDNAME_MAX`), in
+/// `LISTEN_FDNAMES` and in the fd store's `FDNAME=`.
+pub const FDNAME_MAX: usize = 255;
+
+/// systemd's `fdname_is_valid`: at most [`FDNAME_MAX`] printable ASCII
+/// characters, without `:` (the separator in `LISTEN_FDNAMES`). systemd
+/// accepts the empty name; callers that give names to sockets refuse it.
+pub fn fdname_is_valid(name: &str) -> bool {
+    name.len() <= FDNAME_MAX && name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b':')
+}
 
 /// What the three variables say, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,8 +112,7 @@ impl ListenEnv {
         if let Some(text) = listen_fdnames {
             let names: Vec<&str> = text.split(':').collect();
             if names.len() == count {
-                env.names =
-                    names.into_iter().map(|n| (!n.is_empty() && n != "unknown").then(|| n.to_string())).collect();
+                env.names = names.into_iter().map(|n| (!n.is_empty() && n != UNNAMED).then(|| n.to_string())).collect();
             } else {
                 env.ignored_names = Some(text.to_string());
             }
@@ -155,7 +170,7 @@ pub fn take_from_env() -> Vec<PassedFd> {
     }
     let var = |name| std::env::var(name).ok();
     let (pid, fds, names) = (var(LISTEN_PID), var(LISTEN_FDS), var(LISTEN_FDNAMES));
-    for name in [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES] {
+    for name in LISTEN_ENV {
         std::env::remove_var(name);
     }
     let env = match ListenEnv::parse(std::process::id(), pid.as_deref(), fds.as_deref(), names.as_deref()) {
@@ -228,5 +243,13 @@ mod tests {
         assert!(matches!(parse(Some("42"), Some("-1"), None), Err(ListenEnvError::BadCount(_))));
         assert!(matches!(parse(Some("42"), Some("two"), None), Err(ListenEnvError::BadCount(_))));
         assert!(matches!(parse(Some("42"), Some("4294967295"), None), Err(ListenEnvError::BadCount(_))));
+    }
+
+    #[test]
+    fn fdnames_as_systemd_checks_them() {
+        assert!(fdname_is_valid("http") && fdname_is_valid("with space") && fdname_is_valid(""));
+        assert!(fdname_is_valid(&"x".repeat(FDNAME_MAX)));
+        assert!(!fdname_is_valid(&"x".repeat(FDNAME_MAX + 1)));
+        assert!(!fdname_is_valid("a:b") && !fdname_is_valid("tab\there") && !fdname_is_valid("é"));
     }
 }

@@ -62,7 +62,7 @@ pub fn send_with_fds(states: &[NotifyState], fds: &[BorrowedFd<'_>]) -> Result<b
 fn send_to(target: &std::ffi::OsStr, states: &[NotifyState], fds: &[BorrowedFd<'_>]) -> Result<(), NotifyError> {
     for state in states {
         if let NotifyState::Fdname(name) = state {
-            if name.len() > 255 || name.bytes().any(|b| !(0x20..0x7f).contains(&b) || b == b':') {
+            if !super::listen::fdname_is_valid(name) {
                 return Err(NotifyError::Invalid(format!("invalid FDNAME '{name}'")));
             }
         }

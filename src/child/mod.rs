@@ -1,25 +1,39 @@
-//! Starting a child: what every program the broker's commands start gets,
-//! whoever starts it (`exec` and `run` through [`crate::exec`], `haproxy
-//! exec` and `haproxy run`, the `haproxy -c` check, a `--ready-probe`).
+//! Starting a child: the one way every program the broker's commands start
+//! gets what it gets, whoever starts it (`exec` and `run` through
+//! [`crate::exec`], `haproxy exec` and `haproxy run`, the `haproxy -c`
+//! check, a `--ready-probe`).
 //!
+//! Between fork and exec, every child runs the same async-signal-safe steps
+//! (`Setup::enter`):
 //! - An empty signal mask. `run` and `haproxy run` block the signals they
 //!   read from a signalfd ([`crate::signals`]), and a blocked mask survives
 //!   exec: a child would ignore SIGTERM from its supervisor. The standard
 //!   library's `Command` empties the mask in the child today (an
-//!   implementation detail, not a documented promise); [`prepare`] does it
-//!   explicitly, and the raw `execve` path of [`crate::exec`] calls
-//!   [`empty_signal_mask`] itself. Tests read `SigBlk` in
-//!   `/proc/PID/status` of HAProxy, of a `run` generation and of its probe.
-//! - Exactly the descriptors it is given: everything the broker holds is
-//!   close-on-exec; [`prepare`] clears the flag on the given descriptors,
-//!   after fork, in the child only, so other children started meanwhile
-//!   inherit nothing.
+//!   implementation detail, not a documented promise); this does it
+//!   explicitly. Tests read `SigBlk` in `/proc/PID/status` of HAProxy, of a
+//!   `run` generation and of its probe.
 //! - Optionally a parent-death signal, refused when the parent already died
 //!   between fork and `prctl` (no signal would ever come).
+//! - Exactly the descriptors it is given: everything the broker holds is
+//!   close-on-exec; the child clears the flag on the given descriptors only,
+//!   after fork, so other children started meanwhile inherit nothing. They
+//!   stay at their numbers ([`prepare`]: HAProxy's `fd@N`) or are moved onto
+//!   3, 4, … ([`Image`]: the LISTEN_FDS convention; see `descriptors`).
+//!
+//! Two launchers share those steps: [`prepare`] sets up a `Command` (the
+//! program, arguments and environment are `Command`'s); [`Image`] is the raw
+//! `execve` path for a child whose environment holds its own pid
+//! (`LISTEN_PID`), which only the child knows (see `image`).
 //!
 //! [`wait_with_deadline`] is the one loop that waits for one child alone
 //! with a time limit. The supervisor's own loop reaps every child at once
 //! (`waitpid(-1)`, [`crate::supervisor`]).
+
+mod descriptors;
+mod image;
+
+pub use descriptors::seal_inherited_descriptors;
+pub use image::{ExecFailure, Image, NulByte};
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -34,7 +48,7 @@ use nix::unistd::Pid;
 
 /// In the child, between fork and exec: unblocks every signal.
 /// Async-signal-safe (no allocation).
-pub fn empty_signal_mask() -> io::Result<()> {
+fn empty_signal_mask() -> io::Result<()> {
     // SAFETY: an empty set built on the stack; sigprocmask is async-signal-safe.
     unsafe {
         let mut empty = std::mem::zeroed::<libc::sigset_t>();
@@ -50,7 +64,7 @@ pub fn empty_signal_mask() -> io::Result<()> {
 /// dies. Fails with `ESRCH` when the parent (`parent`, read before the fork)
 /// already died: then no signal would ever come, and the child must not
 /// start as an orphan. Async-signal-safe.
-pub fn die_with_parent(signal: Signal, parent: Pid) -> io::Result<()> {
+fn die_with_parent(signal: Signal, parent: Pid) -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) } < 0 {
         return Err(io::Error::last_os_error());
@@ -62,18 +76,44 @@ pub fn die_with_parent(signal: Signal, parent: Pid) -> io::Result<()> {
     Ok(())
 }
 
-/// In the child, between fork and exec: clears `FD_CLOEXEC` on `fds` (open
-/// in the parent when the command was built, so open here). Async-signal-safe.
-fn keep_open(fds: &[RawFd]) -> io::Result<()> {
-    for &raw_fd in fds {
-        // SAFETY: open in the parent when the command was built, so open in
-        // the child, which runs nothing else until exec.
-        let fd = unsafe { BorrowedFd::borrow_raw(raw_fd) };
-        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
-        let flags = nix::fcntl::FdFlag::from_bits_retain(flags) - nix::fcntl::FdFlag::FD_CLOEXEC;
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags))?;
+/// How the given descriptors cross exec.
+#[derive(Debug, Clone)]
+enum Passing {
+    /// At the numbers they have (`FD_CLOEXEC` cleared on each).
+    Keep(Vec<RawFd>),
+    /// Moved onto 3, 4, … in order; `scratch` is room for the high copies,
+    /// allocated before the fork.
+    FromThree { sources: Vec<RawFd>, scratch: Vec<RawFd> },
+}
+
+/// What every child does between fork and exec, prepared before the fork.
+#[derive(Debug, Clone)]
+struct Setup {
+    /// The parent-death signal, and the parent's pid read before the fork.
+    death: Option<(Signal, Pid)>,
+    fds: Passing,
+}
+
+impl Setup {
+    fn new(fds: Passing, death: Option<Signal>) -> Setup {
+        Setup { death: death.map(|signal| (signal, nix::unistd::getpid())), fds }
     }
-    Ok(())
+
+    /// In the child: the empty signal mask, the parent-death signal, the
+    /// descriptors. Async-signal-safe: system calls only, into memory
+    /// allocated before the fork.
+    fn enter(&mut self) -> io::Result<()> {
+        empty_signal_mask()?;
+        if let Some((signal, parent)) = self.death {
+            die_with_parent(signal, parent)?;
+        }
+        match &mut self.fds {
+            Passing::Keep(fds) => descriptors::keep_open(fds),
+            Passing::FromThree { sources, scratch } => {
+                descriptors::place(sources, scratch).map_err(|f| io::Error::from_raw_os_error(f.errno))
+            }
+        }
+    }
 }
 
 /// Sets up `cmd` as every child is started (see the module docs): an empty
@@ -81,19 +121,12 @@ fn keep_open(fds: &[RawFd]) -> io::Result<()> {
 /// delivered to it when this process dies.
 pub fn prepare(cmd: &mut Command, keep: &[BorrowedFd<'_>], death: Option<Signal>) {
     let raw: Vec<RawFd> = keep.iter().map(|fd| fd.as_raw_fd()).collect();
-    let parent = nix::unistd::getpid();
+    let mut setup = Setup::new(Passing::Keep(raw), death);
     // SAFETY: the closure runs between fork and exec and calls only
     // async-signal-safe functions (sigprocmask, fcntl, prctl, getppid) on
     // values captured before the fork; it does not allocate.
     unsafe {
-        cmd.pre_exec(move || {
-            empty_signal_mask()?;
-            keep_open(&raw)?;
-            if let Some(signal) = death {
-                die_with_parent(signal, parent)?;
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || setup.enter());
     }
 }
 

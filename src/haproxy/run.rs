@@ -79,7 +79,7 @@ pub struct RunOptions {
 
 /// What made one generation fail to start.
 #[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
+pub enum GenerationError {
     /// HAProxy's argument list is unusable.
     #[error(transparent)]
     Args(#[from] ArgsError),
@@ -121,25 +121,25 @@ pub enum ReloadError {
     },
 }
 
-impl From<HaproxyError> for ReloadError {
+impl From<HaproxyError> for GenerationError {
     fn from(e: HaproxyError) -> Self {
-        ReloadError::Render(Box::new(e))
+        GenerationError::Render(Box::new(e))
     }
 }
 
-fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> ReloadError {
+fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> GenerationError {
     let what = what.into();
-    move |source| ReloadError::Setup { what, source }
+    move |source| GenerationError::Setup { what, source }
 }
 
 /// Runs HAProxy under the supervisor until SIGTERM/SIGINT/SIGUSR1; returns
 /// the exit code of the last serving instance.
 pub fn run(argv: &[OsString], options: RunOptions) -> Result<ExitCode, HaproxyError> {
-    let mut args = HaproxyArgs::parse(argv).map_err(ReloadError::from)?;
+    let mut args = HaproxyArgs::parse(argv).map_err(GenerationError::from)?;
     args.rendered_dir = options.render.rendered_dir.clone();
     let ready = match options.readiness {
         Readiness::Notify => supervisor::Readiness::Notify,
-        Readiness::Pidfile => supervisor::Readiness::PidFile(args.pidfile.clone().ok_or(ReloadError::NoPidfile)?),
+        Readiness::Pidfile => supervisor::Readiness::PidFile(args.pidfile.clone().ok_or(GenerationError::NoPidfile)?),
     };
     let how = Supervision {
         ready,
@@ -180,16 +180,16 @@ pub struct Haproxy {
 
 impl Haproxy {
     /// Prepares the private folder; nothing is rendered yet.
-    pub fn new(args: HaproxyArgs, render: RenderOptions) -> Result<Haproxy, ReloadError> {
+    pub fn new(args: HaproxyArgs, render: RenderOptions) -> Result<Haproxy, GenerationError> {
         Ok(Haproxy { args, render, dir: private_dir()?, watched: Vec::new() })
     }
 
     /// `haproxy -c` on the rendered config, with its descriptors open; run
     /// only to explain a failed start, so it may block the supervisor (at
     /// most [`CHECK_TIMEOUT`]).
-    fn check(&self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), ReloadError> {
+    fn check(&self, number: u64, fds: &[BorrowedFd<'_>]) -> Result<(), GenerationError> {
         let program = self.args.program.to_string_lossy().into_owned();
-        let spawn_err = |source| ReloadError::Spawn { generation: number, program: program.clone(), source };
+        let spawn_err = |source| GenerationError::Spawn { generation: number, program: program.clone(), source };
         // Output to a file, not a pipe: nothing to drain while waiting with a deadline.
         let log_path = self.dir.join(format!("check-{number}.log"));
         let log = std::fs::File::create(&log_path).map_err(setup(format!("creating {}", log_path.display())))?;
@@ -211,7 +211,7 @@ impl Haproxy {
         let _ = std::fs::remove_file(&log_path);
         if !status.success() {
             let output = if killed { format!("killed after {CHECK_TIMEOUT:?}\n{output}") } else { output };
-            return Err(ReloadError::Check { generation: number, status, output: output.trim_end().into() });
+            return Err(GenerationError::Check { generation: number, status, output: output.trim_end().into() });
         }
         Ok(())
     }
@@ -224,7 +224,7 @@ impl Drop for Haproxy {
 }
 
 impl Daemon for Haproxy {
-    type Error = ReloadError;
+    type Error = GenerationError;
 
     /// Renders generation `number` and starts it. There is no `haproxy -c`
     /// first: the new master parses the config before it says READY=1 and
@@ -233,7 +233,7 @@ impl Daemon for Haproxy {
     /// refused config fails the reload all the same, and the old instance
     /// was never touched; [`Daemon::explain_failure`] then runs `haproxy -c`
     /// to say why, with HAProxy's own words.
-    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, ReloadError> {
+    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, GenerationError> {
         let t0 = Instant::now();
         let rendered = render_all(&self.args, &self.render)?;
         let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
@@ -242,7 +242,7 @@ impl Daemon for Haproxy {
         let mut cmd = Command::new(&self.args.program);
         cmd.args(self.args.supervised_args()).stdin(Stdio::null());
         // HAProxy takes its sockets as fd@N, never by LISTEN_FDS.
-        for key in crate::exec::LISTEN_ENV {
+        for key in crate::systemd::listen::LISTEN_ENV {
             cmd.env_remove(key);
         }
         for (key, value) in env {
@@ -254,7 +254,7 @@ impl Daemon for Haproxy {
         // See SOFT_STOP_WITH_PARENT for why SIGUSR1.
         crate::child::prepare(&mut cmd, &fds, Some(SOFT_STOP_WITH_PARENT));
         let program = self.args.program.to_string_lossy().into_owned();
-        let child = cmd.spawn().map_err(|source| ReloadError::Spawn { generation: number, program, source })?;
+        let child = cmd.spawn().map_err(|source| GenerationError::Spawn { generation: number, program, source })?;
         self.watched = fds
             .iter()
             .filter(|fd| crate::socket::accept_queue(**fd).is_ok())
@@ -277,7 +277,7 @@ impl Daemon for Haproxy {
         std::mem::take(&mut self.watched)
     }
 
-    fn explain_failure(&mut self, number: u64) -> Option<ReloadError> {
+    fn explain_failure(&mut self, number: u64) -> Option<GenerationError> {
         let rendered = match render_all(&self.args, &self.render) {
             Ok(r) => r,
             Err(e) => return Some(e.into()),
@@ -287,10 +287,10 @@ impl Daemon for Haproxy {
     }
 
     /// HAProxy's first alert when the check failed, else the first line of the error.
-    fn summary(&self, e: &ReloadError) -> String {
+    fn summary(&self, e: &GenerationError) -> String {
         let text = crate::error_chain(e);
         let alert = match e {
-            ReloadError::Check { output, .. } => output.lines().find(|l| l.contains("[ALERT]")),
+            GenerationError::Check { output, .. } => output.lines().find(|l| l.contains("[ALERT]")),
             _ => None,
         };
         alert.or_else(|| text.lines().next()).unwrap_or("").trim().to_string()
@@ -323,7 +323,7 @@ const SOFT_STOP_WITH_PARENT: Signal = Signal::SIGUSR1;
 
 /// A folder only this process can enter, for the checks' output: under
 /// `$RUNTIME_DIRECTORY` (systemd's RuntimeDirectory=) or the temp folder.
-fn private_dir() -> Result<PathBuf, ReloadError> {
+fn private_dir() -> Result<PathBuf, GenerationError> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::var_os("RUNTIME_DIRECTORY")
         .and_then(|v| v.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from))
