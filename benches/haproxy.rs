@@ -12,7 +12,10 @@
 //! rewritten before each reload), so "reload time" is from the reload signal
 //! to the first response of the new generation. Requests are "in a reload
 //! window" from the signal until 50 ms after that first response; their p99
-//! connect+response latency is set against a steady phase before any reload.
+//! connect+response latency is set against a steady phase before any reload,
+//! and so is the deepest accept queue of the port's listeners (sampled every
+//! 2 ms from /proc/net/tcp, summed over every listener on the port: see
+//! `tests/common/accept_queue.rs`).
 //!
 //! Run: `cargo bench --bench haproxy` (needs /usr/sbin/haproxy; loopback only).
 //! `HAPROXY_BENCH_RELOADS` and `HAPROXY_BENCH_RATE` (connections/s) override
@@ -33,6 +36,8 @@ use std::time::{Duration, Instant};
 use common::{free_port, wait_ready, wait_timeout, Broker, BIN};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+use common::accept_queue;
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
 const THREADS: usize = 4;
@@ -343,6 +348,8 @@ struct Row {
     unfinished: u64,
     p99_steady: Duration,
     p99_reload: Duration,
+    queue_steady: u32,
+    queue_reload: u32,
     reload_p50: Duration,
     reload_max: Duration,
 }
@@ -356,7 +363,9 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
         assert!(Instant::now() < deadline, "{}: never served", kind.label());
         std::thread::sleep(Duration::from_millis(10));
     }
+    let sampler = accept_queue::Sampler::start(vec![port], Duration::from_millis(2));
     let load = Load::start(addr, rate);
+    let steady_start = Instant::now();
     std::thread::sleep(steady);
     let steady_end = Instant::now();
     let mut triggers = Vec::new();
@@ -375,6 +384,7 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
     }
     std::thread::sleep(Duration::from_millis(300));
     let samples = load.finish();
+    let queue = sampler.finish();
     instances.stop();
 
     // Reload time: signal → first response of the new generation.
@@ -388,6 +398,8 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
         }
     }
     let in_window = |s: &Sample| windows.iter().any(|&(a, b)| s.start >= a && s.start <= b);
+    let queue_steady = accept_queue::max_where(&queue, |t| t >= steady_start && t < steady_end);
+    let queue_reload = accept_queue::max_where(&queue, |t| windows.iter().any(|&(a, b)| t >= a && t <= b));
     let steady: Vec<Duration> =
         samples.iter().filter(|s| s.start < steady_end && s.generation.is_some()).map(|s| s.latency).collect();
     let during: Vec<Duration> = samples.iter().filter(|s| in_window(s)).map(|s| s.latency).collect();
@@ -401,6 +413,8 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
         unfinished,
         p99_steady: percentile(steady, 0.99),
         p99_reload: percentile(during, 0.99),
+        queue_steady,
+        queue_reload,
         reload_p50: times.get(times.len() / 2).copied().unwrap_or_default(),
         reload_max: times.last().copied().unwrap_or_default(),
     }
@@ -421,19 +435,32 @@ fn ms(d: Duration) -> String {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<28} {:>18} {:>8} {:>12} {:>15} {:>13} {:>13}",
-        "scenario", "failed / requests", "reloads", "p99 steady", "p99 in reloads", "reload p50", "reload max"
+        "{:<28} {:>18} {:>8} {:>12} {:>15} {:>9} {:>13} {:>13} {:>13} {:>13}",
+        "scenario",
+        "failed / requests",
+        "reloads",
+        "p99 steady",
+        "p99 in reloads",
+        "p99 ratio",
+        "queue steady",
+        "queue reloads",
+        "reload p50",
+        "reload max"
     );
     for r in rows {
         let reloads =
             if r.unfinished > 0 { format!("{} ({} stuck)", r.reloads, r.unfinished) } else { r.reloads.to_string() };
+        let ratio = r.p99_reload.as_secs_f64() / r.p99_steady.as_secs_f64().max(1e-9);
         println!(
-            "{:<28} {:>18} {:>8} {:>12} {:>15} {:>13} {:>13}",
+            "{:<28} {:>18} {:>8} {:>12} {:>15} {:>9} {:>13} {:>13} {:>13} {:>13}",
             r.label,
             format!("{} / {}", r.failed, r.requests),
             reloads,
             ms(r.p99_steady),
             ms(r.p99_reload),
+            format!("{ratio:.2}x"),
+            r.queue_steady,
+            r.queue_reload,
             ms(r.reload_p50),
             ms(r.reload_max)
         );

@@ -365,6 +365,15 @@ impl Client {
         }
     }
 
+    /// The broker's metrics in the Prometheus text format (method `metrics`).
+    pub fn metrics(&mut self) -> Result<String, ClientError> {
+        let (value, _) = self.call(crate::metrics::METHOD, Value::Null)?;
+        match value.get("text").and_then(Value::as_str) {
+            Some(text) => Ok(text.to_string()),
+            None => Err(self.protocol("metrics: the result has no \"text\"".into())),
+        }
+    }
+
     /// Makes the broker close its copy of a socket it created on demand.
     pub fn release(&mut self, spec: &SocketSpec) -> Result<(), ClientError> {
         self.call(Method::Release.name(), BindParams::from_spec(spec).to_json()).map(drop).map_err(|e| match e {

@@ -55,6 +55,7 @@ pub mod limits;
 pub mod logging;
 pub mod manual;
 pub mod methods;
+pub mod metrics;
 pub mod multibinder;
 pub mod peerlog;
 pub mod protocol;

@@ -118,7 +118,7 @@ impl Server {
             return Err(RpcError::new(code::NOT_RELEASABLE, message));
         }
         if let Some(released) = self.registry.release(&key) {
-            crate::systemd::fdstore::remove(&released);
+            crate::systemd::fdstore::remove(&released, &self.registry);
         }
         log::info!("{peer} release {key}: closed the broker's copy");
         Ok((json!(true), Vec::new()))

@@ -147,7 +147,7 @@ pub fn apply(registry: &mut Registry, old: &Config, new: &Config) -> Result<Appl
     for (key, origin) in &held {
         if leaving(key, *origin) {
             if let Some(released) = registry.release(key) {
-                crate::systemd::fdstore::remove(&released);
+                crate::systemd::fdstore::remove(&released, registry);
             }
             log::info!("{key}: no longer declared; closed the broker's copy (clients keep theirs)");
             applied.closed.push(key.to_string());

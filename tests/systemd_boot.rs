@@ -143,6 +143,51 @@ fn suite(m: &Machine) {
     recipes(m);
     haproxy_unit(m);
     adopt_haproxy(m);
+    fd_store_at_scale(m);
+}
+
+/// How many sockets the fd store must carry across a restart (GLB's scale:
+/// 50 HAProxy instances of 200 sockets).
+const AT_SCALE: usize = 10_000;
+
+/// 10,000 sockets made on demand survive `systemctl restart sockbroker`
+/// through systemd's fd store (FileDescriptorStoreMax=16384), every one the
+/// same socket (inode) afterwards; `list`, `status` and `metrics` answer.
+fn fd_store_at_scale(m: &Machine) {
+    let inodes = |m: &Machine| -> BTreeMap<String, u64> {
+        let out = m.ok(&["sockbroker", "list", "--json"]);
+        let entries: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("list --json: {e}"));
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["address"].as_str().is_some_and(|a| a.starts_with("tcp://127.20.")))
+            .map(|e| (e["address"].as_str().unwrap().to_string(), e["inode"].as_u64().unwrap()))
+            .collect()
+    };
+    let t = Instant::now();
+    let out = m.ok(&["python3", "/opt/sbtest/hold_many.py", &AT_SCALE.to_string(), "9500"]);
+    assert_eq!(out.trim(), format!("held {AT_SCALE}"), "{out}");
+    let made = t.elapsed();
+    let before = inodes(m);
+    assert_eq!(before.len(), AT_SCALE);
+    let t = Instant::now();
+    m.ok(&["systemctl", "restart", "sockbroker"]);
+    let restart = t.elapsed();
+    let after = inodes(m);
+    assert_eq!(after.len(), AT_SCALE, "sockets after the restart");
+    let changed = before.iter().filter(|(a, i)| after.get(*a) != Some(i)).count();
+    assert_eq!(changed, 0, "{changed} of {AT_SCALE} sockets are not the same socket after the restart");
+    let status = m.ok(&["sockbroker", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(status["sockets"].as_u64() >= Some(AT_SCALE as u64), "{status}");
+    assert!(status["by_origin"]["fd-store"].as_u64() >= Some(AT_SCALE as u64), "{status}");
+    let metrics = m.ok(&["sockbroker", "metrics"]);
+    let series = metrics.lines().filter(|l| l.starts_with("sockbroker_socket_info{address=\"tcp://127.20.")).count();
+    assert_eq!(series, AT_SCALE, "metrics series for the sockets");
+    println!(
+        "systemd_boot: {AT_SCALE} sockets held in {made:.1?}; systemctl restart sockbroker with them took {restart:.1?}, same inodes"
+    );
 }
 
 /// What an administrator sets up before starting anything, as the docs say:

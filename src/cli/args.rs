@@ -128,6 +128,19 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Print the broker's metrics in the Prometheus text format (accept queue
+    /// per held socket, requests by method and outcome, clients); see docs/metrics.md.
+    ///
+    /// With --output, write them atomically to FILE instead (a temporary file
+    /// renamed over it), for node_exporter's textfile collector.
+    Metrics {
+        /// Write to this file (e.g. /var/lib/prometheus/node-exporter/sockbroker.prom).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The control socket.
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Make the broker close its copy of a socket it created on demand.
     ///
     /// Processes that received the socket keep theirs; once none is left the
@@ -224,6 +237,14 @@ pub enum SupervisorCommand {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
+    /// The supervisor's metrics in the Prometheus text format (docs/metrics.md): serving
+    /// generation, generations by state, reloads by outcome, the last reload's duration,
+    /// readiness wait and deepest accept queue.
+    Metrics {
+        /// The supervisor's pid.
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+    },
     /// The generations alive and the status line.
     Status {
         /// The supervisor's pid.
@@ -254,9 +275,21 @@ pub struct ReloadArgs {
     #[arg(long, value_name = "N", default_value_t = crate::supervisor::DEFAULT_MAX_GENERATIONS,
           value_parser = parse_max_generations)]
     pub max_generations: usize,
+    /// Also write the supervisor's metrics (Prometheus text format; docs/metrics.md) to
+    /// this file, atomically, on every change and every 10s: for node_exporter's textfile collector.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
+    /// The `supervisor` label of the metrics [default: the --metrics-file name without .prom, else the pid].
+    #[arg(long, value_name = "NAME")]
+    pub metrics_name: Option<String>,
 }
 
 impl ReloadArgs {
+    /// Where the supervisor's metrics go.
+    pub fn metrics(&self) -> crate::supervisor::metrics::MetricsOptions {
+        crate::supervisor::metrics::MetricsOptions { file: self.metrics_file.clone(), name: self.metrics_name.clone() }
+    }
+
     /// The supervisor's view of these options.
     pub fn split(self) -> (crate::supervisor::Proof, crate::supervisor::Drain) {
         (

@@ -135,6 +135,7 @@ pub(super) fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError>
             haproxy::exec(&command, &RenderOptions { control: None, fallback_bind, rendered_dir })?;
         }
         HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
+            let metrics = reload.metrics();
             let (proof, drain) = reload.split();
             let options = haproxy::run::RunOptions {
                 proof,
@@ -142,6 +143,7 @@ pub(super) fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError>
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,
+                metrics,
             };
             return Ok(haproxy::run::run(&command, options)?);
         }
@@ -157,10 +159,13 @@ pub(super) fn supervisor_command(
     let (pid, request, timeout, json) = match command {
         SupervisorCommand::Reload { pid, timeout } => (pid, Request::Reload, timeout, false),
         SupervisorCommand::Status { pid, json } => (pid, Request::Status, None, json),
+        SupervisorCommand::Metrics { pid } => (pid, Request::Metrics, None, false),
     };
     let reply = control::call(nix::unistd::Pid::from_raw(pid), request, timeout)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    } else if let (true, Some(text)) = (reply.ok, &reply.metrics) {
+        print!("{text}");
     } else if reply.ok {
         println!("{}", reply.message);
         for g in &reply.generations {

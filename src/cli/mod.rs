@@ -119,6 +119,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 say(format_args!("{s}"))?;
             }
         }
+        Command::Metrics { output, control } => {
+            let text = control.connect()?.metrics()?;
+            match output {
+                Some(path) => crate::metrics::exposition::write_atomically(&path, &text).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("writing the metrics to {}: {e}", path.display()))
+                })?,
+                None => say(format_args!("{text}"))?,
+            }
+        }
         Command::Release { spec, control } => {
             control.connect()?.release(&spec)?;
             say(format_args!("{spec}: released\n"))?;
@@ -137,6 +146,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             return Err(crate::exec::run(&sockets.sockets, sockets.fallback_bind, &command).into());
         }
         Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, reload, command } => {
+            let metrics = reload.metrics();
             let (proof, drain) = reload.split();
             return Ok(crate::supervisor::run(RunOptions {
                 proof,
@@ -148,6 +158,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 retire_signal,
                 stop_timeout,
                 command,
+                metrics,
             })?);
         }
         Command::Haproxy(command) => return commands::run_haproxy(command),

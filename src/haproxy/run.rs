@@ -29,7 +29,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -73,6 +73,8 @@ pub struct RunOptions {
     pub proof: supervisor::Proof,
     /// How long and how many old instances may drain.
     pub drain: supervisor::Drain,
+    /// `--metrics-file`, `--metrics-name`.
+    pub metrics: supervisor::metrics::MetricsOptions,
 }
 
 /// What made one generation fail to start.
@@ -156,6 +158,7 @@ pub fn run(argv: &[OsString], options: RunOptions) -> Result<ExitCode, HaproxyEr
         stop_timeout: None,
         proof: options.proof.clone(),
         drain: options.drain,
+        metrics: options.metrics.clone(),
     };
     let render = options.render;
     Ok(supervisor::supervise(how, move || Haproxy::new(args, render))?)
@@ -170,12 +173,15 @@ pub struct Haproxy {
     render: RenderOptions,
     /// A folder only this process can enter, for the checks' output.
     dir: PathBuf,
+    /// Copies of the last started instance's sockets, for the supervisor's
+    /// accept-queue samples ([`supervisor::metrics`]).
+    watched: Vec<OwnedFd>,
 }
 
 impl Haproxy {
     /// Prepares the private folder; nothing is rendered yet.
     pub fn new(args: HaproxyArgs, render: RenderOptions) -> Result<Haproxy, GenerationError> {
-        Ok(Haproxy { args, render, dir: private_dir()? })
+        Ok(Haproxy { args, render, dir: private_dir()?, watched: Vec::new() })
     }
 
     /// `haproxy -c` on the rendered config, with its descriptors open; run
@@ -249,6 +255,11 @@ impl Daemon for Haproxy {
         crate::child::prepare(&mut cmd, &fds, Some(SOFT_STOP_WITH_PARENT));
         let program = self.args.program.to_string_lossy().into_owned();
         let child = cmd.spawn().map_err(|source| GenerationError::Spawn { generation: number, program, source })?;
+        self.watched = fds
+            .iter()
+            .filter(|fd| crate::socket::accept_queue(**fd).is_ok())
+            .filter_map(|fd| fd.try_clone_to_owned().ok())
+            .collect();
         // The instance has its own copies now; ours go. The supervisor reaps
         // it with waitpid(-1): dropping `child` neither waits nor kills.
         drop(fds);
@@ -260,6 +271,10 @@ impl Daemon for Haproxy {
             t1.elapsed()
         );
         Ok(Pid::from_raw(child.id() as i32))
+    }
+
+    fn watched(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.watched)
     }
 
     fn explain_failure(&mut self, number: u64) -> Option<GenerationError> {

@@ -20,6 +20,8 @@ pub enum Method {
     Status,
     /// Re-read the configuration.
     Reload,
+    /// The broker's metrics in the Prometheus text format.
+    Metrics,
     /// Take sockets copied out of another process (descriptors attached).
     Adopt,
     /// A new broker asks for everything (`serve --takeover`).
@@ -30,13 +32,14 @@ pub enum Method {
 
 impl Method {
     /// Every method, for tables and tests.
-    pub const ALL: [Method; 9] = [
+    pub const ALL: [Method; 10] = [
         Method::Bind,
         Method::BindMany,
         Method::Release,
         Method::List,
         Method::Status,
         Method::Reload,
+        Method::Metrics,
         Method::Adopt,
         Method::Takeover,
         Method::TakeoverCommit,
@@ -51,6 +54,7 @@ impl Method {
             Method::List => "list",
             Method::Status => "status",
             Method::Reload => "reload",
+            Method::Metrics => "metrics",
             Method::Adopt => "adopt",
             Method::Takeover => "takeover",
             Method::TakeoverCommit => "takeover-commit",

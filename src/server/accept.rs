@@ -98,6 +98,7 @@ impl Server {
                 None
             };
             if let Some(why) = refusal {
+                self.counters.connections_refused += 1;
                 crate::peer_log!(peer, log::Level::Warn, "connection refused: {why}");
                 // Best effort, never blocking: tell the client why.
                 let reply = Response::err(Value::Null, RpcError::new(code::TOO_MANY, why)).to_bytes();
@@ -110,6 +111,7 @@ impl Server {
                 continue;
             }
             *uid_conns.entry(peer.uid).or_default() += 1;
+            self.counters.connections_accepted += 1;
             self.uid_use.entry(peer.uid).or_default().conns += 1;
             let id = self.insert(Conn::new(stream, peer, l.max_request_bytes));
             self.service(id, PollFlags::POLLIN);

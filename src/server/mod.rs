@@ -138,6 +138,8 @@ pub struct Server {
     last_log_report: Instant,
     /// When connections held back by a limit were last looked at.
     last_recheck: Instant,
+    /// Requests and connections counted for `metrics`.
+    pub(crate) counters: crate::metrics::counters::Counters,
     /// What the loop waits on: the control socket, the connections and
     /// the extra descriptor of [`Server::serve_until`].
     epoll: Epoll,
@@ -174,6 +176,7 @@ impl Server {
             list_order: None,
             last_log_report: Instant::now(),
             last_recheck: Instant::now(),
+            counters: Default::default(),
             epoll,
             extra_watched: None,
             listener_watched: true,

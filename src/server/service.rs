@@ -43,6 +43,7 @@ impl Server {
             }
             Ok(Method::Takeover) => match crate::acl::authorize_takeover(peer, conn.outbox.is_empty()) {
                 Ok(()) => {
+                    self.counters.request(&req.method, None);
                     conn.takeover = Some(req.id);
                     return None;
                 }
@@ -56,6 +57,7 @@ impl Server {
                     // uid, a few entries a millisecond for the others.
                     match self.start_list(peer, &req.params, req.id.clone()) {
                         Ok(job) => {
+                            self.counters.request(&req.method, None);
                             conn.list_job = Some(job);
                             return None;
                         }
@@ -66,6 +68,7 @@ impl Server {
                 }
             }
         };
+        self.counters.request(&req.method, result.as_ref().err().map(|e| e.code));
         Some(match result {
             Ok((value, fds)) => (Response::ok(req.id, value), fds),
             Err(e) => (Response::err(req.id, e), Vec::new()),
@@ -81,6 +84,7 @@ impl Server {
             Method::Release => self.release(peer, params),
             Method::Status => self.status_for(peer),
             Method::Reload => self.reload(peer),
+            Method::Metrics => self.metrics(peer),
             // `list` is a job of the loop; `takeover` and `adopt` need the
             // connection; `takeover-commit` is read by hand_over alone.
             Method::List | Method::Takeover | Method::Adopt | Method::TakeoverCommit => {

@@ -52,6 +52,8 @@ pub enum Request {
     Reload,
     /// The generations alive now.
     Status,
+    /// The supervisor's metrics in the Prometheus text format.
+    Metrics,
 }
 
 /// One generation, as `status` describes it.
@@ -75,12 +77,15 @@ pub struct Reply {
     /// For `status`: every generation alive.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub generations: Vec<GenerationInfo>,
+    /// For `metrics`: the text ([`super::metrics`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 impl Reply {
     /// A reply with no generation list.
     pub fn new(ok: bool, message: impl Into<String>) -> Reply {
-        Reply { ok, message: message.into(), generations: Vec::new() }
+        Reply { ok, message: message.into(), generations: Vec::new(), metrics: None }
     }
 }
 

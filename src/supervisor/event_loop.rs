@@ -53,6 +53,7 @@ pub fn supervise<D: Daemon>(
             None
         }
     };
+    let telemetry = super::metrics::Telemetry::new(how.metrics.clone());
     let mut sup = Supervisor {
         how,
         daemon,
@@ -74,6 +75,7 @@ pub fn supervise<D: Daemon>(
         serving_at_stop: None,
         final_status: None,
         start_failure: None,
+        telemetry,
     };
     sup.start_generation().map_err(RunError::Start)?;
     sup.event_loop()?;
@@ -91,9 +93,8 @@ impl<D: Daemon> Supervisor<D> {
                 self.answer_waiters(u64::MAX, false, "the supervisor stopped");
                 return Ok(());
             }
-            let timeout = crate::signals::poll_timeout(
-                self.next_deadline().map(|at| at.saturating_duration_since(Instant::now())),
-            );
+            let due = self.next_deadline().into_iter().chain(self.telemetry.next_due()).min();
+            let timeout = crate::signals::poll_timeout(due.map(|at| at.saturating_duration_since(Instant::now())));
             let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
             if let Some((sock, _)) = &self.notify_sock {
                 fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
@@ -113,6 +114,7 @@ impl<D: Daemon> Supervisor<D> {
             self.read_notify();
             self.read_control();
             self.check_timers();
+            self.telemetry_tick();
             if self.phase == Phase::Serving && self.reload_queued {
                 self.reload_queued = false;
                 self.begin_reload_by("queued request");

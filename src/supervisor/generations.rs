@@ -136,6 +136,7 @@ impl<D: Daemon> Supervisor<D> {
     pub(super) fn begin_reload_by(&mut self, why: &str) {
         self.phase = Phase::Reloading;
         self.reloads_begun += 1;
+        self.reload_began();
         let old = self.serving().map(Generation::label).unwrap_or_default();
         log::info!("{why}: reload {}: starting generation {} next to {old}", self.reloads_begun, self.next_number);
         notify::reload_started(Some(format!("reloading: starting generation {}; {old} serving", self.next_number)));
@@ -198,6 +199,7 @@ impl<D: Daemon> Supervisor<D> {
     /// check's whole output) to the callers waiting for this reload.
     pub(super) fn reload_failed(&mut self, reason: String, detail: String) {
         self.reloads_failed += 1;
+        self.reload_ended(false);
         let serving = self.serving().map(Generation::label).unwrap_or_else(|| "nothing".into());
         log::error!("reload failed: {reason}; {serving} keeps serving");
         let message = format!("reload failed: {detail}\n{serving} keeps serving");
@@ -237,6 +239,9 @@ impl<D: Daemon> Supervisor<D> {
         if reloaded {
             self.reloads_ok += 1;
             self.last_failure = None;
+            self.reload_ended(true);
+        } else {
+            self.write_metrics_file();
         }
         self.phase = Phase::Serving;
         notify::ready(&self.status_line(false));

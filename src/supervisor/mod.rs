@@ -78,6 +78,7 @@ use crate::exec::ExecError;
 pub mod control;
 mod event_loop;
 mod generations;
+pub mod metrics;
 mod readiness;
 mod reaping;
 mod requests;
@@ -124,6 +125,8 @@ pub struct Supervision {
     pub proof: Proof,
     /// How long and how many old generations may drain.
     pub drain: Drain,
+    /// Where the metrics go besides the control socket (`--metrics-file`).
+    pub metrics: metrics::MetricsOptions,
 }
 
 /// What a STATUS= line is made from.
@@ -162,6 +165,13 @@ pub trait Daemon {
     /// (HAProxy: what `haproxy -c` says about the config it was given).
     fn explain_failure(&mut self, _number: u64) -> Option<Self::Error> {
         None
+    }
+
+    /// Copies of the sockets whose accept queues are sampled during a
+    /// reload (the TCP listeners among them; see [`metrics`]), taken after
+    /// each start.
+    fn watched(&mut self) -> Vec<OwnedFd> {
+        Vec::new()
     }
 
     /// One line about a start failure, for STATUS=.
@@ -259,6 +269,8 @@ struct Supervisor<D: Daemon> {
     final_status: Option<WaitStatus>,
     /// Set when generation 1 fails before it is ready.
     start_failure: Option<RunError<D::Error>>,
+    /// Reload figures and the sockets sampled ([`metrics`]).
+    telemetry: metrics::Telemetry,
 }
 
 impl<D: Daemon> Supervisor<D> {
@@ -267,6 +279,12 @@ impl<D: Daemon> Supervisor<D> {
     }
 
     pub(super) fn status_line(&self, failed_now: bool) -> String {
+        let mut line = self.daemon_status_line(failed_now);
+        line.push_str(&self.telemetry.status_note().unwrap_or_default());
+        line
+    }
+
+    fn daemon_status_line(&self, failed_now: bool) -> String {
         let draining = self
             .gens
             .iter()
@@ -290,6 +308,7 @@ impl<D: Daemon> Supervisor<D> {
         let notify_env = self.notify_sock.as_ref().map(|(_, name)| OsString::from(name));
         let env = [(GENERATION_ENV, Some(OsString::from(number.to_string()))), ("NOTIFY_SOCKET", notify_env)];
         let pid = self.daemon.start(number, &env)?;
+        self.telemetry.watch(self.daemon.watched());
         self.gens.push(Generation {
             number,
             pid,

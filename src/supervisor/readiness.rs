@@ -121,6 +121,9 @@ impl<D: Daemon> Supervisor<D> {
     /// says so): promoted now, or proven first ([`Proof`]) while the old
     /// one still serves.
     pub(super) fn signalled_ready(&mut self, idx: usize) {
+        if self.phase == super::Phase::Reloading {
+            self.reload_ready(self.gens[idx].started.elapsed());
+        }
         let proof = &self.how.proof;
         if proof.grace.is_zero() && proof.probe.is_none() {
             self.promote(idx);

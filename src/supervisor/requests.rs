@@ -94,6 +94,12 @@ impl<D: Daemon> Supervisor<D> {
                     reply.generations = self.gens.iter().map(Generation::info).collect();
                     conn.answer(&reply);
                 }
+                Ok(Some(Request::Metrics)) => {
+                    let conn = self.reading.swap_remove(i);
+                    let mut reply = Reply::new(true, self.status_line(false));
+                    reply.metrics = Some(self.metrics_text());
+                    conn.answer(&reply);
+                }
                 Ok(Some(Request::Reload)) => {
                     let conn = self.reading.swap_remove(i);
                     let why = format!("reload requested on the control socket (uid {})", conn.uid);

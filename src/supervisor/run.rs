@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub stop_timeout: Duration,
     /// The daemon's program and arguments.
     pub command: Vec<OsString>,
+    /// `--metrics-file`, `--metrics-name`.
+    pub metrics: super::metrics::MetricsOptions,
 }
 
 /// Runs a LISTEN_FDS daemon under the supervisor until SIGTERM/SIGINT or the
@@ -54,6 +56,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
         stop_timeout: Some(opts.stop_timeout),
         proof: opts.proof.clone(),
         drain: opts.drain,
+        metrics: opts.metrics.clone(),
     };
     supervise(how, || ListenFdsDaemon::fetch(&opts.sockets, opts.fallback_bind, opts.command.clone()))
 }
@@ -89,5 +92,9 @@ impl Daemon for ListenFdsDaemon {
         let pid = launch.spawn(&self.sockets)?;
         log::info!("generation {number} (pid {pid}) started: {}", launch.program().display());
         Ok(pid)
+    }
+
+    fn watched(&mut self) -> Vec<std::os::fd::OwnedFd> {
+        self.sockets.iter().filter_map(|s| s.fd.try_clone().ok()).collect()
     }
 }

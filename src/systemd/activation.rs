@@ -75,7 +75,7 @@ pub fn adopt(passed: Vec<PassedFd>, registry: &mut Registry, control_path: &Path
         }
         let (origin, name) = match p.name.as_deref().and_then(fdstore::decode) {
             Some((stored_key, name)) => {
-                if stored_key != key {
+                if let Some(stored_key) = stored_key.filter(|k| *k != key) {
                     log::warn!("LISTEN_FDS: {what}: stored as {stored_key} but the kernel says {key}; held as {key}");
                 }
                 (Origin::FdStore, name)

@@ -11,6 +11,7 @@ mod descriptors;
 mod hostile;
 mod introspect;
 mod lifecycle;
+mod metrics;
 mod multibinder_compat;
 mod options;
 mod protocol;

@@ -9,3 +9,5 @@ mod adopt;
 mod exec;
 mod haproxy;
 mod run;
+mod scale;
+mod supervisor_metrics;

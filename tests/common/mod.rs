@@ -2,7 +2,9 @@
 //! that talk to it the way real clients do.
 #![allow(dead_code)]
 
+pub mod accept_queue;
 pub mod daemons;
+pub mod storm;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};

@@ -8,5 +8,6 @@ mod common;
 mod architecture;
 mod cli;
 mod docs;
+mod metrics_docs;
 mod run_unit;
 mod units;
