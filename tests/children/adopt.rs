@@ -864,8 +864,9 @@ fn the_adopt_method_checks_every_descriptor() {
     assert!(fdinfo_flags(broker.pid(), *fd).is_some_and(|f| f & O_CLOEXEC_FLAG != 0), "O_CLOEXEC on the held copy");
     // Kept in systemd's fd store like any socket the broker holds.
     let port = l.local_addr().unwrap().port();
-    let fdname = broker.wait_notify("FDNAME=sb.tcp");
-    assert_eq!(fdname, format!("FDNAME=sb.tcp%3A//127.0.0.1%3A{port}"));
+    let key: sockbroker::spec::SocketKey = format!("tcp://127.0.0.1:{port}").parse().unwrap();
+    let stored = format!("FDNAME={}", sockbroker::systemd::fdstore::encode(&key, None).unwrap());
+    assert_eq!(broker.wait_notify(&stored), stored);
     // STATUS= is rate-limited: a first one may predate the last adoption.
     let mut status = broker.wait_notify("STATUS=");
     for _ in 0..3 {
