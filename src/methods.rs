@@ -85,7 +85,7 @@ impl Server {
         };
         let key = held.key().clone();
         self.live.policy.check(&peer, Action::Release, held.name.as_deref(), &key).map_err(|denied| {
-            crate::peer_log!(peer, log::Level::Warn, "release {key}: refused: {denied}");
+            crate::peer_log!(peer, log::Level::Warn, "refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.explained(&self.live.source))
         })?;
         // A rule lets a peer have a socket; closing it under everyone else
@@ -97,7 +97,7 @@ impl Server {
                 peer.uid,
                 self.live.policy.owner()
             );
-            crate::peer_log!(peer, log::Level::Warn, "release {key}: refused: {message}");
+            crate::peer_log!(peer, log::Level::Warn, "refused: {message}");
             return Err(RpcError::new(code::ACCESS_DENIED, message));
         }
         // Sockets made on demand come back from the fd store after a broker
@@ -147,7 +147,7 @@ impl Server {
         let items = crate::adopt::parse_params(params);
         let fds: Vec<OwnedFd> = received.drain(..).collect();
         self.live.policy.check_admin(&peer, "adopt").map_err(|denied| {
-            log::warn!("{peer} adopt: refused: {denied}");
+            log::warn!("{peer} refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         let items = items.map_err(|e| invalid(peer, "adopt", "params".into(), &e))?;
@@ -229,7 +229,7 @@ impl Server {
 
     pub(crate) fn reload(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {
         self.live.policy.check_admin(&peer, "reload").map_err(|denied| {
-            crate::peer_log!(peer, log::Level::Warn, "reload: refused: {denied}");
+            crate::peer_log!(peer, log::Level::Warn, "refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         log::info!("{peer} reload");
@@ -242,7 +242,7 @@ impl Server {
     /// `status`, for a peer allowed to see it.
     pub(crate) fn status_for(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {
         self.live.policy.check_introspect(&peer, "status").map_err(|denied| {
-            crate::peer_log!(peer, log::Level::Warn, "status: refused: {denied}");
+            crate::peer_log!(peer, log::Level::Warn, "refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         Ok((json!(self.status()), Vec::new()))

@@ -79,13 +79,14 @@ pub enum ExecError {
         role: String,
     },
     /// `--fallback-bind` failed to bind.
-    #[error("binding {role} directly: {source}")]
+    /// The message names the argument and the cause, once: the error's own
+    /// text would name the address again.
+    #[error("binding {role} directly: {}", error.cause())]
     FallbackOpen {
         /// The argument.
         role: String,
-        /// The cause.
-        #[source]
-        source: OpenError,
+        /// What failed.
+        error: OpenError,
     },
     /// The program is not an executable file, or not found in `PATH`.
     #[error("{}: command not found (not an executable file, nor in PATH)", .0.display())]
@@ -162,9 +163,8 @@ pub fn fetch(args: &[SocketArg], fallback_bind: bool) -> Result<Vec<PassedSocket
         let fd = match (&mut client, &arg.source) {
             (Some(c), SocketSource::Spec(spec)) => c.bind(spec).map_err(fetch_err)?,
             (Some(c), SocketSource::Name(name)) => c.bind_name(name).map_err(fetch_err)?,
-            (None, SocketSource::Spec(spec)) => {
-                crate::socket::open(spec).map_err(|source| ExecError::FallbackOpen { role: role.clone(), source })?
-            }
+            (None, SocketSource::Spec(spec)) => crate::socket::open(spec)
+                .map_err(|source| ExecError::FallbackOpen { role: role.clone(), error: source })?,
             (None, SocketSource::Name(_)) => return Err(ExecError::FallbackName { role }),
         };
         let fdname = arg.fdname.clone().unwrap_or_else(|| UNNAMED.to_string());

@@ -28,7 +28,7 @@ impl Server {
     /// `list` (root, the broker's uid, a rule with `introspect`).
     pub(crate) fn metrics(&mut self, peer: PeerCred) -> Result<(Value, Vec<OwnedFd>), RpcError> {
         self.live.policy.check_introspect(&peer, METHOD).map_err(|denied| {
-            crate::peer_log!(peer, log::Level::Warn, "metrics: refused: {denied}");
+            crate::peer_log!(peer, log::Level::Warn, "refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
         Ok((json!({"format": FORMAT, "text": self.metrics_text()}), Vec::new()))

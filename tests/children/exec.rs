@@ -120,6 +120,19 @@ fn unreachable_broker_is_an_error_unless_fallback_bind() {
     assert!(body.contains(&format!("pid={} ", child.0.id())), "{body}");
     let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
     assert!(stderr.contains("may drop connections"), "{stderr}");
+
+    // Each fact once: a fallback bind that fails (the port is the first
+    // child's) names the address once, with the kernel's reason.
+    let out = Command::new(BIN)
+        .args(["exec", "--fallback-bind", "--socket", &spec, "--", "true"])
+        .env("SOCKBROKER_SOCKET", &missing)
+        .output_within(COMMAND_TIMEOUT)
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("binding {spec} directly: ")), "{stderr}");
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert_eq!(stderr.matches(&spec).count(), 1, "the address once: {stderr}");
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
