@@ -50,7 +50,7 @@ pub use orphans::{adopt_orphans, bound_sockets, find_holders, Holders};
 pub use pidfd::{adoptable, copy_from_pid, copy_one, why_not_permitted};
 
 /// The control method that hands copied sockets to the broker.
-pub const METHOD: &str = "adopt";
+pub const METHOD: &str = crate::protocol::Method::Adopt.name();
 
 /// One socket to adopt, as named on the command line: `SPEC` or `NAME=SPEC`.
 #[derive(Debug, Clone, PartialEq, Eq)]

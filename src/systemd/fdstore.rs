@@ -105,7 +105,11 @@ fn unescape(text: &str) -> Option<String> {
 /// The FDNAME under which a socket is stored: `sb-` and its bucket, then
 /// `#` and its name.
 pub fn encode(key: &SocketKey, name: Option<&str>) -> Result<String, TooLong> {
-    let mut out = format!("{PREFIX}{:03x}", bucket(key));
+    with_name(key, format!("{PREFIX}{:03x}", bucket(key)), name)
+}
+
+/// `head`, then `#` and the name, checked against systemd's FDNAME limit.
+fn with_name(key: &SocketKey, mut out: String, name: Option<&str>) -> Result<String, TooLong> {
     if let Some(name) = name {
         out.push('#');
         escape(name, &mut out);
@@ -132,14 +136,7 @@ fn bucket(key: &SocketKey) -> u64 {
 pub fn encode_long(key: &SocketKey, name: Option<&str>) -> Result<String, TooLong> {
     let mut out = String::from(LONG_PREFIX);
     escape(&key.to_string(), &mut out);
-    if let Some(name) = name {
-        out.push('#');
-        escape(name, &mut out);
-    }
-    if out.len() > FDNAME_MAX {
-        return Err(TooLong { key: key.clone(), len: out.len() });
-    }
-    Ok(out)
+    with_name(key, out, name)
 }
 
 /// The key (long form only) and name of a socket the broker stored, or

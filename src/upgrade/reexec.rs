@@ -10,7 +10,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::state::{snapshot, Carried, HandoverState, Numbering};
 use super::{UpgradeError, STATE_FD_ENV, VALIDATE_TIMEOUT};
@@ -179,27 +178,17 @@ fn write_state(state: &HandoverState) -> io::Result<OwnedFd> {
 /// exit 0 within [`VALIDATE_TIMEOUT`] and print `sockbroker VERSION`.
 pub fn validate_binary(path: &Path) -> Result<(), UpgradeError> {
     let bad = |problem: String| UpgradeError::Binary { path: path.to_path_buf(), problem };
-    // The child inherits nothing: every descriptor the broker holds is
-    // close-on-exec.
-    let mut child = Command::new(path)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| bad(format!("cannot run it: {e}")))?;
-    let deadline = Instant::now() + VALIDATE_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(bad(format!("`--version` did not finish within {VALIDATE_TIMEOUT:?}")));
-            }
-            Err(e) => return Err(bad(format!("waiting for `--version`: {e}"))),
-        }
+    // Started as every child is (child::prepare: an empty signal mask); it
+    // inherits nothing, as every descriptor the broker holds is close-on-exec.
+    let mut cmd = Command::new(path);
+    cmd.arg("--version").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    crate::child::prepare(&mut cmd, &[], None);
+    let mut child = cmd.spawn().map_err(|e| bad(format!("cannot run it: {e}")))?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let status = match crate::child::wait_with_deadline(pid, VALIDATE_TIMEOUT) {
+        Ok((_, true)) => return Err(bad(format!("`--version` did not finish within {VALIDATE_TIMEOUT:?}"))),
+        Ok((status, false)) => status,
+        Err(e) => return Err(bad(format!("waiting for `--version`: {e}"))),
     };
     let mut out = String::new();
     if let Some(mut stdout) = child.stdout.take() {
