@@ -58,6 +58,11 @@ pub struct Limits {
     /// Most sockets in one `list` page (`list_page_max`); also the page a
     /// `list` without params gets.
     pub list_page_max: usize,
+    /// One `metrics` answer per this long for each untrusted uid (a rule's
+    /// `introspect`) (`metrics_interval`): with 10,000 held sockets the text
+    /// is about 4 MB, built in one turn, so a peer asking in a loop on many
+    /// connections would cost the broker that much CPU and memory each time.
+    pub metrics_interval: Duration,
     /// Log lines about one uid's refused or failed requests allowed in a
     /// burst (`log_burst`) ...
     pub log_burst: u32,
@@ -82,6 +87,7 @@ impl Default for Limits {
             max_queued_bytes_per_connection: 256 * 1024,
             max_queued_bytes: 8 * 1024 * 1024,
             list_page_max: 256,
+            metrics_interval: Duration::from_secs(1),
             log_burst: 20,
             log_per_minute: 60,
         }

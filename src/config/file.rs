@@ -49,6 +49,7 @@ pub struct LimitsFile {
     pub max_queued_bytes_per_connection: Option<Spanned<i64>>,
     pub max_queued_bytes: Option<Spanned<i64>>,
     pub list_page_max: Option<Spanned<i64>>,
+    pub metrics_interval: Option<Spanned<String>>,
     pub log_burst: Option<Spanned<i64>>,
     pub log_per_minute: Option<Spanned<i64>>,
 }

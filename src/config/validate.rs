@@ -354,6 +354,7 @@ impl<'a> Validator<'a> {
             (&l.idle_timeout, "idle_timeout", &mut out.idle_timeout),
             (&l.request_timeout, "request_timeout", &mut out.request_timeout),
             (&l.unread_timeout, "unread_timeout", &mut out.unread_timeout),
+            (&l.metrics_interval, "metrics_interval", &mut out.metrics_interval),
         ] {
             if let Some(v) = value {
                 match crate::time::parse_duration(v.get_ref()) {

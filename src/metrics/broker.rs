@@ -31,6 +31,20 @@ impl Server {
             crate::peer_log!(peer, log::Level::Warn, "refused: {denied}");
             RpcError::new(code::ACCESS_DENIED, denied.to_string())
         })?;
+        if !self.live.policy.trusts(&peer) {
+            let interval = self.limits().metrics_interval;
+            let now = std::time::Instant::now();
+            match self.metrics_answered.get(&peer.uid) {
+                Some(last) if now.duration_since(*last) < interval => {
+                    let message = format!("metrics at most once every {interval:?} per uid (limits.metrics_interval)");
+                    crate::peer_log!(peer, log::Level::Info, "refused: {message}");
+                    return Err(RpcError::new(code::TOO_MANY, message));
+                }
+                _ => {
+                    self.metrics_answered.insert(peer.uid, now);
+                }
+            }
+        }
         Ok((json!({"format": FORMAT, "text": self.metrics_text()}), Vec::new()))
     }
 

@@ -140,6 +140,9 @@ pub struct Server {
     last_recheck: Instant,
     /// Requests and connections counted for `metrics`.
     pub(crate) counters: crate::metrics::counters::Counters,
+    /// When each untrusted uid was last answered `metrics`
+    /// (`limits.metrics_interval`).
+    pub(crate) metrics_answered: HashMap<u32, Instant>,
     /// What the loop waits on: the control socket, the connections and
     /// the extra descriptor of [`Server::serve_until`].
     epoll: Epoll,
@@ -177,6 +180,7 @@ impl Server {
             last_log_report: Instant::now(),
             last_recheck: Instant::now(),
             counters: Default::default(),
+            metrics_answered: HashMap::new(),
             epoll,
             extra_watched: None,
             listener_watched: true,

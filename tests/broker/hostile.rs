@@ -355,6 +355,33 @@ fn hold_many(broker: &Broker, tag: &str, n: usize) {
     }
 }
 
+/// `metrics` names every held socket (about 4 MB with 10,000), so a peer a
+/// rule grants `introspect` gets one answer per `limits.metrics_interval`;
+/// root is not limited.
+#[test]
+fn metrics_for_an_introspect_rule_is_rate_limited_per_uid() {
+    let _shared = in_flight_shared();
+    system_user(ATTACKER);
+    let toml = format!(
+        "[limits]\nmetrics_interval = \"1h\"\n{}[[allow]]\nuser = \"{ATTACKER}\"\nsockets = [\"web\"]\nintrospect = true\n",
+        web("metrics")
+    );
+    let broker = start("hostile-metrics", &toml, Privilege::Root, None);
+    let attacker = as_user(ATTACKER);
+    let attacker: Vec<&str> = attacker.iter().map(String::as_str).collect();
+    let out = run_cli(&broker.control, Some(&attacker), &["metrics"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sockbroker_sockets_held"), "{}", output_text(&out));
+    let out = run_cli(&broker.control, Some(&attacker), &["metrics"]);
+    assert!(!out.status.success(), "a second metrics within the interval is refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.metrics_interval"), "{err}");
+    for _ in 0..2 {
+        let out = run_cli(&broker.control, None, &["metrics"]);
+        assert!(out.status.success(), "root is not limited: {}", output_text(&out));
+    }
+}
+
 #[test]
 fn list_floods_are_bounded_and_list_needs_a_rule() {
     let _shared = in_flight_shared();
