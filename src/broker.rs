@@ -179,7 +179,12 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         let n = crate::adopt::adopt_orphans(&mut server.registry, &options.config.config.sockets);
         log::info!("--adopt-orphans: {n} declared sockets copied from the processes that held them");
     }
+    let metrics_socket = options.config.config.metrics_socket.clone();
+    let metrics_interval = options.config.config.limits.metrics_interval;
     put_in_force(&mut server, options.config)?;
+    if let Some(name) = metrics_socket {
+        serve_metrics(&server, &name, metrics_interval);
+    }
 
     phase = Phase::Serving;
     let watchdog = notify::watchdog_interval();
@@ -311,6 +316,23 @@ fn put_in_force(server: &mut Server, live: Live) -> Result<(), ApplyError> {
     );
     server.live = live;
     Ok(())
+}
+
+/// Starts `GET /metrics` on the declared socket `name` (`[metrics] socket`);
+/// a failure is logged, and the broker serves on without it.
+fn serve_metrics(server: &Server, name: &str, interval: std::time::Duration) {
+    let Some(held) = server.registry.named(name) else {
+        log::warn!("[metrics] socket: '{name}' is not held; metrics are not served over HTTP");
+        return;
+    };
+    let started = held
+        .fd()
+        .try_clone_to_owned()
+        .and_then(|fd| crate::metrics::http::spawn(fd, server.control().path().to_path_buf(), interval));
+    match started {
+        Ok(()) => log::info!("serving GET /metrics on {} ('{name}')", held.key()),
+        Err(e) => log::warn!("[metrics] socket {}: {e}; metrics are not served over HTTP", held.key()),
+    }
 }
 
 /// Gives the control socket the owner and group the configuration names.

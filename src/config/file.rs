@@ -28,6 +28,9 @@ pub struct ConfigFile {
     /// `[limits]`: what one peer may cost the broker ([`Limits`]).
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `[metrics]`: where the broker's metrics are served over HTTP.
+    #[serde(default)]
+    pub metrics: MetricsFile,
 }
 
 /// `[limits]`: every key is optional; see [`Limits`] for meaning and default.
@@ -52,6 +55,15 @@ pub struct LimitsFile {
     pub metrics_interval: Option<Spanned<String>>,
     pub log_burst: Option<Spanned<i64>>,
     pub log_per_minute: Option<Spanned<i64>>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// The name of a declared TCP or UNIX stream socket to serve
+    /// `GET /metrics` on.
+    pub socket: Option<Spanned<String>>,
 }
 
 /// `[control]`.

@@ -165,6 +165,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// The limits of the control socket.
     pub limits: Limits,
+    /// The declared socket `GET /metrics` is served on (`[metrics] socket`).
+    pub metrics_socket: Option<String>,
 }
 
 /// The control socket settings; `None` means the default.

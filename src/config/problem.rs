@@ -103,6 +103,9 @@ pub enum ProblemKind {
     /// A duration that does not parse.
     #[error("{0}")]
     BadDuration(String),
+    /// `[metrics] socket` names no declared stream socket.
+    #[error("'{0}' is not the name of a declared TCP or UNIX stream socket (a [[socket]] with this name)")]
+    MetricsSocket(String),
     /// An interface name the kernel would refuse.
     #[error("'{0}' is not an interface name (1-15 characters, no '/', ':' or spaces)")]
     BadInterface(String),

@@ -54,8 +54,21 @@ pub fn validate(file: ConfigFile, text: &str, origin: &str) -> Result<Config, Co
     }
     let rules = file.allow.iter().enumerate().filter_map(|(i, a)| v.rule(i, a)).collect();
     let limits = v.limits(&file.limits);
+    let metrics_socket = file.metrics.socket.as_ref().and_then(|name| {
+        let stream = sockets.iter().find(|d| &d.name == name.get_ref()).is_some_and(|d| {
+            matches!(
+                d.spec.key,
+                SocketKey::Inet { transport: Transport::Tcp, .. }
+                    | SocketKey::Unix { kind: crate::spec::UnixKind::Stream, .. }
+            )
+        });
+        if !stream {
+            v.push(name.span(), "metrics.socket".into(), ProblemKind::MetricsSocket(name.get_ref().clone()));
+        }
+        stream.then(|| name.get_ref().clone())
+    });
     if v.problems.is_empty() {
-        Ok(Config { origin: origin.to_string(), control, sockets, rules, limits })
+        Ok(Config { origin: origin.to_string(), control, sockets, rules, limits, metrics_socket })
     } else {
         Err(ConfigError::Invalid { origin: origin.to_string(), problems: v.problems })
     }

@@ -11,6 +11,7 @@
 pub mod broker;
 pub mod counters;
 pub mod exposition;
+pub mod http;
 
 use exposition::{Exposition, Kind};
 

@@ -12,6 +12,7 @@ mod hostile;
 mod introspect;
 mod lifecycle;
 mod metrics;
+mod metrics_http;
 mod multibinder_compat;
 mod options;
 mod protocol;
