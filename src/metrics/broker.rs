@@ -86,12 +86,16 @@ impl Server {
             "Client connections accepted on the control socket.",
         )
         .sample(&[], self.counters.connections_accepted);
-        e.family(
-            "sockbroker_connections_refused_total",
-            Kind::Counter,
-            "Client connections refused on accept by a limit (limits.max_clients_per_uid, limits.max_clients, descriptors).",
-        )
-        .sample(&[], self.counters.connections_refused);
+        {
+            let mut f = e.family(
+                "sockbroker_connections_refused_total",
+                Kind::Counter,
+                "Client connections refused on accept, by the limit (limits.max_clients_per_uid, the reserve of limits.max_clients, the reserve of descriptors).",
+            );
+            for (limit, n) in super::counters::REFUSALS.iter().zip(self.counters.connections_refused) {
+                f.sample(&[("limit", limit)], n);
+            }
+        }
         {
             let mut f = e.family(
                 "sockbroker_requests_total",

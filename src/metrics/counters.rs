@@ -13,6 +13,11 @@ use crate::protocol::code;
 pub const METHODS: &[&str] =
     &["bind", "bind_many", "release", "list", "status", "reload", "adopt", "takeover", "metrics", "other"];
 
+/// The limits that refuse a connection on accept (the `limit` label):
+/// `limits.max_clients_per_uid`, the reserve of `limits.max_clients`, the
+/// reserve of descriptors below `RLIMIT_NOFILE`.
+pub const REFUSALS: [&str; 3] = ["max_clients_per_uid", "max_clients", "descriptors"];
+
 /// Outcomes: `ok`, or the error code's name.
 pub const OUTCOMES: &[&str] = &[
     "ok",
@@ -56,16 +61,20 @@ pub fn outcome(error: Option<i64>) -> &'static str {
 pub struct Counters {
     /// Requests by `[method][outcome]`, indexed as [`METHODS`] and [`OUTCOMES`].
     requests: Vec<[u64; OUTCOMES.len()]>,
-    /// Connections refused on accept by a limit (`limits.max_clients_per_uid`,
-    /// `limits.max_clients`, descriptors).
-    pub connections_refused: u64,
+    /// Connections refused on accept, by the limit that refused them, as
+    /// [`REFUSALS`] names them.
+    pub connections_refused: [u64; REFUSALS.len()],
     /// Connections accepted.
     pub connections_accepted: u64,
 }
 
 impl Default for Counters {
     fn default() -> Self {
-        Counters { requests: vec![[0; OUTCOMES.len()]; METHODS.len()], connections_refused: 0, connections_accepted: 0 }
+        Counters {
+            requests: vec![[0; OUTCOMES.len()]; METHODS.len()],
+            connections_refused: [0; REFUSALS.len()],
+            connections_accepted: 0,
+        }
     }
 }
 

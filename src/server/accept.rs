@@ -71,34 +71,38 @@ impl Server {
             let trusted = self.live.policy.trusts(&peer);
             let mine = uid_conns.get(&peer.uid).copied().unwrap_or(0);
             let refusal = if !trusted && mine >= l.max_clients_per_uid {
-                Some(format!(
-                    "too many connections from uid {} ({mine}, limits.max_clients_per_uid is {})",
-                    peer.uid, l.max_clients_per_uid
+                Some((
+                    0,
+                    format!(
+                        "too many connections from uid {} ({mine}, limits.max_clients_per_uid is {})",
+                        peer.uid, l.max_clients_per_uid
+                    ),
                 ))
             } else if self.conns.len() + l.reserved_clients >= l.max_clients && !self.live.policy.names_peer(&peer) {
-                Some(format!(
+                Some((1, format!(
                     "the broker serves {} connections; the last {} of limits.max_clients = {} are kept for root, uid {} and peers a rule names",
                     self.conns.len(),
                     l.reserved_clients,
                     l.max_clients,
                     self.live.policy.owner()
-                ))
+                )))
             } else if self.fds_in_use() + l.reserved_clients >= self.nofile && !self.live.policy.names_peer(&peer) {
                 // Near RLIMIT_NOFILE the same reserve holds: idle strangers
                 // must not take the last descriptors, or accept() and every
                 // bind's duplicate would fail for everyone.
-                Some(format!(
+                Some((2, format!(
                     "the broker uses about {} of its {} descriptors; the last {} are kept for root, uid {} and peers a rule names",
                     self.fds_in_use(),
                     self.nofile,
                     l.reserved_clients,
                     self.live.policy.owner()
-                ))
+                )))
             } else {
                 None
             };
-            if let Some(why) = refusal {
-                self.counters.connections_refused += 1;
+            if let Some((limit, why)) = refusal {
+                // Indexes of metrics::counters::REFUSALS.
+                self.counters.connections_refused[limit] += 1;
                 crate::peer_log!(peer, log::Level::Warn, "connection refused: {why}");
                 // Best effort, never blocking: tell the client why.
                 let reply = Response::err(Value::Null, RpcError::new(code::TOO_MANY, why)).to_bytes();

@@ -308,6 +308,9 @@ fn slowloris_and_idle_floods_leave_slots_for_others() {
         broker.log_text().contains("request not complete after")
     });
     assert!(broker.log_text().contains("connection refused: too many connections from uid"));
+    // The metrics count them under the limit that refused them.
+    assert!(refused(&broker, "max_clients_per_uid") >= 1.0);
+    assert_eq!(refused(&broker, "max_clients"), 0.0);
     let rss_during = rss_kib(broker.pid());
     assert!(rss_during < rss_before + 32 * 1024, "RSS {rss_before} KiB -> {rss_during} KiB");
     idle.stop();
@@ -336,7 +339,19 @@ fn a_full_table_still_serves_peers_a_rule_names() {
     legit_bind(&broker, "web");
     let attacker_conns = fd_count(&broker);
     assert!(attacker_conns < 64 + 16, "{attacker_conns} descriptors");
+    assert!(refused(&broker, "max_clients") >= 1.0);
+    assert_eq!(refused(&broker, "max_clients_per_uid"), 0.0);
     a.stop();
+}
+
+/// `sockbroker_connections_refused_total{limit="LIMIT"}`, from `sockbroker metrics`.
+fn refused(broker: &Broker, limit: &str) -> f64 {
+    let out = broker.cli(&["metrics"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let series = format!("sockbroker_connections_refused_total{{limit=\"{limit}\"}} ");
+    let line = metrics.lines().find(|l| l.starts_with(&series));
+    line.and_then(|l| l[series.len()..].parse().ok()).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
 }
 
 // ---------------------------------------------------------------------------
