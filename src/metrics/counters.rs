@@ -4,8 +4,14 @@
 //! Labels come from closed sets: a method the broker does not serve counts
 //! as `other`, an error code it does not know as `error`, so a peer sending
 //! random method names cannot grow the metrics without bound. The counters
-//! live in the process: they restart at zero after a restart or an upgrade
-//! (Prometheus' `rate()` and `increase()` handle counter resets).
+//! live in the process and go to the next one on a re-exec or takeover
+//! ([`CountersState`], by label names, so a broker whose label sets differ
+//! still reads them); they restart at zero after a restart (Prometheus'
+//! `rate()` and `increase()` handle counter resets).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::code;
 
@@ -95,6 +101,36 @@ impl Counters {
         })
     }
 
+    /// The counters as an upgrade carries them.
+    pub fn to_state(&self) -> CountersState {
+        let mut requests: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (method, outcome, n) in self.requests().filter(|(_, _, n)| *n > 0) {
+            requests.entry(method.to_string()).or_default().insert(outcome.to_string(), n);
+        }
+        let refused = REFUSALS.iter().zip(self.connections_refused).map(|(l, n)| (l.to_string(), n)).collect();
+        CountersState { requests, refused, accepted: self.connections_accepted }
+    }
+
+    /// The counters a predecessor carried; labels this broker does not know
+    /// count as `other` (methods) or `error` (outcomes), and unknown refusal
+    /// limits are dropped.
+    pub fn from_state(state: &CountersState) -> Counters {
+        let mut c = Counters { connections_accepted: state.accepted, ..Counters::default() };
+        for (method, outcomes) in &state.requests {
+            let m = METHODS.iter().position(|m| m == method).unwrap_or(METHODS.len() - 1);
+            for (outcome, n) in outcomes {
+                let o = OUTCOMES.iter().position(|o| o == outcome).unwrap_or(OUTCOMES.len() - 1);
+                c.requests[m][o] += n;
+            }
+        }
+        for (limit, n) in &state.refused {
+            if let Some(i) = REFUSALS.iter().position(|l| l == limit) {
+                c.connections_refused[i] += n;
+            }
+        }
+        c
+    }
+
     /// Requests refused by the allow rules, per method.
     pub fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         let denied = OUTCOMES.iter().position(|o| *o == "access_denied").unwrap_or(0);
@@ -102,9 +138,39 @@ impl Counters {
     }
 }
 
+/// [`Counters`] by label names, as a re-exec or takeover hands them over.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersState {
+    /// Requests by method, then outcome.
+    pub requests: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Connections refused, by limit.
+    pub refused: BTreeMap<String, u64>,
+    /// Connections accepted.
+    pub accepted: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_survive_their_state_and_unknown_labels_fall_into_other() {
+        let mut c = Counters::default();
+        c.request("bind", None);
+        c.request("bind", Some(code::ACCESS_DENIED));
+        c.request("list", None);
+        c.connections_refused[1] = 3;
+        c.connections_accepted = 7;
+        let mut state = c.to_state();
+        let back = Counters::from_state(&state);
+        assert_eq!(back.to_state(), state);
+        state.requests.entry("frobnicate".into()).or_default().insert("ok".into(), 2);
+        state.refused.insert("gone".into(), 5);
+        let back = Counters::from_state(&state);
+        assert!(back.requests().any(|r| r == ("other", "ok", 2)));
+        assert_eq!(back.connections_refused, [0, 3, 0]);
+        assert_eq!(back.connections_accepted, 7);
+    }
 
     #[test]
     fn closed_label_sets() {

@@ -91,6 +91,10 @@ pub struct HandoverState {
     pub sockets: Vec<SocketState>,
     /// The client connections.
     pub connections: Vec<ConnState>,
+    /// The request and connection counters of `metrics` (absent from a
+    /// broker that had none: they start at zero).
+    #[serde(default)]
+    pub counters: crate::metrics::counters::CountersState,
 }
 
 /// How descriptors are referred to in a [`HandoverState`].
@@ -147,6 +151,7 @@ pub(super) fn snapshot<'a>(server: &'a Server, numbering: Numbering) -> (Handove
         control,
         sockets,
         connections,
+        counters: server.counters.to_state(),
     };
     (state, fds)
 }
@@ -160,6 +165,7 @@ pub struct Carried {
     conns: Vec<(UnixStream, PeerCred, Vec<u8>)>,
     generation: u64,
     from: String,
+    counters: crate::metrics::counters::CountersState,
 }
 
 impl Carried {
@@ -224,6 +230,7 @@ impl Carried {
             conns,
             generation: state.generation,
             from,
+            counters: state.counters,
         })
     }
 
@@ -235,6 +242,7 @@ impl Carried {
         self.control.set_owned_inode(self.owned_inode);
         let (sockets, conns) = (self.registry.len(), self.conns.len());
         let mut server = Server::new(self.control, self.registry, options)?;
+        server.counters = crate::metrics::counters::Counters::from_state(&self.counters);
         for (stream, peer, pending) in self.conns {
             if let Err(e) = server.adopt_connection(stream, peer, &pending) {
                 log::warn!("{peer}: could not resume the connection: {e}");
@@ -278,6 +286,11 @@ mod tests {
                 peer: PeerCred { pid: 4, uid: 5, gid: 6 },
                 pending: b"{\"me".to_vec(),
             }],
+            counters: crate::metrics::counters::CountersState {
+                accepted: 11,
+                refused: [("max_clients".to_string(), 2)].into(),
+                ..Default::default()
+            },
         };
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains("\"tcp://127.0.0.1:80\""), "{text}");
@@ -285,7 +298,9 @@ mod tests {
         // The state of an older broker has no options: read as absent.
         let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
         old["sockets"][0].as_object_mut().unwrap().remove("options");
+        old.as_object_mut().unwrap().remove("counters");
         let old: HandoverState = serde_json::from_value(old).unwrap();
         assert_eq!((old.sockets[0].options.as_ref(), old.sockets[0].backlog), (None, 128));
+        assert_eq!(old.counters, Default::default(), "no counters: they start at zero");
     }
 }

@@ -65,10 +65,18 @@ fn get_metrics_is_served_on_the_declared_socket() {
     // The socket is held like any declared one: after a re-exec the new
     // process serves it again, on the same socket.
     let inode_before = broker.cli(&["list", "--json"]);
+    let accepted = |text: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with("sockbroker_connections_accepted_total "));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("{text}"))
+    };
+    let before = accepted(&String::from_utf8(broker.cli(&["metrics"]).stdout).unwrap());
+    assert!(before >= 5, "{before} connections counted before the re-exec");
     broker.signal(nix::sys::signal::Signal::SIGUSR1);
     wait_ready(&broker.notify, &mut broker.child, "broker after SIGUSR1");
     let (status, body) = http(port, "GET /metrics HTTP/1.1\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    // The counters went to the new process with the sockets.
+    assert!(accepted(&body) > before, "{} after the re-exec, {before} before", accepted(&body));
     assert_eq!(broker.log_text().matches(&serving).count(), 2);
     let inode_after = broker.cli(&["list", "--json"]);
     let inode = |out: &std::process::Output| {
