@@ -15,30 +15,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use common::daemons::*;
+use common::metrics::{promtool_check, sample};
 use common::*;
-
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-        (metric == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
-    })
-}
-
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test installs it)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    assert!(wait_timeout(&mut child, Duration::from_secs(60)).is_some(), "promtool hangs");
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics:\n{}\n{text}", output_text(&out));
-}
 
 fn supervisor(pid: u32, args: &[&str]) -> std::process::Output {
     let mut child = Command::new(BIN)

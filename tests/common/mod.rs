@@ -4,6 +4,7 @@
 
 pub mod accept_queue;
 pub mod daemons;
+pub mod metrics;
 pub mod storm;
 
 use std::io::{IoSlice, IoSliceMut};
