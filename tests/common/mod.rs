@@ -6,6 +6,7 @@ pub mod accept_queue;
 pub mod daemons;
 pub mod metrics;
 pub mod storm;
+pub mod supervisor;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
