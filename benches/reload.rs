@@ -148,24 +148,11 @@ fn main() {
     );
 }
 
-/// One GET; the body, if the server answered 200.
-fn answer(addr: std::net::SocketAddr) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).ok()?;
-    let status = reply.lines().next().unwrap_or("");
-    (status.starts_with("HTTP/1.") && status.contains(" 200 "))
-        .then(|| reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
-}
-
 /// Polls until the server answers `want` (bounded); when it did.
 fn until_answer(addr: std::net::SocketAddr, want: &str) -> Instant {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if answer(addr).is_some_and(|body| body.trim() == want) {
+        if http_get(addr).is_ok_and(|body| body.trim() == want) {
             return Instant::now();
         }
         assert!(Instant::now() < deadline, "{want} never answered");

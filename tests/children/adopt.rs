@@ -8,7 +8,7 @@
 use crate::common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -72,27 +72,6 @@ fn holds(pid: i32, inode: u64) -> bool {
 #[track_caller]
 fn wait_exit(child: &mut Child, what: &str) {
     assert!(wait_timeout(child, Duration::from_secs(30)).is_some(), "{what} did not exit within 30s");
-}
-
-/// One HTTP/1.0 request on a new connection; Ok on a 200.
-fn http_ok(addr: SocketAddr) -> Result<(), String> {
-    http_body(addr).map(drop)
-}
-
-/// One HTTP/1.0 request on a new connection; the body of a 200 (HTTP/1.0
-/// or 1.1: nginx answers 1.1).
-fn http_body(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
-    if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
-        let text = String::from_utf8_lossy(&reply);
-        Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
-    } else {
-        Err(format!("reply: {:?}", String::from_utf8_lossy(&reply)))
-    }
 }
 
 /// An HTTP frontend answering every request itself, bound at `bind`.
@@ -212,7 +191,7 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let seen = gens.clone();
     let load = RequestLoop::start(2, move || {
-        let body = http_get(addr).map_err(|e| e.to_string())?;
+        let body = http_get(addr)?;
         seen.lock().unwrap().extend(generation(&body));
         Ok(())
     });
@@ -280,7 +259,7 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
     let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let seen = gens.clone();
     let load = RequestLoop::start(2, move || {
-        let body = http_body(addr)?;
+        let body = http_get(addr)?;
         seen.lock().unwrap().extend(generation(&body));
         Ok(())
     });

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::daemons::RequestLoop;
+use common::daemons::{http_ok, RequestLoop};
 use common::supervisor::{children, Supervisor};
 use common::*;
 use nix::sys::signal::Signal;
@@ -189,20 +189,6 @@ fn start(broker: &Broker, name: &str, template: &Path, run_args: &[&str], haprox
     run
 }
 
-/// One HTTP/1.0 request on a new connection; Ok when the answer is 200.
-fn one_request(addr: SocketAddr) -> Result<(), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
-    if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(format!("reply: {:?}", String::from_utf8_lossy(&reply)))
-    }
-}
-
 /// A broker holding a fresh loopback port, and an HTTP template for it.
 fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
     let broker = Broker::start(name);
@@ -219,7 +205,7 @@ fn twenty_reloads_under_load_fail_no_connection() {
     let mut run = start(&broker, "web", &template, &[], &[]);
     let first = run.generation_pids();
     assert_eq!(first.len(), 1, "one HAProxy master: {first:?}");
-    let load = RequestLoop::start(2, move || one_request(addr));
+    let load = RequestLoop::start(2, move || http_ok(addr));
     load.wait_for(50);
     for i in 0..20 {
         let status = run.reload();
@@ -258,7 +244,7 @@ fn a_broken_config_never_replaces_the_running_instance() {
     let mut run = start(&broker, "web", &template, &[], &[]);
     let serving = run.generation_pids();
     let good = std::fs::read_to_string(&template).unwrap();
-    let load = RequestLoop::start(1, move || one_request(addr));
+    let load = RequestLoop::start(1, move || http_ok(addr));
     load.wait_for(20);
 
     // HAProxy rejects this one: the check fails, generation 1 serves on.
@@ -349,13 +335,13 @@ fn two_instances_side_by_side() {
     let mut a = start(&broker, "a", &template_a, &[], &[]);
     let b = start(&broker, "b", &template_b, &["--rendered-dir", rendered.to_str().unwrap()], &["-Ds", "-p", "b.pid"]);
     assert!(rendered.join("other.cfg").exists() && !broker.dir.join("other.cfg").exists());
-    one_request(addr_a).unwrap();
-    one_request(addr_b).unwrap();
+    http_ok(addr_a).unwrap();
+    http_ok(addr_b).unwrap();
     let b_pids = b.generation_pids();
     let status = a.reload();
     assert!(status.contains("generation 2"), "{status}");
-    one_request(addr_a).unwrap();
-    one_request(addr_b).unwrap();
+    http_ok(addr_a).unwrap();
+    http_ok(addr_b).unwrap();
     assert_eq!(b.generation_pids(), b_pids, "reloading one instance leaves the other alone");
     let pidfile = std::fs::read_to_string(broker.dir.join("b.pid")).unwrap();
     assert_eq!(pidfile.trim().parse::<i32>().unwrap(), b_pids[0], "-p passes through to HAProxy");
@@ -389,12 +375,12 @@ fn a_reload_without_the_broker_fails_and_the_instance_serves_on() {
     let serving = run.generation_pids();
     broker.stop();
     // HAProxy holds its own copies of the sockets: it serves without the broker.
-    one_request(addr).unwrap();
+    http_ok(addr).unwrap();
     let status = run.reload();
     assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
     assert!(status.contains("cannot connect to the broker"), "{status}");
     assert_eq!(run.generation_pids(), serving);
-    one_request(addr).unwrap();
+    http_ok(addr).unwrap();
 }
 
 #[test]
