@@ -7,6 +7,7 @@
 
 use crate::common;
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
@@ -66,6 +67,30 @@ fn holds(pid: i32, inode: u64) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_str() == Some(&want))))
         .unwrap_or(false)
+}
+
+/// Two request loops on `addr` that record each answer's `gen=N`.
+fn generations_load(addr: SocketAddr) -> (RequestLoop, Arc<Mutex<BTreeSet<u64>>>) {
+    let gens = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen = gens.clone();
+    let load = RequestLoop::start(2, move || {
+        let body = http_get(addr)?;
+        seen.lock().unwrap().extend(generation(&body));
+        Ok(())
+    });
+    (load, gens)
+}
+
+/// The end of a move, once the old server is gone: 200 more requests, none
+/// of all failed, and `key` is still the very socket (`inode`) the old
+/// server bound.
+#[track_caller]
+fn assert_moved(load: RequestLoop, key: &str, inode: u64, what: &str) {
+    load.wait_for(200);
+    let (ok, failed, errors) = load.finish();
+    eprintln!("{what} moved under the broker: {ok} requests, {failed} failed");
+    assert_eq!(failed, 0, "{what}: {failed} failed requests out of {}: {errors:?}", ok + failed);
+    assert_eq!(bound_inode(key), Some(inode), "the listening socket never changed");
 }
 
 /// Waits (bounded) until `child` exits.
@@ -162,11 +187,7 @@ fn haproxy_that_bound_its_port_moves_under_the_broker_with_no_failed_request() {
     // 3. Soft-stop the old HAProxy (its master, which stops its worker).
     kill(Pid::from_raw(old_pid), Signal::SIGUSR1).unwrap();
     wait_exit(&mut old.0, "the old HAProxy");
-    load.wait_for(200);
-    let (ok, failed, errors) = load.finish();
-    eprintln!("HAProxy moved under the broker: {ok} requests, {failed} failed");
-    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
-    assert_eq!(bound_inode(&key), Some(inode), "the listening socket never changed");
+    assert_moved(load, &key, inode, "HAProxy");
 }
 
 /// docs/adopt.md, "A daemon with LISTEN_FDS": a daemon started by
@@ -188,13 +209,7 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     let key = format!("tcp://127.0.0.1:{port}");
     let inode = bound_inode(&key).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-    let seen = gens.clone();
-    let load = RequestLoop::start(2, move || {
-        let body = http_get(addr)?;
-        seen.lock().unwrap().extend(generation(&body));
-        Ok(())
-    });
+    let (load, gens) = generations_load(addr);
     load.wait_for(50);
 
     adopt(&broker, &["--pid", &old.0.id().to_string(), "--socket", &format!("http={key}")]);
@@ -205,11 +220,7 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     load.wait_for(50);
     kill(Pid::from_raw(old.0.id() as i32), Signal::SIGTERM).unwrap();
     wait_exit(&mut old.0, "the old daemon");
-    load.wait_for(200);
-    let (ok, failed, errors) = load.finish();
-    eprintln!("moved: {ok} requests, {failed} failed");
-    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
-    assert_eq!(bound_inode(&key), Some(inode));
+    assert_moved(load, &key, inode, "the LISTEN_FDS daemon");
     let gens = gens.lock().unwrap();
     assert!(gens.contains(&0) && gens.contains(&1), "both the old and the new daemon answered: {gens:?}");
 }
@@ -256,13 +267,7 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
     let key = format!("tcp://127.0.0.1:{port}");
     let inode = bound_inode(&key).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-    let seen = gens.clone();
-    let load = RequestLoop::start(2, move || {
-        let body = http_get(addr)?;
-        seen.lock().unwrap().extend(generation(&body));
-        Ok(())
-    });
+    let (load, gens) = generations_load(addr);
     load.wait_for(50);
 
     // The master holds the listeners (its workers share them).
@@ -289,11 +294,7 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
     // nginx's graceful stop.
     kill(Pid::from_raw(old_pid), Signal::SIGQUIT).unwrap();
     wait_exit(&mut old.0, "the old nginx");
-    load.wait_for(200);
-    let (ok, failed, errors) = load.finish();
-    eprintln!("moved: {ok} requests, {failed} failed");
-    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
-    assert_eq!(bound_inode(&key), Some(inode), "the listening socket never changed");
+    assert_moved(load, &key, inode, "nginx");
     let gens = gens.lock().unwrap();
     assert!(gens.contains(&0) && gens.contains(&1), "the old and the new nginx answered: {gens:?}");
 }
