@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use common::daemons::*;
 use common::supervisor::Supervisor;
-use common::{bind_free_tcp, wait_timeout, Broker, START_TIMEOUT};
+use common::{bind_free_tcp, tcp_addr, wait_timeout, Broker, START_TIMEOUT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -50,7 +50,7 @@ fn main() {
 
     let broker = Broker::start("bench_reload");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let addr = spec.trim_start_matches("tcp://").parse().unwrap();
+    let addr = tcp_addr(&spec);
     let mut run = Supervisor::run(&broker)
         .args(&["--socket", &spec, "--ready-grace", "0"])
         .command(&["python3", listen_http().to_str().unwrap()])
@@ -190,7 +190,7 @@ fn haproxy_config(bind: &str, answer: &str) -> String {
 /// time from the supervisor's log.
 fn haproxy_run_reloads(broker: &Broker, n: usize) -> HaproxyRun {
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let addr: std::net::SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
+    let addr = tcp_addr(&spec);
     let template = broker.dir.join("bench.cfg.sb");
     let bind = format!("{{{{ sockbroker \"{spec}\" }}}}");
     std::fs::write(&template, haproxy_config(&bind, "gen-1")).unwrap();

@@ -193,7 +193,7 @@ fn start(broker: &Broker, name: &str, template: &Path, run_args: &[&str], haprox
 fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
     let broker = Broker::start(name);
     let (spec, _held) = bind_free_tcp(&mut broker.client());
-    let addr: SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
+    let addr = tcp_addr(&spec);
     let template = broker.dir.join("web.cfg.sb");
     std::fs::write(&template, http_template(&format!("{{{{ sockbroker \"{spec}\" }}}}"))).unwrap();
     (broker, addr, template)
@@ -324,7 +324,7 @@ fn sigterm_drains_then_exits() {
 fn two_instances_side_by_side() {
     let (broker, addr_a, template_a) = web_setup("hatwo");
     let (spec_b, _held) = bind_free_tcp(&mut broker.client());
-    let addr_b: SocketAddr = spec_b.trim_start_matches("tcp://").parse().unwrap();
+    let addr_b = tcp_addr(&spec_b);
     let template_b = broker.dir.join("other.cfg.erb");
     // As multibinder's README writes it: `daemon` in global (the supervisor keeps HAProxy in the foreground).
     let text = http_template(&format!("<%= bind_tcp('127.0.0.1', {}) %>", addr_b.port()));

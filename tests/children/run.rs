@@ -3,7 +3,6 @@
 
 use crate::common;
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -25,10 +24,6 @@ fn start(broker: &Broker, args: &[&str], command: &[&str]) -> Supervisor {
 fn serving_pid(status: &str) -> i32 {
     let rest = status.split("serving generation ").nth(1).unwrap_or_else(|| panic!("{status}"));
     rest.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap()
-}
-
-fn tcp_addr(spec: &str) -> SocketAddr {
-    spec.trim_start_matches("tcp://").parse().unwrap()
 }
 
 #[test]

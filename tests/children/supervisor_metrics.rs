@@ -7,7 +7,7 @@
 
 use crate::common;
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -22,7 +22,7 @@ use common::*;
 fn a_reload_reports_the_deepest_accept_queue_it_saw() {
     let broker = Broker::start("sup-metrics");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let addr: SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
+    let addr = tcp_addr(&spec);
     let file = broker.dir.join("run-web.prom");
     let daemon = listen_http();
     let mut run = Supervisor::run(&broker)

@@ -754,6 +754,12 @@ pub fn bind_free_tcp(client: &mut Client) -> (String, OwnedFd) {
     panic!("no free port after 20 tries");
 }
 
+/// The address of a `tcp://HOST:PORT` spec (as [`bind_free_tcp`] gives).
+#[track_caller]
+pub fn tcp_addr(spec: &str) -> std::net::SocketAddr {
+    spec.trim_start_matches("tcp://").parse().unwrap()
+}
+
 /// The inode of a descriptor's open file.
 pub fn inode(fd: BorrowedFd<'_>) -> u64 {
     nix::sys::stat::fstat(fd).unwrap().st_ino
