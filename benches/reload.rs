@@ -194,7 +194,7 @@ fn haproxy_run_reloads(broker: &Broker, n: usize) -> HaproxyRun {
     let template = broker.dir.join("bench.cfg.sb");
     let bind = format!("{{{{ sockbroker \"{spec}\" }}}}");
     std::fs::write(&template, haproxy_config(&bind, "gen-1")).unwrap();
-    let mut run = Supervisor::haproxy_run(&broker)
+    let mut run = Supervisor::haproxy_run(broker)
         .args(&["--ready-grace", "0"])
         .command(&[HAPROXY, "-f", template.to_str().unwrap()])
         .env("RUST_LOG", "info")
