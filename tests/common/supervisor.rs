@@ -30,6 +30,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[must_use]
 pub struct SupervisorBuilder {
     name: String,
+    program: PathBuf,
+    timeout: Duration,
     dir: PathBuf,
     control: PathBuf,
     args: Vec<String>,
@@ -47,6 +49,8 @@ pub struct Supervisor {
     pub log: PathBuf,
     /// READY=1's whole message at start.
     pub ready: String,
+    /// How long each wait for a notify message or a start may take.
+    timeout: Duration,
     done: bool,
 }
 
@@ -66,6 +70,8 @@ impl SupervisorBuilder {
     fn new(broker: &Broker, name: &str, subcommand: &[&str]) -> SupervisorBuilder {
         SupervisorBuilder {
             name: name.to_string(),
+            program: PathBuf::from(BIN),
+            timeout: READY_TIMEOUT,
             dir: broker.dir.clone(),
             control: broker.control.clone(),
             args: subcommand.iter().map(|s| s.to_string()).collect(),
@@ -78,6 +84,26 @@ impl SupervisorBuilder {
     /// Names the log and notify socket (several supervisors may share a broker).
     pub fn name(mut self, name: &str) -> Self {
         self.name = name.to_string();
+        self
+    }
+
+    /// Keeps its log and notify socket in `dir`, and runs there, instead
+    /// of the broker's folder.
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = dir.into();
+        self
+    }
+
+    /// The sockbroker binary to run (the one under test unless set).
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = program.into();
+        self
+    }
+
+    /// How long the start, and each later wait for a notify message, may
+    /// take ([`READY_TIMEOUT`] unless set).
+    pub fn ready_timeout(mut self, limit: Duration) -> Self {
+        self.timeout = limit;
         self
     }
 
@@ -110,10 +136,18 @@ impl SupervisorBuilder {
     /// Starts it and waits (bounded) until generation 1 serves.
     #[track_caller]
     pub fn start(self) -> Supervisor {
+        let mut sup = self.spawn();
+        sup.wait_started();
+        sup
+    }
+
+    /// Starts it without waiting, for several started at once: then
+    /// [`Supervisor::wait_started`] on each.
+    pub fn spawn(self) -> Supervisor {
         let log = self.dir.join(format!("{}.log", self.name));
         let file = std::fs::File::create(&log).unwrap();
         let notify = self.notify.then(|| Notify::bind(&self.dir, &format!("{}-notify.sock", self.name)));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
             .arg("--")
             .args(&self.command)
@@ -130,22 +164,27 @@ impl SupervisorBuilder {
             None => cmd.env_remove("NOTIFY_SOCKET"),
         };
         let child = cmd.spawn().unwrap();
-        let mut sup = Supervisor { child, notify, log, ready: String::new(), done: false };
-        if sup.notify.is_some() {
-            sup.ready = sup.wait_line("READY=1");
-        } else {
-            wait_until(READY_TIMEOUT, "generation 1 serving", || {
-                let out = sup.supervisor(&["status"]);
-                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("serving generation 1 ")
-            });
-        }
-        sup
+        Supervisor { child, notify, log, ready: String::new(), timeout: self.timeout, done: false }
     }
 }
 
 impl Supervisor {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Waits (bounded) until generation 1 serves: READY=1 (kept in
+    /// `ready`), or without a notify socket, `supervisor status` saying so.
+    #[track_caller]
+    pub fn wait_started(&mut self) {
+        if self.notify.is_some() {
+            self.ready = self.wait_line("READY=1");
+        } else {
+            wait_until(self.timeout, "generation 1 serving", || {
+                let out = self.supervisor(&["status"]);
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("serving generation 1 ")
+            });
+        }
     }
 
     pub fn signal(&self, sig: Signal) {
@@ -157,7 +196,7 @@ impl Supervisor {
     #[track_caller]
     pub fn wait_line(&mut self, line: &str) -> String {
         let notify = self.notify.as_ref().expect("a supervisor started with a NOTIFY_SOCKET");
-        notify.wait_line(&mut self.child, line, READY_TIMEOUT)
+        notify.wait_line(&mut self.child, line, self.timeout)
     }
 
     /// The next READY=1 message, whole.
