@@ -26,14 +26,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_ready, wait_timeout, Broker, BIN};
+use common::supervisor::Supervisor;
+use common::{free_port, wait_timeout, Broker};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -144,6 +144,8 @@ struct Instances {
     dir: PathBuf,
     config: PathBuf,
     children: Vec<Child>,
+    /// (c)'s supervisor; declared before its broker, so dropped first.
+    supervisor: Option<Supervisor>,
     broker: Option<Broker>,
     /// Tells the thread that reads the supervisor's notify messages to end.
     done: Arc<AtomicBool>,
@@ -161,6 +163,7 @@ impl Instances {
             dir: dir.to_path_buf(),
             config,
             children: Vec::new(),
+            supervisor: None,
             broker: None,
             done: Arc::new(AtomicBool::new(false)),
         };
@@ -169,25 +172,17 @@ impl Instances {
             Kind::MasterWorker => me.spawn_haproxy(&["-W", "-db"]),
             Kind::Sockbroker => {
                 let broker = Broker::builder("bench-haproxy").env("RUST_LOG", "warn").start();
-                let control = broker.control.clone();
-                me.broker = Some(broker);
-                let notify_path = dir.join("run-notify.sock");
-                let notify = UnixDatagram::bind(&notify_path).unwrap();
-                let child = Command::new(BIN)
-                    // No grace window: it only delays the old instance's
-                    // retirement, and these back-to-back reloads would
-                    // queue behind it.
-                    .args(["haproxy", "run", "--ready-grace", "0", "--", HAPROXY, "-f", me.config.to_str().unwrap()])
-                    .env("SOCKBROKER_SOCKET", &control)
-                    .env("NOTIFY_SOCKET", &notify_path)
+                // No grace window: it only delays the old instance's
+                // retirement, and these back-to-back reloads would queue
+                // behind it.
+                let mut supervisor = Supervisor::haproxy_run(&broker)
+                    .args(&["--ready-grace", "0"])
+                    .command(&[HAPROXY, "-f", me.config.to_str().unwrap()])
                     .env("RUST_LOG", "info")
-                    .stdin(Stdio::null())
-                    .stdout(std::fs::File::create(dir.join("run.log")).unwrap())
-                    .stderr(std::fs::File::create(dir.join("run.log")).unwrap())
-                    .spawn()
-                    .unwrap();
-                me.children.push(child);
-                wait_ready(&notify, me.children.last_mut().unwrap(), "sockbroker haproxy run");
+                    .start();
+                let notify = supervisor.notify.take().unwrap().sock;
+                me.supervisor = Some(supervisor);
+                me.broker = Some(broker);
                 // Read what the supervisor says, as systemd would: a full
                 // datagram queue blocks the sender. Until the scenario stops.
                 let done = me.done.clone();
@@ -245,19 +240,18 @@ impl Instances {
                 args.extend(&old);
                 self.spawn_haproxy(&args);
             }
-            Kind::MasterWorker | Kind::Sockbroker => {
-                let sig = if self.kind == Kind::MasterWorker { Signal::SIGUSR2 } else { Signal::SIGHUP };
-                kill(Pid::from_raw(self.children[0].id() as i32), sig).unwrap();
-            }
+            Kind::MasterWorker => kill(Pid::from_raw(self.children[0].id() as i32), Signal::SIGUSR2).unwrap(),
+            Kind::Sockbroker => self.supervisor.as_ref().unwrap().signal(Signal::SIGHUP),
         }
         t0
     }
 
     fn stop(mut self) {
-        // HAProxy's soft stop is SIGUSR1; the supervisor's is SIGTERM.
-        let sig = if self.kind == Kind::Sockbroker { Signal::SIGTERM } else { Signal::SIGUSR1 };
+        // HAProxy's soft stop is SIGUSR1; the supervisor stops (SIGTERM,
+        // bounded) as it is dropped.
+        drop(self.supervisor.take());
         for c in &self.children {
-            let _ = kill(Pid::from_raw(c.id() as i32), sig);
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGUSR1);
         }
         for c in &mut self.children {
             if wait_timeout(c, Duration::from_secs(15)).is_none() {

@@ -33,7 +33,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemons::*;
-use common::{bind_free_tcp, wait_timeout, Broker, BIN, START_TIMEOUT};
+use common::supervisor::Supervisor;
+use common::{bind_free_tcp, tcp_addr, wait_timeout, Broker, START_TIMEOUT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -49,24 +50,12 @@ fn main() {
 
     let broker = Broker::start("bench_reload");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let addr = spec.trim_start_matches("tcp://").parse().unwrap();
-    let notify = Notify::bind(&broker.dir, "run-notify.sock");
-    let log = broker.dir.join("run.log");
-    let mut run = Reaped(
-        Command::new(BIN)
-            .args(["run", "--socket", &spec, "--ready-grace", "0", "--"])
-            .arg("python3")
-            .arg(listen_http())
-            .env("SOCKBROKER_SOCKET", &broker.control)
-            .env("NOTIFY_SOCKET", &notify.path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
-    let run_pid = Pid::from_raw(run.0.id() as i32);
+    let addr = tcp_addr(&spec);
+    let mut run = Supervisor::run(&broker)
+        .args(&["--socket", &spec, "--ready-grace", "0"])
+        .command(&["python3", listen_http().to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .start();
 
     let limit = steady + Duration::from_secs(600);
     let load = Load::start(addr, clients, limit);
@@ -78,9 +67,7 @@ fn main() {
     let reload_start = Instant::now();
     for n in 0..reloads {
         let begin = Instant::now();
-        kill(run_pid, Signal::SIGHUP).unwrap();
-        notify.wait_line(&mut run.0, "RELOADING=1", START_TIMEOUT);
-        let ready = notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
+        let ready = run.reload();
         let expected = format!("serving generation {} ", n + 2);
         assert!(ready.contains(&expected), "reload {}: {ready}", n + 1);
         windows.push((begin, Instant::now()));
@@ -90,8 +77,8 @@ fn main() {
     let reload_time = reload_start.elapsed();
     let report = load.finish();
 
-    kill(run_pid, Signal::SIGTERM).unwrap();
-    let status = wait_timeout(&mut run.0, Duration::from_secs(30)).expect("run did not stop");
+    run.signal(Signal::SIGTERM);
+    let status = run.wait_exit(Duration::from_secs(30), "run did not stop");
 
     let in_window = |t: Instant| windows.iter().any(|(a, b)| t >= *a && t < *b);
     let mut steady_lat: Vec<Duration> =
@@ -161,24 +148,11 @@ fn main() {
     );
 }
 
-/// One GET; the body, if the server answered 200.
-fn answer(addr: std::net::SocketAddr) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).ok()?;
-    let status = reply.lines().next().unwrap_or("");
-    (status.starts_with("HTTP/1.") && status.contains(" 200 "))
-        .then(|| reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
-}
-
 /// Polls until the server answers `want` (bounded); when it did.
 fn until_answer(addr: std::net::SocketAddr, want: &str) -> Instant {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if answer(addr).is_some_and(|body| body.trim() == want) {
+        if http_get(addr).is_ok_and(|body| body.trim() == want) {
             return Instant::now();
         }
         assert!(Instant::now() < deadline, "{want} never answered");
@@ -216,45 +190,33 @@ fn haproxy_config(bind: &str, answer: &str) -> String {
 /// time from the supervisor's log.
 fn haproxy_run_reloads(broker: &Broker, n: usize) -> HaproxyRun {
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let addr: std::net::SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
+    let addr = tcp_addr(&spec);
     let template = broker.dir.join("bench.cfg.sb");
     let bind = format!("{{{{ sockbroker \"{spec}\" }}}}");
     std::fs::write(&template, haproxy_config(&bind, "gen-1")).unwrap();
-    let notify = Notify::bind(&broker.dir, "haproxy-run-notify.sock");
-    let log = broker.dir.join("haproxy-run.log");
-    let mut run = Reaped(
-        Command::new(BIN)
-            .args(["haproxy", "run", "--ready-grace", "0", "--", HAPROXY, "-f"])
-            .arg(&template)
-            .env("SOCKBROKER_SOCKET", &broker.control)
-            .env("NOTIFY_SOCKET", &notify.path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
-    let pid = Pid::from_raw(run.0.id() as i32);
+    let mut run = Supervisor::haproxy_run(broker)
+        .args(&["--ready-grace", "0"])
+        .command(&[HAPROXY, "-f", template.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .start();
     let mut out = HaproxyRun::default();
     for i in 0..n {
         // Generation 1 serves; reload i starts generation i + 2.
         let want = format!("gen-{}", i + 2);
         std::fs::write(&template, haproxy_config(&bind, &want)).unwrap();
         let begin = Instant::now();
-        kill(pid, Signal::SIGHUP).unwrap();
+        run.signal(Signal::SIGHUP);
         out.serving.push(until_answer(addr, &want) - begin);
-        notify.wait_line(&mut run.0, "RELOADING=1", START_TIMEOUT);
-        let ready = notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
+        run.wait_line("RELOADING=1");
+        let ready = run.next_ready();
         out.ready.push(begin.elapsed());
         assert!(!ready.contains("reload failed"), "{ready}");
     }
-    kill(pid, Signal::SIGTERM).unwrap();
-    wait_timeout(&mut run.0, Duration::from_secs(30)).expect("haproxy run did not stop");
+    run.signal(Signal::SIGTERM);
+    run.wait_exit(Duration::from_secs(30), "haproxy run did not stop");
     // The supervisor's log, per generation: "(render 1.2ms, …" and "ready
     // after 60.2ms" (since its spawn).
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = run.log_text();
     let after = |line: &str, marker: &str| {
         line.split(marker).nth(1)?.split([' ', ',', ';', ')']).next().and_then(parse_debug_duration)
     };

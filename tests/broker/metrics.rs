@@ -6,47 +6,11 @@
 
 use crate::common;
 
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::metrics::{promtool_check, sample};
 use common::*;
-
-/// The value of the sample `name` whose labels include every `labels` pair
-/// (`key="value"` text), if there is one.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-        (metric == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
-    })
-}
-
-/// `promtool check metrics` on `text`: its findings when it fails.
-fn promtool_check(text: &str) -> Result<(), String> {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test installs it)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = wait_output(child);
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(output_text(&out))
-    }
-}
-
-fn wait_output(mut child: std::process::Child) -> std::process::Output {
-    if wait_timeout(&mut child, Duration::from_secs(60)).is_none() {
-        panic!("promtool did not finish within 60s");
-    }
-    child.wait_with_output().unwrap()
-}
 
 fn metrics(broker: &Broker) -> String {
     let out = broker.cli(&["metrics"]);
@@ -64,7 +28,7 @@ fn accept_queue_rises_and_falls_and_promtool_agrees() {
     let label = format!("address=\"{spec}\"");
 
     let text = metrics(&broker);
-    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    promtool_check(&text);
     assert_eq!(sample(&text, "sockbroker_socket_accept_queue_length", &[&label]), Some(0.0), "{text}");
     let backlog = sample(&text, "sockbroker_socket_accept_queue_backlog", &[&label]).expect("a backlog");
     assert!(backlog >= 1.0, "{text}");
@@ -90,7 +54,7 @@ fn accept_queue_rises_and_falls_and_promtool_agrees() {
     drop(waiting);
     let text = metrics(&broker);
     assert_eq!(sample(&text, "sockbroker_socket_accept_queue_length", &[&label]), Some(0.0), "{text}");
-    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    promtool_check(&text);
 }
 
 #[test]
@@ -106,7 +70,7 @@ fn refusals_and_unknown_methods_are_counted_in_closed_label_sets() {
     assert_eq!(err.code(), Some(-32601), "{err}");
 
     let text = metrics(&broker);
-    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    promtool_check(&text);
     assert_eq!(sample(&text, "sockbroker_request_refusals_total", &["method=\"metrics\""]), Some(1.0), "{text}");
     assert_eq!(
         sample(&text, "sockbroker_requests_total", &["method=\"metrics\"", "outcome=\"access_denied\""]),
@@ -134,7 +98,7 @@ fn output_file_is_written_atomically_for_the_textfile_collector() {
     }
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("# TYPE sockbroker_requests_total counter"), "{text}");
-    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    promtool_check(&text);
     let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("sockbroker.prom")], "no temporary file is left behind");
 

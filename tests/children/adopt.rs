@@ -7,8 +7,9 @@
 
 use crate::common;
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemons::*;
+use common::supervisor::{descendants, Supervisor};
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -67,49 +69,34 @@ fn holds(pid: i32, inode: u64) -> bool {
         .unwrap_or(false)
 }
 
-/// Processes whose parent is `pid`, and theirs.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(parent) = queue.pop() {
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-            let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok());
-            if ppid == Some(parent) {
-                out.push(child);
-                queue.push(child);
-            }
-        }
-    }
-    out
+/// Two request loops on `addr` that record each answer's `gen=N`.
+fn generations_load(addr: SocketAddr) -> (RequestLoop, Arc<Mutex<BTreeSet<u64>>>) {
+    let gens = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen = gens.clone();
+    let load = RequestLoop::start(2, move || {
+        let body = http_get(addr)?;
+        seen.lock().unwrap().extend(generation(&body));
+        Ok(())
+    });
+    (load, gens)
+}
+
+/// The end of a move, once the old server is gone: 200 more requests, none
+/// of all failed, and `key` is still the very socket (`inode`) the old
+/// server bound.
+#[track_caller]
+fn assert_moved(load: RequestLoop, key: &str, inode: u64, what: &str) {
+    load.wait_for(200);
+    let (ok, failed, errors) = load.finish();
+    eprintln!("{what} moved under the broker: {ok} requests, {failed} failed");
+    assert_eq!(failed, 0, "{what}: {failed} failed requests out of {}: {errors:?}", ok + failed);
+    assert_eq!(bound_inode(key), Some(inode), "the listening socket never changed");
 }
 
 /// Waits (bounded) until `child` exits.
 #[track_caller]
 fn wait_exit(child: &mut Child, what: &str) {
     assert!(wait_timeout(child, Duration::from_secs(30)).is_some(), "{what} did not exit within 30s");
-}
-
-/// One HTTP/1.0 request on a new connection; Ok on a 200.
-fn http_ok(addr: SocketAddr) -> Result<(), String> {
-    http_body(addr).map(drop)
-}
-
-/// One HTTP/1.0 request on a new connection; the body of a 200 (HTTP/1.0
-/// or 1.1: nginx answers 1.1).
-fn http_body(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
-    if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
-        let text = String::from_utf8_lossy(&reply);
-        Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
-    } else {
-        Err(format!("reply: {:?}", String::from_utf8_lossy(&reply)))
-    }
 }
 
 /// An HTTP frontend answering every request itself, bound at `bind`.
@@ -160,50 +147,6 @@ fn plain_haproxy(dir: &Path) -> (Reaped, u16) {
     })
 }
 
-/// `sockbroker haproxy run` (or `run`) with its own NOTIFY_SOCKET, ready.
-struct Supervisor {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Supervisor {
-    #[track_caller]
-    fn start(broker: &Broker, name: &str, args: &[&str]) -> Supervisor {
-        let notify = Notify::bind(&broker.dir, &format!("{name}-notify.sock"));
-        let log = broker.dir.join(format!("{name}.log"));
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("SOCKBROKER_SOCKET", &broker.control)
-            .env("NOTIFY_SOCKET", &notify.path)
-            .env("RUST_LOG", "debug")
-            .current_dir(&broker.dir)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        notify.wait_line(&mut child, "READY=1", Duration::from_secs(30));
-        Supervisor { child, log }
-    }
-}
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- supervisor log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
-        let pids = descendants(self.child.id() as i32);
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        for pid in pids {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
-}
-
 /// docs/adopt.md, "A HAProxy that binds its ports itself": adopt, `haproxy
 /// run` from an ERB template, soft-stop the old HAProxy.
 #[test]
@@ -233,11 +176,10 @@ fn haproxy_that_bound_its_port_moves_under_the_broker_with_no_failed_request() {
     // 2. HAProxy under the broker, from a multibinder ERB template.
     let template = broker.dir.join("web.cfg.erb");
     std::fs::write(&template, haproxy_config(&format!("<%= bind_tcp('127.0.0.1', {port}) %>"))).unwrap();
-    let run = Supervisor::start(
-        &broker,
-        "haproxy-run",
-        &["haproxy", "run", "--ready-timeout", "20s", "--", HAPROXY, "-f", template.to_str().unwrap()],
-    );
+    let run = Supervisor::haproxy_run(&broker)
+        .args(&["--ready-timeout", "20s"])
+        .command(&[HAPROXY, "-f", template.to_str().unwrap()])
+        .start();
     let new_pids = descendants(run.child.id() as i32);
     assert!(new_pids.iter().any(|p| holds(*p, inode)), "the new HAProxy serves the adopted socket");
     load.wait_for(50);
@@ -245,11 +187,7 @@ fn haproxy_that_bound_its_port_moves_under_the_broker_with_no_failed_request() {
     // 3. Soft-stop the old HAProxy (its master, which stops its worker).
     kill(Pid::from_raw(old_pid), Signal::SIGUSR1).unwrap();
     wait_exit(&mut old.0, "the old HAProxy");
-    load.wait_for(200);
-    let (ok, failed, errors) = load.finish();
-    eprintln!("HAProxy moved under the broker: {ok} requests, {failed} failed");
-    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
-    assert_eq!(bound_inode(&key), Some(inode), "the listening socket never changed");
+    assert_moved(load, &key, inode, "HAProxy");
 }
 
 /// docs/adopt.md, "A daemon with LISTEN_FDS": a daemon started by
@@ -271,29 +209,18 @@ fn listen_fds_daemon_moves_under_run_with_no_failed_request() {
     let key = format!("tcp://127.0.0.1:{port}");
     let inode = bound_inode(&key).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-    let seen = gens.clone();
-    let load = RequestLoop::start(2, move || {
-        let body = http_get(addr).map_err(|e| e.to_string())?;
-        seen.lock().unwrap().extend(generation(&body));
-        Ok(())
-    });
+    let (load, gens) = generations_load(addr);
     load.wait_for(50);
 
     adopt(&broker, &["--pid", &old.0.id().to_string(), "--socket", &format!("http={key}")]);
-    let _run = Supervisor::start(
-        &broker,
-        "run",
-        &["run", "--socket", "http", "--", "python3", listen_http().to_str().unwrap()],
-    );
+    let _run = Supervisor::run(&broker)
+        .args(&["--socket", "http"])
+        .command(&["python3", listen_http().to_str().unwrap()])
+        .start();
     load.wait_for(50);
     kill(Pid::from_raw(old.0.id() as i32), Signal::SIGTERM).unwrap();
     wait_exit(&mut old.0, "the old daemon");
-    load.wait_for(200);
-    let (ok, failed, errors) = load.finish();
-    eprintln!("moved: {ok} requests, {failed} failed");
-    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
-    assert_eq!(bound_inode(&key), Some(inode));
+    assert_moved(load, &key, inode, "the LISTEN_FDS daemon");
     let gens = gens.lock().unwrap();
     assert!(gens.contains(&0) && gens.contains(&1), "both the old and the new daemon answered: {gens:?}");
 }
@@ -340,13 +267,7 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
     let key = format!("tcp://127.0.0.1:{port}");
     let inode = bound_inode(&key).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let gens = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-    let seen = gens.clone();
-    let load = RequestLoop::start(2, move || {
-        let body = http_body(addr)?;
-        seen.lock().unwrap().extend(generation(&body));
-        Ok(())
-    });
+    let (load, gens) = generations_load(addr);
     load.wait_for(50);
 
     // The master holds the listeners (its workers share them).
@@ -354,18 +275,10 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
     let conf = nginx_config(&broker.dir, "new", port, 1);
     let pidfile = broker.dir.join("new.pid");
     let error_log = format!("{}/new-error.log", broker.dir.display());
-    let _run = Supervisor::start(
-        &broker,
-        "nginx-run",
-        &[
-            "run",
-            "--ready",
-            &format!("pidfile:{}", pidfile.display()),
-            "--retire-signal",
-            "QUIT",
-            "--socket",
-            &key,
-            "--",
+    let _run = Supervisor::run(&broker)
+        .name("nginx-run")
+        .args(&["--ready", &format!("pidfile:{}", pidfile.display()), "--retire-signal", "QUIT", "--socket", &key])
+        .command(&[
             "env",
             "NGINX=3;",
             NGINX,
@@ -375,17 +288,13 @@ fn nginx_moves_under_the_broker_with_no_failed_request() {
             broker.dir.to_str().unwrap(),
             "-c",
             conf.to_str().unwrap(),
-        ],
-    );
+        ])
+        .start();
     load.wait_for(50);
     // nginx's graceful stop.
     kill(Pid::from_raw(old_pid), Signal::SIGQUIT).unwrap();
     wait_exit(&mut old.0, "the old nginx");
-    load.wait_for(200);
-    let (ok, failed, errors) = load.finish();
-    eprintln!("moved: {ok} requests, {failed} failed");
-    assert_eq!(failed, 0, "{failed} failed requests out of {}: {errors:?}", ok + failed);
-    assert_eq!(bound_inode(&key), Some(inode), "the listening socket never changed");
+    assert_moved(load, &key, inode, "nginx");
     let gens = gens.lock().unwrap();
     assert!(gens.contains(&0) && gens.contains(&1), "the old and the new nginx answered: {gens:?}");
 }
@@ -468,11 +377,10 @@ fn udp_and_unix_sockets_move_with_no_lost_request() {
     for (k, i) in [&udp, &unix, &dgram].iter().zip(&inodes) {
         assert!(adopted.contains(&(k.to_string(), *i)), "{k}: {adopted:?}");
     }
-    let _run = Supervisor::start(
-        &broker,
-        "run",
-        &["run", "--socket", &udp, "--socket", &unix, "--socket", &dgram, "--", "python3", echo_py().to_str().unwrap()],
-    );
+    let _run = Supervisor::run(&broker)
+        .args(&["--socket", &udp, "--socket", &unix, "--socket", &dgram])
+        .command(&["python3", echo_py().to_str().unwrap()])
+        .start();
     udp_load.wait_for(20);
     kill(Pid::from_raw(old_pid as i32), Signal::SIGTERM).unwrap();
     wait_exit(&mut old.0, "the old daemon");
@@ -685,11 +593,10 @@ fn a_multibinder_host_moves_to_the_broker_with_no_failed_request() {
     let want: Vec<(String, u64)> = keys.iter().cloned().zip(inodes.iter().copied()).collect();
     assert_eq!(adopted, want);
     // 2. HAProxy under the broker, from the same template.
-    let _run = Supervisor::start(
-        &broker,
-        "haproxy-run",
-        &["haproxy", "run", "--ready-timeout", "20s", "--", HAPROXY, "-f", template.to_str().unwrap()],
-    );
+    let _run = Supervisor::haproxy_run(&broker)
+        .args(&["--ready-timeout", "20s"])
+        .command(&[HAPROXY, "-f", template.to_str().unwrap()])
+        .start();
     for l in &loads {
         l.wait_for(30);
     }

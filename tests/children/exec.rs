@@ -3,7 +3,6 @@
 
 use crate::common;
 
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -23,10 +22,6 @@ fn exec_cmd(broker: &Broker, notify: &Notify) -> Command {
         .env_remove("LISTEN_FDNAMES")
         .stdin(Stdio::null());
     cmd
-}
-
-fn addr(spec: &str) -> SocketAddr {
-    spec.trim_start_matches("tcp://").parse().unwrap()
 }
 
 #[test]
@@ -62,7 +57,7 @@ fn child_gets_exactly_stdio_and_its_sockets() {
                                    // A response means the daemon is in its accept loop, past the moment it
                                    // briefly holds the socket it sent READY=1 on; closing the connection
                                    // happens before EOF reaches us.
-    let body = http_get(addr(&web)).unwrap();
+    let body = http_get(tcp_addr(&web)).unwrap();
     assert!(body.contains(&format!("pid={pid} ")), "{body}");
 
     let fds = open_fds(pid);
@@ -79,7 +74,7 @@ fn child_gets_exactly_stdio_and_its_sockets() {
     assert_eq!(env_of(&env, "LISTEN_FDNAMES").as_deref(), Some("web:unknown:ctl"));
     assert_eq!(env_of(&env, "LISTEN_FDS_FIRST_FD"), None);
 
-    let body = http_get(addr(&plain)).unwrap();
+    let body = http_get(tcp_addr(&plain)).unwrap();
     assert!(body.contains(&format!("pid={pid} ")), "{body}");
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -116,7 +111,7 @@ fn unreachable_broker_is_an_error_unless_fallback_bind() {
             .unwrap(),
     );
     notify.wait_line(&mut child.0, "READY=1", START_TIMEOUT);
-    let body = http_get(addr(&spec)).unwrap();
+    let body = http_get(tcp_addr(&spec)).unwrap();
     assert!(body.contains(&format!("pid={} ", child.0.id())), "{body}");
     let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
     assert!(stderr.contains("may drop connections"), "{stderr}");
@@ -181,7 +176,7 @@ fn socket_proxyd_serves_the_brokers_socket() {
     // already (the broker's), so the request waits in its queue until
     // proxyd accepts it. A response proves proxyd runs on that socket.
     for _ in 0..3 {
-        assert_eq!(http_get(addr(&spec)).unwrap(), "from-backend\n");
+        assert_eq!(http_get(tcp_addr(&spec)).unwrap(), "from-backend\n");
     }
     let pid = child.0.id() as i32;
     assert_eq!(proc_fd_inode(pid, 3), inode(fd.as_fd()));

@@ -9,12 +9,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::daemons::RequestLoop;
+use common::daemons::{http_ok, RequestLoop};
+use common::supervisor::{children, Supervisor};
 use common::*;
 use nix::sys::signal::Signal;
 use sockbroker::haproxy::{render_template, RenderOptions};
@@ -174,134 +174,26 @@ fn a_thousand_binds_render_to_a_thousand_descriptors() {
     assert_success(&out, "haproxy -c with 1000 fd@ binds");
 }
 
-/// `sockbroker haproxy run` under test, with its own NOTIFY_SOCKET.
-struct Run {
-    child: Child,
-    notify: UnixDatagram,
-    log: PathBuf,
-}
-
-impl Run {
-    #[track_caller]
-    fn start(broker: &Broker, name: &str, template: &Path, run_args: &[&str], haproxy_args: &[&str]) -> Run {
-        let notify_path = broker.dir.join(format!("{name}-notify.sock"));
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let log = broker.dir.join(format!("{name}.log"));
-        let mut child = Command::new(BIN)
-            .args(["haproxy", "run", "--ready-timeout", "20s"])
-            .args(run_args)
-            .args(["--", HAPROXY, "-f", template.to_str().unwrap()])
-            .args(haproxy_args)
-            .env("SOCKBROKER_SOCKET", &broker.control)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("RUST_LOG", "debug")
-            .current_dir(&broker.dir)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let status = next_ready(&notify, &mut child);
-        assert!(status.contains("STATUS=serving: generation 1"), "{status}");
-        Run { child, notify, log }
-    }
-
-    /// SIGHUP, then the READY=1 message that ends the reload.
-    #[track_caller]
-    fn reload(&mut self) -> String {
-        self.signal(Signal::SIGHUP);
-        next_ready(&self.notify, &mut self.child)
-    }
-
-    fn signal(&self, sig: Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    /// The HAProxy masters this supervisor runs.
-    fn haproxy_pids(&self) -> Vec<i32> {
-        children(self.child.id() as i32)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- haproxy run log:\n{}", self.log_text());
-        }
-        if self.child.try_wait().ok().flatten().is_none() {
-            let pids = self.haproxy_pids();
-            self.signal(Signal::SIGTERM);
-            if wait_timeout(&mut self.child, Duration::from_secs(10)).is_some() {
-                return;
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            for pid in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-/// Waits for a notify message holding READY=1 and returns it whole.
+/// `sockbroker haproxy run --ready-timeout 20s RUN_ARGS -- haproxy -f
+/// TEMPLATE HAPROXY_ARGS`, named `name`, serving generation 1.
 #[track_caller]
-fn next_ready(notify: &UnixDatagram, child: &mut Child) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Ok(n) = notify.recv(&mut buf) {
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if text.lines().any(|l| l == "READY=1") {
-                return text;
-            }
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("haproxy run exited before READY=1: {status}");
-        }
-        assert!(Instant::now() < deadline, "no READY=1 within 30s");
-    }
-}
-
-/// Processes whose parent is `pid`.
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-        // pid (comm) state ppid …: comm may hold spaces, so split after the last ')'.
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
-        if ppid == Some(pid) {
-            out.push(child);
-        }
-    }
-    out.sort();
-    out
-}
-
-/// One HTTP/1.0 request on a new connection; Ok when the answer is 200.
-fn one_request(addr: SocketAddr) -> Result<(), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
-    if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(format!("reply: {:?}", String::from_utf8_lossy(&reply)))
-    }
+fn start(broker: &Broker, name: &str, template: &Path, run_args: &[&str], haproxy_args: &[&str]) -> Supervisor {
+    let run = Supervisor::haproxy_run(broker)
+        .name(name)
+        .args(&["--ready-timeout", "20s"])
+        .args(run_args)
+        .command(&[HAPROXY, "-f", template.to_str().unwrap()])
+        .command(haproxy_args)
+        .start();
+    assert!(run.ready.contains("STATUS=serving: generation 1"), "{}", run.ready);
+    run
 }
 
 /// A broker holding a fresh loopback port, and an HTTP template for it.
 fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
     let broker = Broker::start(name);
     let (spec, _held) = bind_free_tcp(&mut broker.client());
-    let addr: SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
+    let addr = tcp_addr(&spec);
     let template = broker.dir.join("web.cfg.sb");
     std::fs::write(&template, http_template(&format!("{{{{ sockbroker \"{spec}\" }}}}"))).unwrap();
     (broker, addr, template)
@@ -310,10 +202,10 @@ fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
 #[test]
 fn twenty_reloads_under_load_fail_no_connection() {
     let (broker, addr, template) = web_setup("hareload");
-    let mut run = Run::start(&broker, "web", &template, &[], &[]);
-    let first = run.haproxy_pids();
+    let mut run = start(&broker, "web", &template, &[], &[]);
+    let first = run.generation_pids();
     assert_eq!(first.len(), 1, "one HAProxy master: {first:?}");
-    let load = RequestLoop::start(2, move || one_request(addr));
+    let load = RequestLoop::start(2, move || http_ok(addr));
     load.wait_for(50);
     for i in 0..20 {
         let status = run.reload();
@@ -322,9 +214,8 @@ fn twenty_reloads_under_load_fail_no_connection() {
     }
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{failed} failed connections out of {} during 20 reloads: {errors:?}", ok + failed);
-    assert!(!run.haproxy_pids().contains(&first[0]), "the first instance was retired");
-    run.signal(Signal::SIGTERM);
-    let status = wait_timeout(&mut run.child, Duration::from_secs(20)).expect("run did not stop");
+    assert!(!run.generation_pids().contains(&first[0]), "the first instance was retired");
+    let status = run.stop();
     assert!(status.success(), "{status}");
 }
 
@@ -334,8 +225,8 @@ fn twenty_reloads_under_load_fail_no_connection() {
 #[test]
 fn haproxy_starts_with_an_empty_signal_mask() {
     let (broker, _addr, template) = web_setup("hasigmask");
-    let run = Run::start(&broker, "web", &template, &[], &[]);
-    let masters = run.haproxy_pids();
+    let run = start(&broker, "web", &template, &[], &[]);
+    let masters = run.generation_pids();
     assert_eq!(masters.len(), 1, "one HAProxy master: {masters:?}");
     let mut pids = masters.clone();
     pids.extend(children(masters[0]));
@@ -350,10 +241,10 @@ fn haproxy_starts_with_an_empty_signal_mask() {
 #[test]
 fn a_broken_config_never_replaces_the_running_instance() {
     let (broker, addr, template) = web_setup("habroken");
-    let mut run = Run::start(&broker, "web", &template, &[], &[]);
-    let serving = run.haproxy_pids();
+    let mut run = start(&broker, "web", &template, &[], &[]);
+    let serving = run.generation_pids();
     let good = std::fs::read_to_string(&template).unwrap();
-    let load = RequestLoop::start(1, move || one_request(addr));
+    let load = RequestLoop::start(1, move || http_ok(addr));
     load.wait_for(20);
 
     // HAProxy rejects this one: the check fails, generation 1 serves on.
@@ -363,29 +254,25 @@ fn a_broken_config_never_replaces_the_running_instance() {
     assert!(status.contains("[ALERT]") && status.contains("no-such-keyword"), "HAProxy's alert in STATUS=: {status}");
     assert!(run.log_text().contains("no-such-keyword"), "the check's output is logged");
     load.wait_for(20);
-    assert_eq!(run.haproxy_pids(), serving);
+    assert_eq!(run.generation_pids(), serving);
 
     // The same reload asked for on the control socket (ExecReload=): it
     // fails, with HAProxy's output on stderr.
-    let out = Command::new(BIN)
-        .args(["supervisor", "reload", "--pid", &run.child.id().to_string()])
-        .stdin(Stdio::null())
-        .output_within(COMMAND_TIMEOUT)
-        .unwrap();
+    let out = run.supervisor(&["reload"]);
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("generation 3: haproxy -c refused the config"), "{text}");
     assert!(text.contains("unknown keyword 'no-such-keyword'"), "{text}");
     assert!(text.contains("generation 1 (pid") && text.contains("keeps serving"), "{text}");
-    let status = next_ready(&run.notify, &mut run.child);
+    let status = run.next_ready();
     assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
-    assert_eq!(run.haproxy_pids(), serving);
+    assert_eq!(run.generation_pids(), serving);
 
     // A template error is caught before HAProxy is even asked.
     std::fs::write(&template, good.replace("frontend", "<% oops %>\nfrontend")).unwrap();
     let status = run.reload();
     assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
-    assert_eq!(run.haproxy_pids(), serving);
+    assert_eq!(run.generation_pids(), serving);
 
     // Fixed: the next reload goes through (each refused one used a number).
     std::fs::write(&template, &good).unwrap();
@@ -399,8 +286,8 @@ fn a_broken_config_never_replaces_the_running_instance() {
 #[test]
 fn sigterm_drains_then_exits() {
     let (broker, addr, template) = web_setup("haterm");
-    let mut run = Run::start(&broker, "web", &template, &[], &[]);
-    let pids = run.haproxy_pids();
+    let mut run = start(&broker, "web", &template, &[], &[]);
+    let pids = run.generation_pids();
     // A client in the middle of a request: HAProxy has read part of it.
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -437,7 +324,7 @@ fn sigterm_drains_then_exits() {
 fn two_instances_side_by_side() {
     let (broker, addr_a, template_a) = web_setup("hatwo");
     let (spec_b, _held) = bind_free_tcp(&mut broker.client());
-    let addr_b: SocketAddr = spec_b.trim_start_matches("tcp://").parse().unwrap();
+    let addr_b = tcp_addr(&spec_b);
     let template_b = broker.dir.join("other.cfg.erb");
     // As multibinder's README writes it: `daemon` in global (the supervisor keeps HAProxy in the foreground).
     let text = http_template(&format!("<%= bind_tcp('127.0.0.1', {}) %>", addr_b.port()));
@@ -445,18 +332,17 @@ fn two_instances_side_by_side() {
     let rendered = broker.dir.join("rendered");
     std::fs::create_dir(&rendered).unwrap();
 
-    let mut a = Run::start(&broker, "a", &template_a, &[], &[]);
-    let b =
-        Run::start(&broker, "b", &template_b, &["--rendered-dir", rendered.to_str().unwrap()], &["-Ds", "-p", "b.pid"]);
+    let mut a = start(&broker, "a", &template_a, &[], &[]);
+    let b = start(&broker, "b", &template_b, &["--rendered-dir", rendered.to_str().unwrap()], &["-Ds", "-p", "b.pid"]);
     assert!(rendered.join("other.cfg").exists() && !broker.dir.join("other.cfg").exists());
-    one_request(addr_a).unwrap();
-    one_request(addr_b).unwrap();
-    let b_pids = b.haproxy_pids();
+    http_ok(addr_a).unwrap();
+    http_ok(addr_b).unwrap();
+    let b_pids = b.generation_pids();
     let status = a.reload();
     assert!(status.contains("generation 2"), "{status}");
-    one_request(addr_a).unwrap();
-    one_request(addr_b).unwrap();
-    assert_eq!(b.haproxy_pids(), b_pids, "reloading one instance leaves the other alone");
+    http_ok(addr_a).unwrap();
+    http_ok(addr_b).unwrap();
+    assert_eq!(b.generation_pids(), b_pids, "reloading one instance leaves the other alone");
     let pidfile = std::fs::read_to_string(broker.dir.join("b.pid")).unwrap();
     assert_eq!(pidfile.trim().parse::<i32>().unwrap(), b_pids[0], "-p passes through to HAProxy");
 }
@@ -485,25 +371,25 @@ fn unit_passes_systemd_analyze_verify() {
 #[test]
 fn a_reload_without_the_broker_fails_and_the_instance_serves_on() {
     let (mut broker, addr, template) = web_setup("hanobroker");
-    let mut run = Run::start(&broker, "web", &template, &[], &[]);
-    let serving = run.haproxy_pids();
+    let mut run = start(&broker, "web", &template, &[], &[]);
+    let serving = run.generation_pids();
     broker.stop();
     // HAProxy holds its own copies of the sockets: it serves without the broker.
-    one_request(addr).unwrap();
+    http_ok(addr).unwrap();
     let status = run.reload();
     assert!(status.contains("STATUS=reload failed, serving: generation 1"), "{status}");
     assert!(status.contains("cannot connect to the broker"), "{status}");
-    assert_eq!(run.haproxy_pids(), serving);
-    one_request(addr).unwrap();
+    assert_eq!(run.generation_pids(), serving);
+    http_ok(addr).unwrap();
 }
 
 #[test]
 fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
     let (broker, addr, template) = web_setup("hapidfile");
     let pidfile = broker.dir.join("web.pid");
-    let mut run = Run::start(&broker, "web", &template, &["--ready", "pidfile"], &["-p", pidfile.to_str().unwrap()]);
+    let mut run = start(&broker, "web", &template, &["--ready", "pidfile"], &["-p", pidfile.to_str().unwrap()]);
     let read_pid = || std::fs::read_to_string(&pidfile).unwrap().trim().parse::<i32>().unwrap();
-    assert_eq!(run.haproxy_pids(), vec![read_pid()], "ready once -p names generation 1's master");
+    assert_eq!(run.generation_pids(), vec![read_pid()], "ready once -p names generation 1's master");
 
     // SIGUSR2 reloads, as multibinder's wrapper did; the pid file then names
     // the new master. The new config forwards to a backend this test holds.
@@ -514,10 +400,10 @@ fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
     );
     std::fs::write(&template, text).unwrap();
     run.signal(Signal::SIGUSR2);
-    let status = next_ready(&run.notify, &mut run.child);
+    let status = run.next_ready();
     assert!(status.contains("STATUS=serving: generation 2"), "{status}");
     let second = read_pid();
-    assert!(run.haproxy_pids().contains(&second), "-p names generation 2's master");
+    assert!(run.generation_pids().contains(&second), "-p names generation 2's master");
 
     // A request in progress (the backend has it and does not answer) keeps
     // the soft-stopped instance draining; a second SIGTERM is the hard stop.
@@ -615,8 +501,8 @@ fn drain_timeout_hard_stops_a_draining_instance() {
         &format!("  default_backend slow\nbackend slow\n  server s1 {}\n", backend.local_addr().unwrap()),
     );
     std::fs::write(&template, text).unwrap();
-    let mut run = Run::start(&broker, "web", &template, &["--ready-grace", "0", "--drain-timeout", "1500ms"], &[]);
-    let first = run.haproxy_pids();
+    let mut run = start(&broker, "web", &template, &["--ready-grace", "0", "--drain-timeout", "1500ms"], &[]);
+    let first = run.generation_pids();
     assert_eq!(first.len(), 1, "{first:?}");
 
     // Generation 1 is the only instance: the request reaches the backend through it.
@@ -631,7 +517,7 @@ fn drain_timeout_hard_stops_a_draining_instance() {
     let status = run.reload();
     assert!(status.contains("STATUS=serving: generation 2"), "{status}");
     let retired = Instant::now();
-    let gone = |pid: i32| !Path::new(&format!("/proc/{pid}")).exists() || !run.haproxy_pids().contains(&pid);
+    let gone = |pid: i32| !Path::new(&format!("/proc/{pid}")).exists() || !run.generation_pids().contains(&pid);
     let deadline = retired + Duration::from_secs(15);
     while !gone(first[0]) {
         assert!(Instant::now() < deadline, "generation 1 still draining 15 s after a 1.5 s --drain-timeout");

@@ -3,84 +3,21 @@
 
 use crate::common;
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use common::daemons::*;
+use common::supervisor::{supervisor_cmd, Supervisor};
 use common::*;
 
-/// A `sockbroker run` under test, with its own NOTIFY_SOCKET.
-struct Run {
-    child: Child,
-    notify: Notify,
-    log: std::path::PathBuf,
-    done: bool,
-}
-
-impl Run {
-    #[track_caller]
-    fn start(broker: &Broker, args: &[&str], command: &[&str]) -> Run {
-        let notify = Notify::bind(&broker.dir, "run-notify.sock");
-        let log = broker.dir.join("run.log");
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .args(args)
-            .arg("--")
-            .args(command)
-            .env("SOCKBROKER_SOCKET", &broker.control)
-            .env("NOTIFY_SOCKET", &notify.path)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let ready = notify.wait_line(&mut child, "READY=1", START_TIMEOUT);
-        assert!(field(&ready, "STATUS").unwrap().contains("serving generation 1"), "{ready}");
-        Run { child, notify, log, done: false }
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    /// SIGHUP, then RELOADING=1 (with MONOTONIC_USEC) and READY=1; returns
-    /// READY's STATUS.
-    #[track_caller]
-    fn reload(&mut self) -> String {
-        self.signal(Signal::SIGHUP);
-        let reloading = self.notify.wait_line(&mut self.child, "RELOADING=1", START_TIMEOUT);
-        let usec: u64 = field(&reloading, "MONOTONIC_USEC").expect("MONOTONIC_USEC").parse().unwrap();
-        assert!(usec > 0);
-        let ready = self.notify.wait_line(&mut self.child, "READY=1", START_TIMEOUT);
-        field(&ready, "STATUS").unwrap_or_default().to_string()
-    }
-
-    #[track_caller]
-    fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal(Signal::SIGTERM);
-        let status = wait_timeout(&mut self.child, Duration::from_secs(20)).expect("run did not stop");
-        self.done = true;
-        status
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-            let _ = wait_timeout(&mut self.child, Duration::from_secs(10));
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("--- run log:\n{log}");
-        }
-    }
+/// `sockbroker run ARGS -- COMMAND`, serving generation 1.
+#[track_caller]
+fn start(broker: &Broker, args: &[&str], command: &[&str]) -> Supervisor {
+    let run = Supervisor::run(broker).args(args).command(command).start();
+    assert!(field(&run.ready, "STATUS").unwrap().contains("serving generation 1"), "{}", run.ready);
+    run
 }
 
 /// "… (pid N) …" from a STATUS line: the serving generation's pid.
@@ -89,16 +26,12 @@ fn serving_pid(status: &str) -> i32 {
     rest.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap()
 }
 
-fn tcp_addr(spec: &str) -> SocketAddr {
-    spec.trim_start_matches("tcp://").parse().unwrap()
-}
-
 #[test]
 fn twenty_reloads_under_load_fail_no_connection() {
     let broker = Broker::start("run_reloads");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
-    let mut run = Run::start(
+    let mut run = start(
         &broker,
         &["--socket", &format!("web={spec}"), "--ready-grace", "300ms"],
         &["python3", daemon.to_str().unwrap()],
@@ -108,7 +41,7 @@ fn twenty_reloads_under_load_fail_no_connection() {
     load.wait_requests(20);
     let mut pids = vec![];
     for n in 2..=21 {
-        let status = run.reload();
+        let status = run.reload_status();
         assert!(status.contains(&format!("serving generation {n} ")), "reload {n}: {status}");
         pids.push(serving_pid(&status));
         load.wait_requests(5);
@@ -141,7 +74,7 @@ fn failed_reloads_leave_the_old_generation_serving() {
     let broker = Broker::start("run_failed");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
-    let mut run = Run::start(
+    let mut run = start(
         &broker,
         &["--socket", &spec, "--ready-timeout", "5s"],
         &["python3", daemon.to_str().unwrap(), "--exit-on-gen", "2", "--hang-on-gen", "3"],
@@ -150,12 +83,12 @@ fn failed_reloads_leave_the_old_generation_serving() {
     let load = Load::start(addr, 2, Duration::from_secs(60));
     load.wait_requests(10);
 
-    let status = run.reload();
+    let status = run.reload_status();
     assert!(status.contains("serving generation 1 "), "{status}");
     assert!(status.contains("generation 2") && status.contains("exited with status 3"), "{status}");
     load.wait_requests(10);
 
-    let status = run.reload();
+    let status = run.reload_status();
     assert!(status.contains("serving generation 1 "), "{status}");
     assert!(status.contains("generation 3") && status.contains("not ready within"), "{status}");
     load.wait_requests(10);
@@ -165,7 +98,7 @@ fn failed_reloads_leave_the_old_generation_serving() {
     assert_eq!(mid.generations.iter().copied().collect::<Vec<_>>(), vec![1], "only generation 1 may serve");
 
     let load = Load::start(addr, 2, Duration::from_secs(60));
-    let status = run.reload();
+    let status = run.reload_status();
     assert!(status.contains("serving generation 4 "), "{status}");
     assert!(status.contains("1 failed") || status.contains("2 failed"), "{status}");
     load.wait_requests(10);
@@ -184,7 +117,7 @@ fn pidfile_readiness() {
     let pidfile = broker.dir.join("daemon.pid");
     let ready = format!("pidfile:{}", pidfile.display());
     let daemon = listen_http();
-    let mut run = Run::start(
+    let mut run = start(
         &broker,
         &["--socket", &spec, "--ready", &ready],
         &["python3", daemon.to_str().unwrap(), "--pidfile", pidfile.to_str().unwrap()],
@@ -192,7 +125,7 @@ fn pidfile_readiness() {
     let addr = tcp_addr(&spec);
     let load = Load::start(addr, 2, Duration::from_secs(60));
     for n in 2..=4 {
-        let status = run.reload();
+        let status = run.reload_status();
         assert!(status.contains(&format!("serving generation {n} ")), "{status}");
         let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
         assert_eq!(serving_pid(&status), pid);
@@ -209,8 +142,8 @@ fn delay_readiness_and_a_first_generation_that_fails() {
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
     let command = ["python3", daemon.to_str().unwrap(), "--term-status", "7"];
-    let mut run = Run::start(&broker, &["--socket", &spec, "--ready", "delay:200ms"], &command);
-    let status = run.reload();
+    let mut run = start(&broker, &["--socket", &spec, "--ready", "delay:200ms"], &command);
+    let status = run.reload_status();
     assert!(status.contains("serving generation 2 "), "{status}");
     // A delay says nothing about the daemon itself: wait until generation 2
     // answers (so its SIGTERM handler is installed) before stopping.
@@ -242,12 +175,12 @@ fn socket_proxyd_generations() {
     let backend = backend.to_string();
     // proxyd sends no READY=1: readiness by delay (the queue holds new
     // connections meanwhile, so the delay costs latency, never a connection).
-    let mut run = Run::start(&broker, &["--socket", &spec, "--ready", "delay:100ms"], &[SOCKET_PROXYD, &backend]);
+    let mut run = start(&broker, &["--socket", &spec, "--ready", "delay:100ms"], &[SOCKET_PROXYD, &backend]);
     let addr = tcp_addr(&spec);
     assert_eq!(http_get(addr).unwrap(), "via-proxy\n");
     let mut previous = None;
     for n in 2..=4 {
-        let status = run.reload();
+        let status = run.reload_status();
         assert!(status.contains(&format!("serving generation {n} ")), "{status}");
         let pid = serving_pid(&status);
         assert_ne!(Some(pid), previous);
@@ -267,41 +200,15 @@ fn sigint_stops_everything_and_reaps_orphans() {
     // The daemon leaves a child behind: `sleep` outlives the Python process
     // that becomes its parent (sh execs python, keeping the pid run started).
     let script = format!("sleep 1000 & echo $! > {}; exec python3 {}", orphan_file.display(), listen_http().display());
-    let mut run = Run::start(&broker, &["--socket", &spec], &["sh", "-c", &script]);
+    let mut run = start(&broker, &["--socket", &spec], &["sh", "-c", &script]);
     let orphan: i32 = std::fs::read_to_string(&orphan_file).unwrap().trim().parse().unwrap();
     assert!(alive(orphan));
     assert!(http_get(tcp_addr(&spec)).unwrap().contains("gen=1"));
-    run.signal(Signal::SIGINT);
-    let status = wait_timeout(&mut run.child, Duration::from_secs(20)).expect("run did not stop on SIGINT");
-    run.done = true;
+    let status = run.stop_with(Signal::SIGINT);
     assert_eq!(status.code(), Some(0));
     assert!(!alive(orphan), "run exited but the daemon's orphan {orphan} lives on");
     let log = std::fs::read_to_string(&run.log).unwrap();
     assert!(log.contains(&format!("orphan pid {orphan}")), "{log}");
-}
-
-impl Run {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// `sockbroker supervisor ARGS --pid PID` (as `setpriv PRIV…` if given).
-    fn supervisor(&self, args: &[&str]) -> std::process::Output {
-        supervisor_cmd(self.pid(), args).output_within(COMMAND_TIMEOUT).unwrap()
-    }
-
-    /// The supervisor's status line, from its control socket.
-    fn status(&self) -> String {
-        let out = self.supervisor(&["status"]);
-        assert!(out.status.success(), "{}", output_text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-fn supervisor_cmd(pid: i32, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("supervisor").args(args).args(["--pid", &pid.to_string()]).stdin(Stdio::null());
-    cmd
 }
 
 /// `supervisor reload` returns 0 only once the new generation serves, and
@@ -314,7 +221,7 @@ fn supervisor_reload_waits_for_the_outcome() {
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
     let d = daemon.to_str().unwrap();
-    let run = Run::start(
+    let run = start(
         &broker,
         &["--socket", &spec, "--ready-timeout", "5s", "--ready-grace", "1500ms"],
         &["python3", d, "--exit-on-gen", "2", "--die-after-ready-on-gen", "3", "--hang-on-gen", "4"],
@@ -367,7 +274,7 @@ fn concurrent_reload_requests_coalesce() {
     let broker = Broker::start("run_coalesce");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
-    let run = Run::start(&broker, &["--socket", &spec, "--ready-grace", "1s"], &["python3", daemon.to_str().unwrap()]);
+    let run = start(&broker, &["--socket", &spec, "--ready-grace", "1s"], &["python3", daemon.to_str().unwrap()]);
     let first = supervisor_cmd(run.pid(), &["reload"]).stdout(Stdio::piped()).spawn().unwrap();
     wait_until(START_TIMEOUT, "generation 2 to start", || run.status().contains("generation 2 pid"));
     let later: Vec<_> =
@@ -391,7 +298,7 @@ fn supervisor_reload_refuses_other_users() {
     let broker = Broker::start("run_control_access");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let daemon = listen_http();
-    let run = Run::start(&broker, &["--socket", &spec, "--ready-grace", "0"], &["python3", daemon.to_str().unwrap()]);
+    let run = start(&broker, &["--socket", &spec, "--ready-grace", "0"], &["python3", daemon.to_str().unwrap()]);
     let out = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "supervisor", "reload", "--pid"])
         .arg(run.pid().to_string())
@@ -441,25 +348,15 @@ fn bounded_draining_over_many_reloads() {
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let addr = tcp_addr(&spec);
     let daemon = listen_http();
-    let log = broker.dir.join("run.log");
     let cap = 4;
-    let mut run = Reaped(
-        Command::new(BIN)
-            .args(["run", "--socket", &spec, "--ready-grace", "0", "--drain-timeout", "3s"])
-            .args(["--max-generations", &cap.to_string(), "--", "python3", daemon.to_str().unwrap()])
-            .args(["--conn-timeout", "3600"])
-            .env("SOCKBROKER_SOCKET", &broker.control)
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = run.0.id() as i32;
-    wait_until(START_TIMEOUT, "generation 1 serving", || {
-        let out = supervisor_cmd(pid, &["status"]).output_within(COMMAND_TIMEOUT).unwrap();
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("serving generation 1 ")
-    });
+    let mut run = Supervisor::run(&broker)
+        .args(&["--socket", &spec, "--ready-grace", "0", "--drain-timeout", "3s"])
+        .args(&["--max-generations", &cap.to_string()])
+        .command(&["python3", daemon.to_str().unwrap(), "--conn-timeout", "3600"])
+        .env("RUST_LOG", "info")
+        .no_notify()
+        .start();
+    let pid = run.pid();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let monitor = {
@@ -481,7 +378,7 @@ fn bounded_draining_over_many_reloads() {
         let mut conn = std::net::TcpStream::connect(addr).unwrap();
         conn.write_all(b"GET / HTTP/1.0\r\n").unwrap();
         held.push(conn);
-        let out = supervisor_cmd(pid, &["reload"]).output_within(COMMAND_TIMEOUT).unwrap();
+        let out = run.supervisor(&["reload"]);
         let text = output_text(&out);
         assert!(out.status.success() && text.contains(&format!("generation {n} (pid")), "reload {n}: {text}");
     }
@@ -495,19 +392,16 @@ fn bounded_draining_over_many_reloads() {
     wait_until(Duration::from_secs(3) + START_TIMEOUT, "the drain deadline to stop every old generation", || {
         children(pid) == 1
     });
-    let status =
-        String::from_utf8_lossy(&supervisor_cmd(pid, &["status"]).output_within(COMMAND_TIMEOUT).unwrap().stdout)
-            .into_owned();
+    let status = run.status();
     assert!(
         status.contains(&format!("serving generation {} ", reloads + 1)) && status.contains("0 draining"),
         "{status}"
     );
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = run.log_text();
     assert!(text.contains(&format!("--max-generations is {cap}: stopping it hard (SIGKILL)")), "no WARN for the cap");
     assert!(text.contains("(--drain-timeout): stopping it hard (SIGKILL)"), "no WARN for the drain deadline");
     println!("{reloads} reloads in {took:.1?}, at most {most} generations alive");
-    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
-    let status = wait_timeout(&mut run.0, Duration::from_secs(20)).expect("run did not stop");
+    let status = run.stop();
     assert!(status.success(), "{status}");
 }
 
@@ -534,7 +428,7 @@ fn children_start_with_an_empty_signal_mask() {
     // READY=1 means both files are there.
     let probe = format!("test -s {}/generation && {}", marks.display(), record("probe-$SOCKBROKER_GENERATION"));
     let generation = format!("{} && exec python3 {}", record("generation"), daemon.display());
-    let run = Run::start(&broker, &["--socket", &spec, "--ready-probe", &probe], &["sh", "-c", &generation]);
+    let run = start(&broker, &["--socket", &spec, "--ready-probe", &probe], &["sh", "-c", &generation]);
     for file in ["generation", "probe-1"] {
         let line = std::fs::read_to_string(marks.join(file)).unwrap();
         assert_eq!(line.trim(), "SigBlk:\t0000000000000000", "{file}");
@@ -559,7 +453,7 @@ fn ready_probe_gates_the_retirement() {
         m = marks.display()
     );
     std::fs::write(marks.join("ok-1"), "").unwrap();
-    let run = Run::start(
+    let run = start(
         &broker,
         &["--socket", &spec, "--ready-grace", "0", "--ready-timeout", "3s", "--ready-probe", &probe],
         &["python3", daemon.to_str().unwrap()],

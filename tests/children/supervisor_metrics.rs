@@ -7,96 +7,33 @@
 
 use crate::common;
 
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use common::daemons::*;
+use common::metrics::{promtool_check, sample};
+use common::supervisor::Supervisor;
 use common::*;
-
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-        (metric == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
-    })
-}
-
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test installs it)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    assert!(wait_timeout(&mut child, Duration::from_secs(60)).is_some(), "promtool hangs");
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics:\n{}\n{text}", output_text(&out));
-}
-
-fn supervisor(pid: u32, args: &[&str]) -> std::process::Output {
-    let mut child = Command::new(BIN)
-        .arg("supervisor")
-        .args(args)
-        .args(["--pid", &pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(wait_timeout(&mut child, Duration::from_secs(60)).is_some(), "supervisor {args:?} hangs");
-    child.wait_with_output().unwrap()
-}
-
-fn metrics(pid: u32) -> String {
-    let out = supervisor(pid, &["metrics"]);
-    assert!(out.status.success(), "{}", output_text(&out));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
-        if wait_timeout(&mut self.0, Duration::from_secs(10)).is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 #[test]
 fn a_reload_reports_the_deepest_accept_queue_it_saw() {
     let broker = Broker::start("sup-metrics");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let addr: SocketAddr = spec.trim_start_matches("tcp://").parse().unwrap();
-    let notify = Notify::bind(&broker.dir, "run-notify.sock");
-    let log = broker.dir.join("run.log");
+    let addr = tcp_addr(&spec);
     let file = broker.dir.join("run-web.prom");
     let daemon = listen_http();
-    let child = Command::new(BIN)
-        .args(["run", "--socket", &format!("web={spec}"), "--ready-grace", "200ms"])
-        .args(["--metrics-file", file.to_str().unwrap(), "--", "python3", daemon.to_str().unwrap()])
-        .env("SOCKBROKER_SOCKET", &broker.control)
-        .env("NOTIFY_SOCKET", &notify.path)
+    let mut run = Supervisor::run(&broker)
+        .args(&["--socket", &format!("web={spec}"), "--ready-grace", "200ms"])
+        .args(&["--metrics-file", file.to_str().unwrap()])
+        .command(&["python3", daemon.to_str().unwrap()])
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut run = Guard(child);
-    notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
-    let pid = run.0.id();
+        .start();
     let who = "supervisor=\"run-web\"";
 
-    let text = metrics(pid);
+    let text = run.metrics();
     promtool_check(&text);
     assert_eq!(sample(&text, "sockbroker_supervisor_serving_generation", &[who]), Some(1.0), "{text}");
     assert_eq!(sample(&text, "sockbroker_supervisor_reloads_total", &[who, "outcome=\"ok\""]), Some(0.0), "{text}");
@@ -113,16 +50,16 @@ fn a_reload_reports_the_deepest_accept_queue_it_saw() {
     kill(old, Signal::SIGSTOP).unwrap();
     let waiting: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
     wait_until(Duration::from_secs(10), "three connections queued", || {
-        sample(&metrics(pid), "sockbroker_supervisor_socket_accept_queue_length", &[who, &queue]) == Some(3.0)
+        sample(&run.metrics(), "sockbroker_supervisor_socket_accept_queue_length", &[who, &queue]) == Some(3.0)
     });
-    let out = supervisor(pid, &["reload"]);
+    let out = run.supervisor(&["reload"]);
     let _ = kill(old, Signal::SIGCONT);
     assert!(out.status.success(), "{}", output_text(&out));
     drop(waiting);
-    let status = notify.wait_line(&mut run.0, "READY=1", START_TIMEOUT);
+    let status = run.next_ready();
     assert!(status.contains("accept queue max 3") || status.contains("accept queue max 4"), "STATUS=: {status}");
 
-    let text = metrics(pid);
+    let text = run.metrics();
     promtool_check(&text);
     assert_eq!(sample(&text, "sockbroker_supervisor_serving_generation", &[who]), Some(2.0), "{text}");
     assert_eq!(sample(&text, "sockbroker_supervisor_reloads_total", &[who, "outcome=\"ok\""]), Some(1.0), "{text}");
@@ -131,14 +68,14 @@ fn a_reload_reports_the_deepest_accept_queue_it_saw() {
     assert!(sample(&text, "sockbroker_supervisor_last_reload_duration_seconds", &[who]) > Some(0.0), "{text}");
     let wait = sample(&text, "sockbroker_supervisor_last_reload_ready_wait_seconds", &[who]).expect("a readiness wait");
     assert!(wait > 0.0, "{text}");
-    let logged = std::fs::read_to_string(&log).unwrap();
+    let logged = run.log_text();
     assert!(logged.contains("reload 1 done after"), "{logged}");
     assert!(logged.contains("accept queue max during the reload: 3"), "{logged}");
 
     // A reload with nothing waiting: its own maximum, not the last one's.
-    let out = supervisor(pid, &["reload"]);
+    let out = run.supervisor(&["reload"]);
     assert!(out.status.success(), "{}", output_text(&out));
-    let text = metrics(pid);
+    let text = run.metrics();
     assert_eq!(sample(&text, "sockbroker_supervisor_last_reload_accept_queue_max", &[who]), Some(0.0), "{text}");
     assert_eq!(sample(&text, "sockbroker_supervisor_reloads_total", &[who, "outcome=\"ok\""]), Some(2.0), "{text}");
     let written = std::fs::read_to_string(&file).unwrap();

@@ -62,17 +62,24 @@ pub fn field<'a>(message: &'a str, key: &str) -> Option<&'a str> {
     message.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// One HTTP/1.0 request on a new connection; the response body.
-pub fn http_get(addr: SocketAddr) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    if !out.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(format!("bad response: {out:?}")));
+/// One HTTP/1.0 request on a new connection: the body of a 200 (HTTP/1.0,
+/// or 1.1 as nginx and HAProxy answer), else what went wrong.
+pub fn http_get(addr: SocketAddr) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&reply);
+    if !(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200")) {
+        return Err(format!("reply: {text:?}"));
     }
-    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+/// [`http_get`] for a request loop: Ok on a 200.
+pub fn http_ok(addr: SocketAddr) -> Result<(), String> {
+    http_get(addr).map(drop)
 }
 
 /// `gen=N` from a test daemon's response body.
@@ -122,7 +129,7 @@ impl Load {
                             Err(e) => {
                                 r.failed += 1;
                                 if r.errors.len() < 10 {
-                                    r.errors.push(e.to_string());
+                                    r.errors.push(e);
                                 }
                             }
                         }

@@ -4,7 +4,9 @@
 
 pub mod accept_queue;
 pub mod daemons;
+pub mod metrics;
 pub mod storm;
+pub mod supervisor;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -750,6 +752,12 @@ pub fn bind_free_tcp(client: &mut Client) -> (String, OwnedFd) {
         }
     }
     panic!("no free port after 20 tries");
+}
+
+/// The address of a `tcp://HOST:PORT` spec (as [`bind_free_tcp`] gives).
+#[track_caller]
+pub fn tcp_addr(spec: &str) -> std::net::SocketAddr {
+    spec.trim_start_matches("tcp://").parse().unwrap()
 }
 
 /// The inode of a descriptor's open file.

@@ -12,15 +12,16 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+use super::supervisor::Supervisor;
+use super::{free_port, Broker};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -91,25 +92,6 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Waits for READY=1 from `child`, failing at once when it exits.
-fn wait_ready(notify: &UnixDatagram, child: &mut Child, limit: Duration, what: &str, log: &Path) {
-    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let deadline = Instant::now() + limit;
-    let mut buf = [0u8; 8192];
-    loop {
-        if let Ok(n) = notify.recv(&mut buf) {
-            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                return;
-            }
-        }
-        let log = || std::fs::read_to_string(log).unwrap_or_default();
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited ({status}) before READY=1:\n{}", log());
-        }
-        assert!(Instant::now() < deadline, "{what}: no READY=1 within {limit:?}:\n{}", log());
-    }
-}
-
 /// One request on a new connection: the generation that answered.
 fn request(addr: SocketAddr) -> Result<u64, String> {
     let mut s =
@@ -132,96 +114,43 @@ fn parse_debug_duration(text: &str) -> Option<Duration> {
     number.parse::<f64>().ok().map(|n| Duration::from_secs_f64(n * scale))
 }
 
-struct Stop(Vec<Child>, Option<Child>);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        for c in &self.0 {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-        }
-        for c in &mut self.0 {
-            wait_or_kill(c, Duration::from_secs(20));
-        }
-        if let Some(b) = &mut self.1 {
-            let _ = kill(Pid::from_raw(b.id() as i32), Signal::SIGTERM);
-            wait_or_kill(b, Duration::from_secs(10));
-        }
-    }
-}
-
-fn wait_or_kill(c: &mut Child, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if c.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Storm {
     /// Runs it; panics only when something cannot start.
     pub fn run(&self) -> Report {
         let _ = std::fs::remove_dir_all(&self.dir);
         std::fs::create_dir_all(&self.dir).unwrap();
         let port = free_port();
-        let control = self.dir.join("control.sock");
-        let bn = UnixDatagram::bind(self.dir.join("broker-notify.sock")).unwrap();
-        let broker = Command::new(&self.bin)
-            .args(["serve", "--control", control.to_str().unwrap()])
-            .env("NOTIFY_SOCKET", self.dir.join("broker-notify.sock"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("broker.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let broker_pid = broker.id();
-        let mut stop = Stop(Vec::new(), Some(broker));
-        wait_ready(&bn, stop.1.as_mut().unwrap(), self.limit, "broker", &self.dir.join("broker.log"));
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            bn.set_read_timeout(None).unwrap();
-            while bn.recv(&mut buf).is_ok() {}
-        });
+        // The broker's notify messages are read on a thread, as systemd
+        // reads them: one FDSTORE=1 goes out per new socket.
+        let broker =
+            Broker::builder("storm").dir(&self.dir).program(&self.bin).env("RUST_LOG", "warn").drain_notify().start();
+        let control = broker.control.clone();
+        let broker_pid = broker.pid();
 
         let started = Instant::now();
-        let mut notifies = Vec::new();
+        let mut supervisors = Vec::new();
         let mut configs = Vec::new();
         for i in 0..self.instances {
             let sub = self.dir.join(format!("i{i}"));
             std::fs::create_dir_all(&sub).unwrap();
             let config = sub.join("haproxy.cfg.sb");
             write_atomically(&config, &template(i, self.sockets, port, 0));
-            let notify_path = sub.join("notify.sock");
-            let notify = UnixDatagram::bind(&notify_path).unwrap();
-            let log = std::fs::File::create(sub.join("run.log")).unwrap();
-            let child = Command::new(&self.bin)
-                .args(["haproxy", "run", "--ready-grace", "0", "--"])
-                .arg(&self.haproxy)
-                .arg("-f")
-                .arg(&config)
-                .env("SOCKBROKER_SOCKET", &control)
-                .env("NOTIFY_SOCKET", &notify_path)
+            let supervisor = Supervisor::haproxy_run(&broker)
+                .program(&self.bin)
+                .dir(&sub)
+                .name("run")
+                .args(&["--ready-grace", "0"])
+                .command(&[self.haproxy.to_str().unwrap(), "-f", config.to_str().unwrap()])
                 .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            stop.0.push(child);
-            notifies.push(notify);
+                .ready_timeout(self.limit)
+                .spawn();
+            supervisors.push(supervisor);
             configs.push(config);
         }
-        for (i, notify) in notifies.into_iter().enumerate() {
-            let log = self.dir.join(format!("i{i}")).join("run.log");
-            wait_ready(&notify, &mut stop.0[i], self.limit, &format!("instance {i}"), &log);
+        for supervisor in &mut supervisors {
+            supervisor.wait_started();
             // Read on, as systemd would: a full queue blocks the sender.
+            let notify = supervisor.notify.take().unwrap().sock;
             std::thread::spawn(move || {
                 let mut buf = [0u8; 8192];
                 notify.set_read_timeout(None).unwrap();
@@ -285,7 +214,7 @@ impl Storm {
             })
         };
 
-        let pids: Vec<Pid> = stop.0.iter().map(|c| Pid::from_raw(c.id() as i32)).collect();
+        let pids: Vec<Pid> = supervisors.iter().map(|s| Pid::from_raw(s.pid())).collect();
         let mut report = Report { startup, ..Report::default() };
         let mut windows = Vec::new();
         counting.store(true, Ordering::Relaxed);
@@ -328,8 +257,8 @@ impl Storm {
             .filter(|(t, _)| windows.iter().any(|(a, b)| t >= a && t <= b))
             .map(|(_, d)| d)
             .collect();
-        for i in 0..self.instances {
-            let log = std::fs::read_to_string(self.dir.join(format!("i{i}")).join("run.log")).unwrap_or_default();
+        for supervisor in &supervisors {
+            let log = supervisor.log_text();
             for line in log.lines().filter(|l| l.contains("started haproxy pid") && !l.contains("generation 1:")) {
                 if let Some(d) = line.split("(render ").nth(1).and_then(|r| r.split(',').next()) {
                     report.renders.extend(parse_debug_duration(d));
@@ -347,7 +276,13 @@ impl Storm {
                 report.held = status["sockets"].as_u64().unwrap_or(0);
             }
         }
-        drop(stop);
+        // Every supervisor is told at once; each drop then waits (bounded)
+        // for its own, and the broker goes last.
+        for supervisor in &supervisors {
+            supervisor.signal(Signal::SIGTERM);
+        }
+        drop(supervisors);
+        drop(broker);
         report
     }
 }

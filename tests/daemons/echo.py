@@ -18,22 +18,14 @@ import signal
 import socket
 import sys
 
+from sd_daemon import listen_fds, notify
+
 stopping = False
 
 
 def on_term(_sig, _frame):
     global stopping
     stopping = True
-
-
-def notify(message):
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message.encode(), path)
 
 
 def bind(spec):
@@ -67,9 +59,7 @@ def main():
     if args.bind:
         socks = [bind(spec) for spec in args.bind]
     else:
-        if os.environ.get("LISTEN_PID") != str(os.getpid()):
-            sys.exit("echo: LISTEN_PID is not my pid")
-        socks = [socket.socket(fileno=3 + i) for i in range(int(os.environ.get("LISTEN_FDS", "0")))]
+        socks = listen_fds("echo")
     prefix = f"pid={os.getpid()} ".encode()
     notify("READY=1")
     while not stopping:

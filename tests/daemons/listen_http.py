@@ -27,24 +27,7 @@ import socket
 import sys
 import time
 
-
-def notify(message):
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message.encode(), path)
-
-
-def listen_fds():
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        sys.exit(f"listen_http: LISTEN_PID={os.environ.get('LISTEN_PID')!r} is not my pid {os.getpid()}")
-    n = int(os.environ.get("LISTEN_FDS", "0"))
-    if n < 1:
-        sys.exit("listen_http: no LISTEN_FDS")
-    return [socket.socket(fileno=3 + i) for i in range(n)]
+from sd_daemon import listen_fds, notify
 
 
 def main():
@@ -61,7 +44,7 @@ def main():
     gen = int(os.environ.get("SOCKBROKER_GENERATION", "0"))
     if gen in args.exit_on_gen:
         sys.exit(3)
-    socks = listen_fds()
+    socks = listen_fds("listen_http", at_least=1)
     if gen in args.hang_on_gen:
         while True:
             time.sleep(60)

@@ -5,20 +5,14 @@
 use crate::common;
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use common::daemons::*;
+use common::supervisor::Supervisor;
 use common::*;
 
 fn doc() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap()
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    assert!(wait_timeout(&mut child, Duration::from_secs(60)).is_some(), "{cmd:?} hangs");
-    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -29,7 +23,7 @@ fn the_alert_rules_pass_promtool() {
     let dir = test_dir("metrics-rules");
     let path = dir.join("rules.yml");
     std::fs::write(&path, rules).unwrap();
-    let out = run(Command::new("promtool").args(["check", "rules"]).arg(&path));
+    let out = Command::new("promtool").args(["check", "rules"]).arg(&path).output_within(COMMAND_TIMEOUT).unwrap();
     assert!(out.status.success(), "promtool check rules:\n{}\n{rules}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 7 rules found"), "{}", output_text(&out));
 }
@@ -58,22 +52,14 @@ fn the_tables_name_every_family_written() {
     assert!(out.status.success(), "{}", output_text(&out));
     let mut written = families(&String::from_utf8_lossy(&out.stdout));
 
-    let notify = Notify::bind(&broker.dir, "run-notify.sock");
     let daemon = listen_http();
-    let mut child = Command::new(BIN)
-        .args(["run", "--socket", &spec, "--ready-grace", "0", "--", "python3", daemon.to_str().unwrap()])
-        .env("SOCKBROKER_SOCKET", &broker.control)
-        .env("NOTIFY_SOCKET", &notify.path)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    notify.wait_line(&mut child, "READY=1", START_TIMEOUT);
-    let pid = child.id().to_string();
-    let reload = run(Command::new(BIN).args(["supervisor", "reload", "--pid", &pid]));
-    let metrics = run(Command::new(BIN).args(["supervisor", "metrics", "--pid", &pid]));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
-    let _ = wait_timeout(&mut child, Duration::from_secs(20));
+    let run = Supervisor::run(&broker)
+        .args(&["--socket", &spec, "--ready-grace", "0"])
+        .command(&["python3", daemon.to_str().unwrap()])
+        .start();
+    let reload = run.supervisor(&["reload"]);
+    let metrics = run.supervisor(&["metrics"]);
+    drop(run);
     assert!(reload.status.success(), "{}", output_text(&reload));
     assert!(metrics.status.success(), "{}", output_text(&metrics));
     written.extend(families(&String::from_utf8_lossy(&metrics.stdout)));
