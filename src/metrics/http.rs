@@ -19,7 +19,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
@@ -77,7 +77,7 @@ fn accept(listener: &OwnedFd) -> io::Result<UnixStream> {
 /// Reads the request head, answers, closes.
 fn answer(
     mut stream: UnixStream,
-    control: &PathBuf,
+    control: &Path,
     interval: Duration,
     cache: &mut Option<(Instant, String)>,
 ) -> io::Result<()> {
@@ -123,7 +123,7 @@ fn answer(
 }
 
 /// The broker's metrics, asked at most once per `interval`.
-fn text(control: &PathBuf, interval: Duration, cache: &mut Option<(Instant, String)>) -> Result<String, String> {
+fn text(control: &Path, interval: Duration, cache: &mut Option<(Instant, String)>) -> Result<String, String> {
     if let Some((at, text)) = cache {
         if at.elapsed() < interval {
             return Ok(text.clone());
