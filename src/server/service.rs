@@ -35,44 +35,39 @@ impl Server {
                 return Some((Response::err(id, error), Vec::new()));
             }
         };
+        // `Ok(None)`: accepted, answered later (a takeover leaves the loop,
+        // a `list` page is built by the loop). Counted here either way.
         let result = match Method::parse(&req.method) {
             Err(e) => {
                 crate::peer_log!(peer, log::Level::Info, "{}: method not found", req.method);
                 *self.turn_spent.entry(peer.uid).or_default() += 1;
                 Err(e)
             }
-            Ok(Method::Takeover) => match crate::acl::authorize_takeover(peer, conn.outbox.is_empty()) {
-                Ok(()) => {
-                    self.counters.request(&req.method, None);
-                    conn.takeover = Some(req.id);
-                    return None;
-                }
-                Err(e) => Err(e),
-            },
-            Ok(Method::Adopt) => self.adopt(peer, &req.params, &mut conn.received),
+            Ok(Method::Takeover) => crate::acl::authorize_takeover(peer, conn.outbox.is_empty()).map(|()| {
+                conn.takeover = Some(req.id.clone());
+                None
+            }),
+            Ok(Method::Adopt) => self.adopt(peer, &req.params, &mut conn.received).map(Some),
             Ok(method) => {
                 *self.turn_spent.entry(peer.uid).or_default() += cost(method, &req, self.limits());
                 if method == Method::List {
                     // Built by the loop: at once for root and the broker's
                     // uid, a few entries a millisecond for the others.
-                    match self.start_list(peer, &req.params, req.id.clone()) {
-                        Ok(job) => {
-                            self.counters.request(&req.method, None);
-                            conn.list_job = Some(job);
-                            return None;
-                        }
-                        Err(e) => Err(e),
-                    }
+                    self.start_list(peer, &req.params, req.id.clone()).map(|job| {
+                        conn.list_job = Some(job);
+                        None
+                    })
                 } else {
-                    self.dispatch(peer, method, &req.params)
+                    self.dispatch(peer, method, &req.params).map(Some)
                 }
             }
         };
         self.counters.request(&req.method, result.as_ref().err().map(|e| e.code));
-        Some(match result {
-            Ok((value, fds)) => (Response::ok(req.id, value), fds),
-            Err(e) => (Response::err(req.id, e), Vec::new()),
-        })
+        match result {
+            Ok(None) => None,
+            Ok(Some((value, fds))) => Some((Response::ok(req.id, value), fds)),
+            Err(e) => Some((Response::err(req.id, e), Vec::new())),
+        }
     }
 
     /// Runs one method of the loop (not `takeover` nor `adopt`, which need
