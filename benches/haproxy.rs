@@ -6,7 +6,10 @@
 //! - (b) seamless: the old process exposes its listeners (`stats socket …
 //!   expose-fd listeners`) and the new one takes them with `-x`, then `-sf`;
 //! - (b2) master-worker: `haproxy -W`, reload by SIGUSR2 to the master;
-//! - (c) sockbroker: `sockbroker haproxy run`, reload by SIGHUP.
+//! - (c) sockbroker: `sockbroker haproxy run`, reload by SIGHUP; the new
+//!   instance starts at idle CPU priority until READY=1 (`--idle-start`,
+//!   the default);
+//! - (c0) the same with `--idle-start off`: what the idle start is worth.
 //!
 //! Each response names the config generation that served it (the config is
 //! rewritten before each reload), so "reload time" is from the reload signal
@@ -14,12 +17,16 @@
 //! window" from the signal until 50 ms after that first response; their p99
 //! connect+response latency is set against a steady phase before any reload,
 //! and so is the deepest accept queue of the port's listeners (sampled every
-//! 2 ms from /proc/net/tcp, summed over every listener on the port: see
-//! `tests/common/accept_queue.rs`).
+//! 2 ms with a sock_diag dump of the listeners, summed over every listener
+//! on the port: see `tests/common/accept_queue.rs`). The CPU columns say how
+//! busy the machine was (all cores, from /proc/stat) in each phase: on two
+//! cores the load itself takes most of it.
 //!
 //! Run: `cargo bench --bench haproxy` (needs /usr/sbin/haproxy; loopback only).
 //! `HAPROXY_BENCH_RELOADS` and `HAPROXY_BENCH_RATE` (connections/s) override
-//! the defaults (100, 4000).
+//! the defaults (100, 4000); `HAPROXY_BENCH_ONLY=c,c0` runs those scenarios
+//! alone; `HAPROXY_BENCH_DUMP=PATH` writes every request's timing (see
+//! `dump`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -64,7 +71,7 @@ fn main() {
     println!("HAProxy reload benchmark: {reloads} reloads per scenario, {rate} new connections/s ({THREADS} clients), loopback");
     let mut rows = Vec::new();
     let only = std::env::var("HAPROXY_BENCH_ONLY").unwrap_or_default();
-    for kind in [Kind::Classic, Kind::Seamless, Kind::MasterWorker, Kind::Sockbroker] {
+    for kind in [Kind::Classic, Kind::Seamless, Kind::MasterWorker, Kind::SockbrokerNormalStart, Kind::Sockbroker] {
         if !only.is_empty() && !only.split(',').any(|s| s == kind.slug()) {
             continue;
         }
@@ -78,7 +85,7 @@ fn main() {
     if smoke {
         // HAProxy's own reloads may drop a connection or a reload (that is
         // what the figures measure); sockbroker's must do neither.
-        for r in rows.iter().filter(|r| r.label.starts_with("(c)")) {
+        for r in rows.iter().filter(|r| r.label.starts_with("(c")) {
             assert_eq!(r.unfinished, 0, "{}: reloads never served", r.label);
             assert_eq!(r.failed, 0, "{}: failed connections", r.label);
         }
@@ -97,6 +104,7 @@ enum Kind {
     Classic,
     Seamless,
     MasterWorker,
+    SockbrokerNormalStart,
     Sockbroker,
 }
 
@@ -106,6 +114,7 @@ impl Kind {
             Kind::Classic => "(a) classic -sf",
             Kind::Seamless => "(b) seamless -x + -sf",
             Kind::MasterWorker => "(b2) master-worker SIGUSR2",
+            Kind::SockbrokerNormalStart => "(c0) sockbroker, no idle start",
             Kind::Sockbroker => "(c) sockbroker haproxy run",
         }
     }
@@ -115,6 +124,7 @@ impl Kind {
             Kind::Classic => "a",
             Kind::Seamless => "b",
             Kind::MasterWorker => "b2",
+            Kind::SockbrokerNormalStart => "c0",
             Kind::Sockbroker => "c",
         }
     }
@@ -123,7 +133,7 @@ impl Kind {
 /// The config (or template) for generation `generation`.
 fn config(kind: Kind, dir: &Path, port: u16, generation: u64) -> String {
     let bind = match kind {
-        Kind::Sockbroker => format!("{{{{ sockbroker \"tcp://127.0.0.1:{port}\" }}}}"),
+        Kind::Sockbroker | Kind::SockbrokerNormalStart => format!("{{{{ sockbroker \"tcp://127.0.0.1:{port}\" }}}}"),
         _ => format!("127.0.0.1:{port}"),
     };
     let stats = match kind {
@@ -154,7 +164,7 @@ struct Instances {
 impl Instances {
     fn start(kind: Kind, dir: &Path, port: u16) -> Instances {
         let config = match kind {
-            Kind::Sockbroker => dir.join("web.cfg.sb"),
+            Kind::Sockbroker | Kind::SockbrokerNormalStart => dir.join("web.cfg.sb"),
             _ => dir.join("web.cfg"),
         };
         std::fs::write(&config, self::config(kind, dir, port, 0)).unwrap();
@@ -170,13 +180,17 @@ impl Instances {
         match kind {
             Kind::Classic | Kind::Seamless => me.spawn_haproxy(&["-db"]),
             Kind::MasterWorker => me.spawn_haproxy(&["-W", "-db"]),
-            Kind::Sockbroker => {
+            Kind::Sockbroker | Kind::SockbrokerNormalStart => {
                 let broker = Broker::builder("bench-haproxy").env("RUST_LOG", "warn").start();
                 // No grace window: it only delays the old instance's
                 // retirement, and these back-to-back reloads would queue
                 // behind it.
+                let mut args = vec!["--ready-grace", "0"];
+                if kind == Kind::SockbrokerNormalStart {
+                    args.extend(["--idle-start", "off"]);
+                }
                 let mut supervisor = Supervisor::haproxy_run(&broker)
-                    .args(&["--ready-grace", "0"])
+                    .args(&args)
                     .command(&[HAPROXY, "-f", me.config.to_str().unwrap()])
                     .env("RUST_LOG", "info")
                     .start();
@@ -241,7 +255,7 @@ impl Instances {
                 self.spawn_haproxy(&args);
             }
             Kind::MasterWorker => kill(Pid::from_raw(self.children[0].id() as i32), Signal::SIGUSR2).unwrap(),
-            Kind::Sockbroker => self.supervisor.as_ref().unwrap().signal(Signal::SIGHUP),
+            Kind::Sockbroker | Kind::SockbrokerNormalStart => self.supervisor.as_ref().unwrap().signal(Signal::SIGHUP),
         }
         t0
     }
@@ -344,6 +358,8 @@ struct Row {
     p99_reload: Duration,
     queue_steady: u32,
     queue_reload: u32,
+    cpu_steady: f64,
+    cpu_reloads: f64,
     reload_p50: Duration,
     reload_max: Duration,
 }
@@ -360,8 +376,10 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
     let sampler = accept_queue::Sampler::start(vec![port], Duration::from_millis(2));
     let load = Load::start(addr, rate);
     let steady_start = Instant::now();
+    let cpu_start = cpu_times();
     std::thread::sleep(steady);
     let steady_end = Instant::now();
+    let cpu_steady_end = cpu_times();
     let mut triggers = Vec::new();
     let mut unfinished = 0;
     for generation in 1..=reloads {
@@ -376,6 +394,7 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
         triggers.push((generation, t0));
         std::thread::sleep(SETTLE);
     }
+    let cpu_end = cpu_times();
     std::thread::sleep(Duration::from_millis(300));
     let samples = load.finish();
     let queue = sampler.finish();
@@ -390,6 +409,9 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
             times.push(first.saturating_duration_since(t0));
             windows.push((t0, first + SETTLE));
         }
+    }
+    if let Ok(path) = std::env::var("HAPROXY_BENCH_DUMP") {
+        dump(&format!("{path}.{}", kind.slug()), &samples, &triggers);
     }
     let in_window = |s: &Sample| windows.iter().any(|&(a, b)| s.start >= a && s.start <= b);
     let queue_steady = accept_queue::max_where(&queue, |t| t >= steady_start && t < steady_end);
@@ -409,9 +431,55 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
         p99_reload: percentile(during, 0.99),
         queue_steady,
         queue_reload,
+        cpu_steady: busy(cpu_start, cpu_steady_end),
+        cpu_reloads: busy(cpu_steady_end, cpu_end),
         reload_p50: times.get(times.len() / 2).copied().unwrap_or_default(),
         reload_max: times.last().copied().unwrap_or_default(),
     }
+}
+
+/// `HAPROXY_BENCH_DUMP=PATH`: one line per request into PATH.SLUG, to see
+/// where in a reload the slow ones fall: the reload it started in (-1:
+/// before the first), ms from that reload's signal, latency in ms, the
+/// generation that answered (-1: failed), ms from the signal to the new
+/// generation's first response (-1: none).
+fn dump(path: &str, samples: &[Sample], triggers: &[(u64, Instant)]) {
+    let first = |generation: u64, t0: Instant| {
+        samples
+            .iter()
+            .filter(|s| s.generation == Some(generation))
+            .map(|s| (s.start + s.latency).saturating_duration_since(t0).as_secs_f64() * 1e3)
+            .reduce(f64::min)
+            .unwrap_or(-1.0)
+    };
+    let firsts: Vec<f64> = triggers.iter().map(|&(g, t0)| first(g, t0)).collect();
+    let mut out = String::new();
+    for s in samples {
+        let i = triggers.iter().rposition(|&(_, t0)| t0 <= s.start);
+        let (reload, offset, first) = match i {
+            Some(i) => (triggers[i].0 as i64, (s.start - triggers[i].1).as_secs_f64() * 1e3, firsts[i]),
+            None => (-1, 0.0, -1.0),
+        };
+        let served = s.generation.map_or(-1, |g| g as i64);
+        out.push_str(&format!("{reload} {offset:.3} {:.3} {served} {first:.3}\n", s.latency.as_secs_f64() * 1e3));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// (busy, total) jiffies of all cores, from /proc/stat's first line.
+fn cpu_times() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th.
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// How busy the cores were between two [`cpu_times`], in percent.
+fn busy(a: (u64, u64), b: (u64, u64)) -> f64 {
+    100.0 * (b.0 - a.0) as f64 / (b.1 - a.1).max(1) as f64
 }
 
 fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
@@ -429,7 +497,7 @@ fn ms(d: Duration) -> String {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<28} {:>18} {:>8} {:>12} {:>15} {:>9} {:>13} {:>13} {:>13} {:>13}",
+        "{:<30} {:>18} {:>8} {:>12} {:>15} {:>9} {:>13} {:>13} {:>11} {:>11} {:>13} {:>13}",
         "scenario",
         "failed / requests",
         "reloads",
@@ -438,6 +506,8 @@ fn print_table(rows: &[Row]) {
         "p99 ratio",
         "queue steady",
         "queue reloads",
+        "CPU steady",
+        "CPU reloads",
         "reload p50",
         "reload max"
     );
@@ -446,7 +516,7 @@ fn print_table(rows: &[Row]) {
             if r.unfinished > 0 { format!("{} ({} stuck)", r.reloads, r.unfinished) } else { r.reloads.to_string() };
         let ratio = r.p99_reload.as_secs_f64() / r.p99_steady.as_secs_f64().max(1e-9);
         println!(
-            "{:<28} {:>18} {:>8} {:>12} {:>15} {:>9} {:>13} {:>13} {:>13} {:>13}",
+            "{:<30} {:>18} {:>8} {:>12} {:>15} {:>9} {:>13} {:>13} {:>11} {:>11} {:>13} {:>13}",
             r.label,
             format!("{} / {}", r.failed, r.requests),
             reloads,
@@ -455,6 +525,8 @@ fn print_table(rows: &[Row]) {
             format!("{ratio:.2}x"),
             r.queue_steady,
             r.queue_reload,
+            format!("{:.0}%", r.cpu_steady),
+            format!("{:.0}%", r.cpu_reloads),
             ms(r.reload_p50),
             ms(r.reload_max)
         );

@@ -364,6 +364,12 @@ fn haproxy_unit(m: &Machine) {
     let per_reload = t.elapsed() / RELOADS as u32;
     client.wait_for(client.ok() + 20);
     let workers = client.servers();
+    // The unit's CAP_SYS_NICE: each instance started at idle CPU priority
+    // and was raised once ready; none is left idle (ps: IDL).
+    let journal = m.ok(&["journalctl", "--no-pager", "-o", "cat", "-u", unit]);
+    assert!(journal.contains("starts at idle CPU priority until it is ready"), "{journal}");
+    let classes = m.ok(&["ps", "-L", "-o", "cls=,pid=,comm=", "-C", "haproxy"]);
+    assert!(!classes.contains("IDL"), "a HAProxy thread left at idle priority:\n{classes}");
     assert_eq!(workers.len() as u64, RELOADS + 1, "one worker per instance: {workers:?}");
 
     // A template HAProxy refuses: the reload fails loudly, nothing new starts,

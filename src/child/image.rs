@@ -26,7 +26,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::descriptors::{place, plug_slots, seal_inherited_descriptors};
-use super::{Passing, Setup};
+use super::{Passing, Priority, Setup};
 use crate::systemd::listen::LISTEN_FDS_START;
 
 /// An argument or environment entry with a NUL byte: `execve` cannot take it.
@@ -126,18 +126,19 @@ impl Image {
     }
 
     /// Starts the program as a child with `fds` at 3, 4, … in the child only
-    /// and `death` delivered to it when this process dies. Returns its pid.
+    /// and `death` delivered to it when this process dies, at `priority`.
+    /// Returns its pid.
     ///
     /// The caller must be single-threaded while this runs (see `plug_slots`).
-    pub fn spawn(&self, fds: &[BorrowedFd<'_>], death: Signal) -> io::Result<Pid> {
+    pub fn spawn(&self, fds: &[BorrowedFd<'_>], death: Signal, priority: Priority) -> io::Result<Pid> {
         let _plugs = plug_slots(fds)?;
         let sources: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         let scratch = vec![-1; sources.len()];
-        let mut hook = self.hook(Setup::new(Passing::FromThree { sources, scratch }, Some(death)));
+        let mut hook = self.hook(Setup::new(Passing::FromThree { sources, scratch }, Some(death), priority));
         let mut cmd = Command::new(&self.program);
         // SAFETY: `Hook::enter` makes only async-signal-safe system calls
-        // (sigprocmask, prctl, getppid, fcntl, dup2, close, close_range,
-        // getpid, execve) and writes only into memory allocated before the fork.
+        // (sigprocmask, prctl, getppid, sched_setscheduler, fcntl, dup2,
+        // close, close_range, getpid, execve) and writes only into memory allocated before the fork.
         unsafe {
             cmd.pre_exec(move || hook.enter());
         }
@@ -168,7 +169,7 @@ impl Image {
         for (i, src) in sources.iter_mut().enumerate() {
             *src = LISTEN_FDS_START + i as RawFd;
         }
-        let mut hook = self.hook(Setup::new(Passing::FromThree { sources, scratch }, None));
+        let mut hook = self.hook(Setup::new(Passing::FromThree { sources, scratch }, None, Priority::Inherit));
         let mut cmd = Command::new(&self.program);
         // SAFETY: as in `spawn`; here no fork even happens, Command::exec
         // runs the hook in this process, and `self` (the strings the hook
@@ -265,7 +266,7 @@ mod tests {
         );
         let argv: Vec<OsString> = ["sh", "-c", &script].iter().map(OsString::from).collect();
         let image = Image::new("/bin/sh".into(), &argv, &[], Some("LISTEN_PID")).unwrap();
-        let pid = image.spawn(&[std::os::fd::AsFd::as_fd(&sock)], Signal::SIGTERM).unwrap();
+        let pid = image.spawn(&[std::os::fd::AsFd::as_fd(&sock)], Signal::SIGTERM, Priority::Inherit).unwrap();
         let (status, killed) = super::super::wait_with_deadline(pid, std::time::Duration::from_secs(30)).unwrap();
         assert!(status.success() && !killed, "{status:?}");
         let text = std::fs::read_to_string(&out).unwrap();

@@ -31,9 +31,11 @@
 
 mod descriptors;
 mod image;
+pub mod priority;
 
 pub use descriptors::seal_inherited_descriptors;
 pub use image::{ExecFailure, Image, NulByte};
+pub use priority::Priority;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -92,11 +94,12 @@ struct Setup {
     /// The parent-death signal, and the parent's pid read before the fork.
     death: Option<(Signal, Pid)>,
     fds: Passing,
+    priority: Priority,
 }
 
 impl Setup {
-    fn new(fds: Passing, death: Option<Signal>) -> Setup {
-        Setup { death: death.map(|signal| (signal, nix::unistd::getpid())), fds }
+    fn new(fds: Passing, death: Option<Signal>, priority: Priority) -> Setup {
+        Setup { death: death.map(|signal| (signal, nix::unistd::getpid())), fds, priority }
     }
 
     /// In the child: the empty signal mask, the parent-death signal, the
@@ -106,6 +109,9 @@ impl Setup {
         empty_signal_mask()?;
         if let Some((signal, parent)) = self.death {
             die_with_parent(signal, parent)?;
+        }
+        if self.priority == Priority::Idle {
+            priority::enter_idle()?;
         }
         match &mut self.fds {
             Passing::Keep(fds) => descriptors::keep_open(fds),
@@ -120,10 +126,16 @@ impl Setup {
 /// signal mask, `keep` open across exec at the same numbers, and `death`
 /// delivered to it when this process dies.
 pub fn prepare(cmd: &mut Command, keep: &[BorrowedFd<'_>], death: Option<Signal>) {
+    prepare_with(cmd, keep, death, Priority::Inherit);
+}
+
+/// [`prepare`], starting the child at `priority` ([`priority`]).
+pub fn prepare_with(cmd: &mut Command, keep: &[BorrowedFd<'_>], death: Option<Signal>, priority: Priority) {
     let raw: Vec<RawFd> = keep.iter().map(|fd| fd.as_raw_fd()).collect();
-    let mut setup = Setup::new(Passing::Keep(raw), death);
+    let mut setup = Setup::new(Passing::Keep(raw), death, priority);
     // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (sigprocmask, fcntl, prctl, getppid) on
+    // async-signal-safe functions (sigprocmask, prctl, getppid,
+    // sched_setscheduler, fcntl) on
     // values captured before the fork; it does not allocate.
     unsafe {
         cmd.pre_exec(move || setup.enter());

@@ -271,6 +271,12 @@ pub struct ReloadArgs {
     /// the retire signal: `off` lets it drain as long as it needs.
     #[arg(long, value_name = "DURATION|off", default_value = "off", value_parser = parse_optional_duration)]
     pub drain_timeout: MaybeDuration,
+    /// A reload's new generation starts at idle CPU priority (SCHED_IDLE), so that its
+    /// start takes no CPU time from the serving one, and is raised to normal when it says
+    /// it is ready or after this long; `off`: normal priority throughout. Raising needs
+    /// CAP_SYS_NICE (the shipped units grant it) or LimitNICE=+0; without them this is off.
+    #[arg(long, value_name = "DURATION|off", default_value = "1s", value_parser = parse_optional_duration)]
+    pub idle_start: MaybeDuration,
     /// At most this many generations alive at once; beyond it the oldest draining one is stopped hard.
     #[arg(long, value_name = "N", default_value_t = crate::supervisor::DEFAULT_MAX_GENERATIONS,
           value_parser = parse_max_generations)]
@@ -288,6 +294,11 @@ impl ReloadArgs {
     /// Where the supervisor's metrics go.
     pub fn metrics(&self) -> crate::supervisor::metrics::MetricsOptions {
         crate::supervisor::metrics::MetricsOptions { file: self.metrics_file.clone(), name: self.metrics_name.clone() }
+    }
+
+    /// `--idle-start`: how long a reload's generation may start at idle priority.
+    pub fn idle_start(&self) -> Option<Duration> {
+        self.idle_start.0.filter(|d| !d.is_zero())
     }
 
     /// The supervisor's view of these options.

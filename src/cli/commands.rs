@@ -136,10 +136,12 @@ pub(super) fn run_haproxy(command: HaproxyCommand) -> Result<ExitCode, CliError>
         }
         HaproxyCommand::Run { fallback_bind, rendered_dir, ready_timeout, ready, reload, command } => {
             let metrics = reload.metrics();
+            let idle_start = reload.idle_start();
             let (proof, drain) = reload.split();
             let options = haproxy::run::RunOptions {
                 proof,
                 drain,
+                idle_start,
                 render: RenderOptions { control: None, fallback_bind, rendered_dir },
                 ready_timeout,
                 readiness: ready,

@@ -147,10 +147,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Run { sockets, ready, ready_timeout, retire_signal, stop_timeout, reload, command } => {
             let metrics = reload.metrics();
+            let idle_start = reload.idle_start();
             let (proof, drain) = reload.split();
             return Ok(crate::supervisor::run(RunOptions {
                 proof,
                 drain,
+                idle_start,
                 sockets: sockets.sockets,
                 fallback_bind: sockets.fallback_bind,
                 ready,

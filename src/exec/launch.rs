@@ -109,13 +109,14 @@ impl Launch {
 
     /// Starts the program as a child with the sockets at 3, 4, … in the child
     /// only, `LISTEN_PID` set to the child's pid, and `PR_SET_PDEATHSIG`
-    /// (SIGTERM) so the child does not outlive this process. Returns its pid.
+    /// (SIGTERM) so the child does not outlive this process, at `priority`.
+    /// Returns its pid.
     ///
     /// The caller must be single-threaded while this runs (see
     /// [`crate::child::Image::spawn`]).
-    pub fn spawn(&self, owner: &[PassedSocket]) -> Result<Pid, ExecError> {
+    pub fn spawn(&self, owner: &[PassedSocket], priority: crate::child::Priority) -> Result<Pid, ExecError> {
         let fds: Vec<BorrowedFd<'_>> = owner.iter().map(|s| s.fd.as_fd()).collect();
-        self.image.spawn(&fds, Signal::SIGTERM).map_err(|source: io::Error| ExecError::Spawn {
+        self.image.spawn(&fds, Signal::SIGTERM, priority).map_err(|source: io::Error| ExecError::Spawn {
             program: self.program.clone(),
             roles: self.roles.join(", "),
             source,

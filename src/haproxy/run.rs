@@ -39,6 +39,7 @@ use nix::unistd::Pid;
 
 use super::args::{ArgsError, HaproxyArgs};
 use super::{render_all, HaproxyError, RenderOptions};
+use crate::child::Priority;
 use crate::supervisor::{self, Daemon, StatusView, Supervision};
 
 /// How long `haproxy -c` may take when it explains a failed start.
@@ -73,6 +74,8 @@ pub struct RunOptions {
     pub proof: supervisor::Proof,
     /// How long and how many old instances may drain.
     pub drain: supervisor::Drain,
+    /// How long a reload's instance may start at idle CPU priority.
+    pub idle_start: Option<Duration>,
     /// `--metrics-file`, `--metrics-name`.
     pub metrics: supervisor::metrics::MetricsOptions,
 }
@@ -158,6 +161,7 @@ pub fn run(argv: &[OsString], options: RunOptions) -> Result<ExitCode, HaproxyEr
         stop_timeout: None,
         proof: options.proof.clone(),
         drain: options.drain,
+        idle_start: options.idle_start,
         metrics: options.metrics.clone(),
     };
     let render = options.render;
@@ -233,7 +237,12 @@ impl Daemon for Haproxy {
     /// refused config fails the reload all the same, and the old instance
     /// was never touched; [`Daemon::explain_failure`] then runs `haproxy -c`
     /// to say why, with HAProxy's own words.
-    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, GenerationError> {
+    fn start(
+        &mut self,
+        number: u64,
+        env: &[(&str, Option<OsString>)],
+        priority: Priority,
+    ) -> Result<Pid, GenerationError> {
         let t0 = Instant::now();
         let rendered = render_all(&self.args, &self.render)?;
         let fds: Vec<BorrowedFd<'_>> = rendered.iter().flat_map(|r| r.fds.iter().map(|fd| fd.as_fd())).collect();
@@ -252,7 +261,7 @@ impl Daemon for Haproxy {
             };
         }
         // See SOFT_STOP_WITH_PARENT for why SIGUSR1.
-        crate::child::prepare(&mut cmd, &fds, Some(SOFT_STOP_WITH_PARENT));
+        crate::child::prepare_with(&mut cmd, &fds, Some(SOFT_STOP_WITH_PARENT), priority);
         let program = self.args.program.to_string_lossy().into_owned();
         let child = cmd.spawn().map_err(|source| GenerationError::Spawn { generation: number, program, source })?;
         self.watched = fds

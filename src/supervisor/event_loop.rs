@@ -53,6 +53,20 @@ pub fn supervise<D: Daemon>(
             None
         }
     };
+    let mut how = how;
+    if how.idle_start.is_some() && !crate::child::priority::can_raise() {
+        log::info!(
+            "--idle-start is off: raising a new generation back from idle CPU priority needs \
+             CAP_SYS_NICE (the shipped units grant it) or an RLIMIT_NICE of 20 (LimitNICE=+0); reloads start it \
+             at normal priority"
+        );
+        how.idle_start = None;
+    }
+    if let Some(limit) = how.idle_start {
+        log::info!(
+            "a reload's generation starts at idle CPU priority until it is ready, at most {limit:?} (--idle-start)"
+        );
+    }
     let telemetry = super::metrics::Telemetry::new(how.metrics.clone());
     let mut sup = Supervisor {
         how,
@@ -133,11 +147,14 @@ impl<D: Daemon> Supervisor<D> {
                 let own = match g.state {
                     GenState::Starting => {
                         let timeout = g.started + self.how.ready_timeout;
-                        Some(match &self.how.ready {
-                            Readiness::Notify => timeout,
-                            Readiness::Delay(d) => timeout.min(g.started + *d),
-                            Readiness::PidFile(_) => timeout.min(Instant::now() + PIDFILE_POLL),
-                        })
+                        Some(
+                            match &self.how.ready {
+                                Readiness::Notify => timeout,
+                                Readiness::Delay(d) => timeout.min(g.started + *d),
+                                Readiness::PidFile(_) => timeout.min(Instant::now() + PIDFILE_POLL),
+                            }
+                            .min(g.idle_until.unwrap_or(timeout)),
+                        )
                     }
                     GenState::Proving { ready_at } => {
                         let timeout = g.started + self.how.ready_timeout;
@@ -179,6 +196,17 @@ impl<D: Daemon> Supervisor<D> {
             let timeout = self.how.ready_timeout;
             match state {
                 GenState::Starting => {
+                    if self.gens[i].idle_until.is_some_and(|at| now >= at) {
+                        let limit = self.how.idle_start.unwrap_or_default();
+                        log::info!(
+                            "generation {number} (pid {target}): still starting after {limit:?} at idle CPU \
+                             priority (--idle-start); raised to normal"
+                        );
+                        if !self.leave_idle_or_stop(i, "--idle-start") {
+                            i += 1;
+                            continue;
+                        }
+                    }
                     let ready = match self.how.ready.clone() {
                         Readiness::Notify => false,
                         Readiness::Delay(d) => now >= started + d,

@@ -86,6 +86,9 @@ pub(super) struct Generation {
     pub(super) hard: bool,
     /// The readiness probe: running now, passed, next run.
     pub(super) probe: ProbeState,
+    /// Started at idle CPU priority: raised when it says it is ready, is
+    /// told to leave, or at this instant (`--idle-start`).
+    pub(super) idle_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -115,8 +118,33 @@ impl Generation {
         GenerationInfo { number: self.number, pid: self.target().as_raw(), state: state.into() }
     }
 
+    /// Raises it from idle CPU priority, if it started there
+    /// ([`crate::child::priority`]): every thread of its processes. An
+    /// error means some thread stays at idle priority (a process of it that
+    /// changed its user, with no CAP_SYS_NICE here); it is logged here.
+    pub(super) fn leave_idle(&mut self, why: &str) -> std::io::Result<()> {
+        if self.idle_until.take().is_none() {
+            return Ok(());
+        }
+        let label = self.label();
+        let after = self.started.elapsed();
+        let pids = std::iter::once(self.pid).chain(self.main.filter(|&m| m != self.pid));
+        match pids.map(crate::child::priority::raise).sum::<std::io::Result<usize>>() {
+            Ok(threads) => {
+                log::debug!("{label}: {why}: {threads} threads raised to normal CPU priority after {after:?}");
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("{label}: {why}: raising it from idle CPU priority: {e}");
+                Err(e)
+            }
+        }
+    }
+
     /// Sends `signal` now; the retire and stop signals are sent again on schedule.
     pub(super) fn send(&mut self, signal: Signal) {
+        // It must get the CPU to leave as it is told (logged on failure).
+        let _ = self.leave_idle("told to leave");
         if let Err(e) = kill(self.target(), signal) {
             log::warn!("{}: sending {signal}: {e}", self.label());
         }

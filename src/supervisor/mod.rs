@@ -73,6 +73,7 @@ use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
+use crate::child::Priority;
 use crate::exec::ExecError;
 
 pub mod control;
@@ -125,6 +126,10 @@ pub struct Supervision {
     pub proof: Proof,
     /// How long and how many old generations may drain.
     pub drain: Drain,
+    /// A reload's generation starts at idle CPU priority and is raised when
+    /// it says it is ready or after this long ([`crate::child::priority`]);
+    /// `None`: normal priority throughout.
+    pub idle_start: Option<Duration>,
     /// Where the metrics go besides the control socket (`--metrics-file`).
     pub metrics: metrics::MetricsOptions,
 }
@@ -155,10 +160,11 @@ pub trait Daemon {
     type Error: std::error::Error + 'static;
 
     /// Prepares and starts generation `number` with `env` added to (`Some`) or
-    /// removed from (`None`) its environment; returns the started process's
-    /// pid. The supervisor reaps it (`waitpid(-1)`); this must reap whatever
-    /// else it starts (a config check) before it returns.
-    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, Self::Error>;
+    /// removed from (`None`) its environment, at `priority`
+    /// ([`crate::child::priority`]); returns the started process's pid. The
+    /// supervisor reaps it (`waitpid(-1)`); this must reap whatever else it
+    /// starts (a config check) before it returns.
+    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)], priority: Priority) -> Result<Pid, Self::Error>;
 
     /// Generation `number` exited before it said it was ready: the daemon's
     /// own explanation, when it has a better one than the exit status
@@ -307,7 +313,11 @@ impl<D: Daemon> Supervisor<D> {
         self.next_number += 1;
         let notify_env = self.notify_sock.as_ref().map(|(_, name)| OsString::from(name));
         let env = [(GENERATION_ENV, Some(OsString::from(number.to_string()))), ("NOTIFY_SOCKET", notify_env)];
-        let pid = self.daemon.start(number, &env)?;
+        // Only next to a serving generation: a first start (or one with
+        // nothing serving) has nobody's CPU time to spare.
+        let idle = self.how.idle_start.filter(|_| self.serving().is_some());
+        let priority = if idle.is_some() { Priority::Idle } else { Priority::Inherit };
+        let pid = self.daemon.start(number, &env, priority)?;
         self.telemetry.watch(self.daemon.watched());
         self.gens.push(Generation {
             number,
@@ -319,6 +329,7 @@ impl<D: Daemon> Supervisor<D> {
             sent: None,
             hard: false,
             probe: ProbeState::default(),
+            idle_until: idle.map(|d| Instant::now() + d),
         });
         Ok(())
     }

@@ -117,10 +117,35 @@ pub(super) fn parent_of(pid: Pid) -> Option<Pid> {
 }
 
 impl<D: Daemon> Supervisor<D> {
+    /// Raises generation `idx` from idle CPU priority; when that is refused,
+    /// stops it and fails the reload (at idle priority it would starve on a
+    /// busy machine), and turns `--idle-start` off for the next reloads.
+    /// Returns whether it is still starting.
+    pub(super) fn leave_idle_or_stop(&mut self, idx: usize, why: &str) -> bool {
+        let Err(e) = self.gens[idx].leave_idle(why) else { return true };
+        self.how.idle_start = None;
+        let (number, target) = (self.gens[idx].number, self.gens[idx].target());
+        self.abandon(idx);
+        self.fail_start(
+            number,
+            target,
+            format!(
+                "could not be raised from idle CPU priority ({e}: a process of it changed its user, and raising \
+                 it needs CAP_SYS_NICE); stopped it. --idle-start is now off: reload again"
+            ),
+        );
+        false
+    }
+
     /// A starting generation said it is ready (or its delay or pidfile
     /// says so): promoted now, or proven first ([`Proof`]) while the old
     /// one still serves.
     pub(super) fn signalled_ready(&mut self, idx: usize) {
+        // It accepts from the shared queues now: it serves at normal
+        // priority, or not at all.
+        if !self.leave_idle_or_stop(idx, "said it is ready") {
+            return;
+        }
         if self.phase == super::Phase::Reloading {
             self.reload_ready(self.gens[idx].started.elapsed());
         }

@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::{supervise, Daemon, Drain, Proof, Readiness, RunError, Supervision};
+use crate::child::Priority;
 use crate::exec::{self, ExecError, Launch, PassedSocket, SocketArg};
 
 /// How `run` was asked to run.
@@ -30,6 +31,8 @@ pub struct RunOptions {
     pub proof: Proof,
     /// How old generations are bounded.
     pub drain: Drain,
+    /// How long a reload's generation may start at idle CPU priority.
+    pub idle_start: Option<Duration>,
     /// Sent to the old generation once the new one is ready.
     pub retire_signal: Signal,
     /// After SIGTERM, how long a stopping generation may take before SIGKILL.
@@ -56,6 +59,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode, RunError> {
         stop_timeout: Some(opts.stop_timeout),
         proof: opts.proof.clone(),
         drain: opts.drain,
+        idle_start: opts.idle_start,
         metrics: opts.metrics.clone(),
     };
     supervise(how, || ListenFdsDaemon::fetch(&opts.sockets, opts.fallback_bind, opts.command.clone()))
@@ -87,9 +91,9 @@ impl ListenFdsDaemon {
 impl Daemon for ListenFdsDaemon {
     type Error = ExecError;
 
-    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)]) -> Result<Pid, ExecError> {
+    fn start(&mut self, number: u64, env: &[(&str, Option<OsString>)], priority: Priority) -> Result<Pid, ExecError> {
         let launch = Launch::new(&self.command, &self.sockets, env)?;
-        let pid = launch.spawn(&self.sockets)?;
+        let pid = launch.spawn(&self.sockets, priority)?;
         log::info!("generation {number} (pid {pid}) started: {}", launch.program().display());
         Ok(pid)
     }

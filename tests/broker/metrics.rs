@@ -48,12 +48,15 @@ fn accept_queue_rises_and_falls_and_promtool_agrees() {
     wait_until(Duration::from_secs(10), "three connections in the accept queue", || {
         sample(&metrics(&broker), "sockbroker_socket_accept_queue_length", &[&label]) == Some(3.0)
     });
+    // The benches' sampler (sock_diag, as `ss -lt`) sees the same queue.
+    assert_eq!(common::accept_queue::depth(addr.port()), 3);
     for _ in 0..3 {
         listener.accept().unwrap();
     }
     drop(waiting);
     let text = metrics(&broker);
     assert_eq!(sample(&text, "sockbroker_socket_accept_queue_length", &[&label]), Some(0.0), "{text}");
+    assert_eq!(common::accept_queue::depth(addr.port()), 0);
     promtool_check(&text);
 }
 

@@ -22,7 +22,7 @@ use sockbroker::haproxy::{render_template, RenderOptions};
 const HAPROXY: &str = "/usr/sbin/haproxy";
 
 /// An HTTP frontend that answers every request itself.
-fn http_template(bind: &str) -> String {
+pub(crate) fn http_template(bind: &str) -> String {
     format!(
         "global\n  maxconn 4000\ndefaults\n  mode http\n  timeout client 10s\n  timeout server 10s\n  timeout connect 2s\n\
          frontend web\n  bind {bind}\n  http-request return status 200 content-type text/plain string ok\n"
@@ -190,7 +190,7 @@ fn start(broker: &Broker, name: &str, template: &Path, run_args: &[&str], haprox
 }
 
 /// A broker holding a fresh loopback port, and an HTTP template for it.
-fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
+pub(crate) fn web_setup(name: &str) -> (Broker, SocketAddr, PathBuf) {
     let broker = Broker::start(name);
     let (spec, _held) = bind_free_tcp(&mut broker.client());
     let addr = tcp_addr(&spec);

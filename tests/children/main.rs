@@ -8,6 +8,7 @@ mod common;
 mod adopt;
 mod exec;
 mod haproxy;
+mod idle_start;
 mod run;
 mod scale;
 mod supervisor_metrics;

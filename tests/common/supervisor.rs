@@ -38,6 +38,8 @@ pub struct SupervisorBuilder {
     command: Vec<String>,
     env: Vec<(String, String)>,
     notify: bool,
+    /// A command the supervisor is started under (`setpriv …`, `prlimit …`).
+    wrapper: Vec<String>,
 }
 
 /// A running supervisor, stopped on drop (SIGTERM, then SIGKILL for it and
@@ -78,6 +80,7 @@ impl SupervisorBuilder {
             command: Vec::new(),
             env: vec![("RUST_LOG".into(), "debug".into())],
             notify: true,
+            wrapper: Vec::new(),
         }
     }
 
@@ -126,6 +129,13 @@ impl SupervisorBuilder {
         self
     }
 
+    /// Runs it under `wrapper` (which must exec it: its pid is the
+    /// supervisor's), e.g. `setpriv` with the shipped unit's capabilities.
+    pub fn wrapped<S: AsRef<str>>(mut self, wrapper: &[S]) -> Self {
+        self.wrapper = wrapper.iter().map(|a| a.as_ref().to_string()).collect();
+        self
+    }
+
     /// No NOTIFY_SOCKET (removed from the environment): `start` waits for
     /// `supervisor status` to name generation 1 serving instead.
     pub fn no_notify(mut self) -> Self {
@@ -147,7 +157,14 @@ impl SupervisorBuilder {
         let log = self.dir.join(format!("{}.log", self.name));
         let file = std::fs::File::create(&log).unwrap();
         let notify = self.notify.then(|| Notify::bind(&self.dir, &format!("{}-notify.sock", self.name)));
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(&self.program);
+                cmd
+            }
+            None => Command::new(&self.program),
+        };
         cmd.args(&self.args)
             .arg("--")
             .args(&self.command)
@@ -316,6 +333,23 @@ pub fn children(pid: i32) -> Vec<i32> {
     }
     out.sort();
     out
+}
+
+/// How many threads of `pid` run at `SCHED_IDLE`, of how many: the policy
+/// is field 41 of `/proc/PID/task/TID/stat`.
+pub fn idle_threads(pid: i32) -> (usize, usize) {
+    let (mut idle, mut total) = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (0, 0) };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // Fields after the last ')' start at field 3 (state): 41 is the 39th.
+        let policy = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(38)?.parse::<u32>().ok());
+        total += 1;
+        if policy == Some(5) {
+            idle += 1;
+        }
+    }
+    (idle, total)
 }
 
 /// Every process under `pid`: its children, theirs, and so on.
