@@ -200,7 +200,7 @@ impl<D: Daemon> Supervisor<D> {
                         let limit = self.how.idle_start.unwrap_or_default();
                         log::info!(
                             "generation {number} (pid {target}): still starting after {limit:?} at idle CPU \
-                             priority (--idle-start); raised to normal"
+                             priority (--idle-start); raising it to normal"
                         );
                         if !self.leave_idle_or_stop(i, "--idle-start") {
                             i += 1;
