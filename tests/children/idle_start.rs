@@ -61,9 +61,11 @@ fn a_reload_starts_idle_and_serves_at_normal_priority() {
     let broker = Broker::start("idle_start");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let marks = marks(&broker);
+    // 10 s: time enough to see it idle, and a bound on how long a machine
+    // kept busy by other tests can starve it once it is let go.
     let mut run = Supervisor::run(&broker)
         .wrapped(&["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+sys_nice"])
-        .args(&["--socket", &spec, "--ready-grace", "0", "--idle-start", "60s"])
+        .args(&["--socket", &spec, "--ready-grace", "0", "--idle-start", "10s"])
         .command(&["sh", "-c", &gated_daemon(&marks)])
         .start();
     let first = generation_pid(&run, 1);
@@ -120,6 +122,8 @@ fn without_the_right_to_raise_it_starts_at_normal_priority() {
     let broker = Broker::start("idle_off");
     let (spec, _fd) = bind_free_tcp(&mut broker.client());
     let marks = marks(&broker);
+    // 10 s: time enough to see it idle, and a bound on how long a machine
+    // kept busy by other tests can starve it once it is let go.
     let mut run = Supervisor::run(&broker)
         .wrapped(&["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"])
         .args(&["--socket", &spec, "--ready-grace", "0"])
@@ -152,7 +156,7 @@ fn haproxy_reload_raises_master_and_worker() {
     std::fs::write(&wrapper, script).unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut run = Supervisor::haproxy_run(&broker)
-        .args(&["--ready-timeout", "20s", "--ready-grace", "0", "--idle-start", "60s"])
+        .args(&["--ready-timeout", "20s", "--ready-grace", "0", "--idle-start", "10s"])
         .command(&[wrapper.to_str().unwrap(), "-f", template.to_str().unwrap()])
         .start();
     let status = run.reload_status();
