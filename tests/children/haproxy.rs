@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::daemons::{http_ok, RequestLoop};
-use common::supervisor::{children, Supervisor};
+use common::supervisor::{children, idle_threads, Supervisor};
 use common::*;
 use nix::sys::signal::Signal;
 use sockbroker::haproxy::{render_template, RenderOptions};
@@ -410,6 +410,14 @@ fn pidfile_readiness_sigusr2_reload_and_hard_stop() {
     assert!(status.contains("STATUS=serving: generation 2"), "{status}");
     let second = read_pid();
     assert!(run.generation_pids().contains(&second), "-p names generation 2's master");
+    // It started idle (--idle-start) as a daemonizing launcher; the master
+    // the pid file names, and its worker, were raised at readiness.
+    let mut instance = vec![second];
+    instance.extend(children(second));
+    assert!(instance.len() >= 2, "master and worker: {instance:?}");
+    for pid in instance {
+        assert_eq!(idle_threads(pid).0, 0, "haproxy pid {pid} left at idle priority");
+    }
 
     // A request in progress (the backend has it and does not answer) keeps
     // the soft-stopped instance draining; a second SIGTERM is the hard stop.
