@@ -279,6 +279,12 @@ impl<D: Daemon> Supervisor<D> {
         .sample(&[who], draining);
         e.family("sockbroker_supervisor_reload_in_progress", Kind::Gauge, "1 while a reload is in progress.")
             .sample(&[who], self.phase == Phase::Reloading);
+        e.family(
+            "sockbroker_supervisor_idle_start_seconds",
+            Kind::Gauge,
+            "How long a reload's generation may start at idle CPU priority (--idle-start); 0 when it starts at normal priority.",
+        )
+        .sample(&[who], self.how.idle_start.unwrap_or_default().as_secs_f64());
         e.family("sockbroker_supervisor_reloads_total", Kind::Counter, "Reloads that ended, by outcome.")
             .sample(&[who, ("outcome", "ok")], self.reloads_ok)
             .sample(&[who, ("outcome", "failed")], self.reloads_failed);

@@ -13,6 +13,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use common::daemons::*;
+use common::metrics::sample;
 use common::supervisor::{children, idle_threads, Supervisor};
 use common::*;
 
@@ -70,6 +71,8 @@ fn a_reload_starts_idle_and_serves_at_normal_priority() {
         .start();
     let first = generation_pid(&run, 1);
     assert_eq!(idle_threads(first).0, 0, "generation 1 starts at normal priority");
+    let metrics = run.metrics();
+    assert_eq!(sample(&metrics, "sockbroker_supervisor_idle_start_seconds", &[]), Some(10.0), "{metrics}");
     let load = Load::start(tcp_addr(&spec), 2, Duration::from_secs(60));
     load.wait_requests(10);
 
@@ -130,6 +133,8 @@ fn without_the_right_to_raise_it_starts_at_normal_priority() {
         .command(&["sh", "-c", &gated_daemon(&marks)])
         .start();
     assert!(run.log_text().contains("--idle-start is off"), "{}", run.log_text());
+    let metrics = run.metrics();
+    assert_eq!(sample(&metrics, "sockbroker_supervisor_idle_start_seconds", &[]), Some(0.0), "{metrics}");
     run.signal(Signal::SIGHUP);
     let second = generation_pid(&run, 2);
     assert_eq!(idle_threads(second).0, 0, "generation 2 starts at normal priority");
