@@ -99,7 +99,11 @@ impl Load {
                         counters.served.fetch_add(1, Ordering::SeqCst);
                         // Let the client close first, so TIME_WAIT stays on
                         // its side and reused ports never meet an old
-                        // connection of ours.
+                        // connection of ours; but not for long: this one
+                        // thread serves every connection, and a client's
+                        // close can be late (a fork elsewhere in the test
+                        // process holds its socket until exec).
+                        let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
                         let _ = reader.read_line(&mut line);
                     }
                 }
@@ -117,12 +121,16 @@ impl Load {
                     // exhaust loopback ports on a shared machine.
                     std::thread::sleep(Duration::from_micros(1000));
                     n += 1;
-                    let result = (|| -> std::io::Result<String> {
-                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                        s.write_all(format!("ping {n}\n").as_bytes())?;
+                    let started = Instant::now();
+                    let result = (|| -> Result<String, String> {
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                            .map_err(|e| format!("connect: {e}"))?;
+                        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| format!("{e}"))?;
+                        s.write_all(format!("ping {n}\n").as_bytes()).map_err(|e| format!("write: {e}"))?;
                         let mut line = String::new();
-                        BufReader::new(&s).read_line(&mut line)?;
+                        BufReader::new(&s)
+                            .read_line(&mut line)
+                            .map_err(|e| format!("read after {:?}: {e}", started.elapsed()))?;
                         Ok(line)
                     })();
                     match result {
