@@ -402,7 +402,7 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
         triggers.push((generation, t0));
         std::thread::sleep(SETTLE + GAP);
     }
-    let cpu_end = (Instant::now(), cpu_times());
+    let (reloads_end, cpu_end) = (Instant::now(), cpu_times());
     std::thread::sleep(Duration::from_millis(300));
     let samples = load.finish();
     let queue = sampler.finish();
@@ -425,7 +425,7 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
     // QUIET_AFTER past a window's end to the next reload signal.
     let mut quiet = vec![(steady_start, steady_end)];
     for (i, &(_, end)) in windows.iter().enumerate() {
-        let next = windows.get(i + 1).map_or(cpu_end.0, |&(t0, _)| t0);
+        let next = windows.get(i + 1).map_or(reloads_end, |&(t0, _)| t0);
         quiet.push((end + QUIET_AFTER, next));
     }
     let in_window = |s: &Sample| windows.iter().any(|&(a, b)| s.start >= a && s.start <= b);
@@ -447,7 +447,7 @@ fn run_scenario(kind: Kind, dir: &Path, reloads: u64, rate: u64, steady: Duratio
         p99_reload: percentile(during, 0.99),
         queue_steady,
         queue_reload,
-        cpu: busy(cpu_start, cpu_end.1),
+        cpu: busy(cpu_start, cpu_end),
         reload_p50: times.get(times.len() / 2).copied().unwrap_or_default(),
         reload_max: times.last().copied().unwrap_or_default(),
     }

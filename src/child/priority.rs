@@ -115,16 +115,14 @@ fn raise_once(root: Pid) -> io::Result<usize> {
     Ok(raised)
 }
 
-/// The scheduling policy of thread `tid`: `SCHED_IDLE` or not (for tests
-/// and the log).
-pub fn is_idle(tid: Pid) -> io::Result<bool> {
-    policy_of(tid.as_raw()).map(|p| p == libc::SCHED_IDLE)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::process::Command;
+
+    fn is_idle(tid: Pid) -> io::Result<bool> {
+        policy_of(tid.as_raw()).map(|p| p == libc::SCHED_IDLE)
+    }
 
     /// A child started idle, with a grandchild that inherits it; raised,
     /// both are back to the normal policy (where raising is allowed: as

@@ -46,11 +46,37 @@ fn generation_pid(run: &Supervisor, number: u64) -> i32 {
     pid.unwrap() as i32
 }
 
-fn marks(broker: &Broker) -> PathBuf {
-    let dir = broker.dir.join("marks");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("go-1"), "").unwrap();
-    dir
+/// `run` of the gated daemon (generation 1 let through) on a fresh port,
+/// under `wrapper` with `args`, serving generation 1. Fields drop in order:
+/// the supervisor before its broker.
+struct Gated {
+    run: Supervisor,
+    spec: String,
+    marks: PathBuf,
+    _held: std::os::fd::OwnedFd,
+    _broker: Broker,
+}
+
+impl Gated {
+    fn start(name: &str, wrapper: &[&str], args: &[&str]) -> Gated {
+        let broker = Broker::start(name);
+        let (spec, held) = bind_free_tcp(&mut broker.client());
+        let marks = broker.dir.join("marks");
+        std::fs::create_dir_all(&marks).unwrap();
+        std::fs::write(marks.join("go-1"), "").unwrap();
+        let run = Supervisor::run(&broker)
+            .wrapped(wrapper)
+            .args(&["--socket", &spec, "--ready-grace", "0"])
+            .args(args)
+            .command(&["sh", "-c", &gated_daemon(&marks)])
+            .start();
+        Gated { run, spec, marks, _held: held, _broker: broker }
+    }
+}
+
+/// Lets generation `number` through the gate in `marks`.
+fn open(marks: &Path, number: u64) {
+    std::fs::write(marks.join(format!("go-{number}")), "").unwrap();
 }
 
 /// Generation 1 starts at normal priority; generation 2 starts idle (its
@@ -59,21 +85,19 @@ fn marks(broker: &Broker) -> PathBuf {
 /// `sockbroker-run@` unit runs it: root with CAP_SYS_NICE alone.
 #[test]
 fn a_reload_starts_idle_and_serves_at_normal_priority() {
-    let broker = Broker::start("idle_start");
-    let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let marks = marks(&broker);
     // 10 s: time enough to see it idle, and a bound on how long a machine
     // kept busy by other tests can starve it once it is let go.
-    let mut run = Supervisor::run(&broker)
-        .wrapped(&["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+sys_nice"])
-        .args(&["--socket", &spec, "--ready-grace", "0", "--idle-start", "10s"])
-        .command(&["sh", "-c", &gated_daemon(&marks)])
-        .start();
+    let g = Gated::start(
+        "idle_start",
+        &["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+sys_nice"],
+        &["--idle-start", "10s"],
+    );
+    let mut run = g.run;
     let first = generation_pid(&run, 1);
     assert_eq!(idle_threads(first).0, 0, "generation 1 starts at normal priority");
     let metrics = run.metrics();
     assert_eq!(sample(&metrics, "sockbroker_supervisor_idle_start_seconds", &[]), Some(10.0), "{metrics}");
-    let load = Load::start(tcp_addr(&spec), 2, Duration::from_secs(60));
+    let load = Load::start(tcp_addr(&g.spec), 2, Duration::from_secs(60));
     load.wait_requests(10);
 
     run.signal(Signal::SIGHUP);
@@ -85,7 +109,7 @@ fn a_reload_starts_idle_and_serves_at_normal_priority() {
     }
     assert_eq!(idle_threads(first).0, 0, "the serving generation keeps its priority");
 
-    std::fs::write(marks.join("go-2"), "").unwrap();
+    open(&g.marks, 2);
     let ready = run.next_ready();
     assert!(ready.contains("serving generation 2"), "{ready}");
     let (idle, total) = idle_threads(second);
@@ -100,20 +124,15 @@ fn a_reload_starts_idle_and_serves_at_normal_priority() {
 /// and says so in the log; the reload still succeeds.
 #[test]
 fn a_slow_start_is_raised_when_its_idle_time_is_up() {
-    let broker = Broker::start("idle_cap");
-    let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let marks = marks(&broker);
-    let mut run = Supervisor::run(&broker)
-        .args(&["--socket", &spec, "--ready-grace", "0", "--idle-start", "200ms"])
-        .command(&["sh", "-c", &gated_daemon(&marks)])
-        .start();
+    let g = Gated::start("idle_cap", &[], &["--idle-start", "200ms"]);
+    let mut run = g.run;
     run.signal(Signal::SIGHUP);
     let second = generation_pid(&run, 2);
     wait_until(Duration::from_secs(20), "the --idle-start log line", || {
         run.log_text().contains("generation 2 (pid") && run.log_text().contains("still starting after 200ms")
     });
     assert_eq!(idle_threads(second).0, 0, "raised while it still starts");
-    std::fs::write(marks.join("go-2"), "").unwrap();
+    open(&g.marks, 2);
     assert!(run.next_ready().contains("serving generation 2"));
 }
 
@@ -122,23 +141,15 @@ fn a_slow_start_is_raised_when_its_idle_time_is_up() {
 /// at normal priority.
 #[test]
 fn without_the_right_to_raise_it_starts_at_normal_priority() {
-    let broker = Broker::start("idle_off");
-    let (spec, _fd) = bind_free_tcp(&mut broker.client());
-    let marks = marks(&broker);
-    // 10 s: time enough to see it idle, and a bound on how long a machine
-    // kept busy by other tests can starve it once it is let go.
-    let mut run = Supervisor::run(&broker)
-        .wrapped(&["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"])
-        .args(&["--socket", &spec, "--ready-grace", "0"])
-        .command(&["sh", "-c", &gated_daemon(&marks)])
-        .start();
+    let g = Gated::start("idle_off", &["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"], &[]);
+    let mut run = g.run;
     assert!(run.log_text().contains("--idle-start is off"), "{}", run.log_text());
     let metrics = run.metrics();
     assert_eq!(sample(&metrics, "sockbroker_supervisor_idle_start_seconds", &[]), Some(0.0), "{metrics}");
     run.signal(Signal::SIGHUP);
     let second = generation_pid(&run, 2);
     assert_eq!(idle_threads(second).0, 0, "generation 2 starts at normal priority");
-    std::fs::write(marks.join("go-2"), "").unwrap();
+    open(&g.marks, 2);
     assert!(run.next_ready().contains("serving generation 2"));
 }
 

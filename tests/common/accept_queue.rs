@@ -26,16 +26,12 @@ const TCP_LISTEN: u32 = 10;
 
 /// The summed accept queue of the TCP listeners on `port` now.
 pub fn depth(port: u16) -> u32 {
-    [libc_af(AddressFamily::Inet), libc_af(AddressFamily::Inet6)]
+    [nix::libc::AF_INET as u8, nix::libc::AF_INET6 as u8]
         .into_iter()
         .map(|family| {
             listeners(family).unwrap_or_default().iter().filter(|(p, _)| *p == port).map(|(_, q)| q).sum::<u32>()
         })
         .sum()
-}
-
-fn libc_af(family: AddressFamily) -> u8 {
-    family as i32 as u8
 }
 
 /// `(local port, accept queue)` of every TCP listener of `family`.
